@@ -1,0 +1,268 @@
+/**
+ * `Broker` — the low-level, pluggable contract every broker layer implements.
+ *
+ * A broker sees encoded envelopes only (`Envelope.Encoded`); Schema decoding,
+ * retry policy and error classification live above it (`Publisher`,
+ * `Consumer`). Layers: `@converge/broker-memory` (tests, demos) and
+ * `@converge/broker-redis-streams` (production). Anyone can implement it; the
+ * conformance suite `BrokerTest.suite` from `@converge/core/testing` says
+ * whether an implementation honours the semantics below.
+ *
+ * ## Semantics (every implementation must honour them)
+ *
+ * - **Publish** appends a batch to a topic, in order; when the effect
+ *   succeeds every message of the batch is stored at the broker's
+ *   confirmation level. On failure, some of the batch may have been stored:
+ *   publishing again is safe because consumers dedupe by message id.
+ *   `publish` is safe to call from many fibers at once.
+ * - **Consumer groups**: every group of a topic receives every message
+ *   (fan-out across groups); within a group, each message goes to one
+ *   consumer at a time (competing consumers). A new group starts at the
+ *   oldest retained message.
+ * - **Pending list**: a delivered message stays pending, owned by the consumer
+ *   it went to, until it is settled. Pending messages survive consumer close
+ *   and restart: a consumer that subscribes again under the same name gets its
+ *   own pending messages first, then new ones. Pending messages of another
+ *   consumer that stayed unsettled longer than `claimIdle` are claimed (a
+ *   crashed consumer); of two concurrent claimers, exactly one wins.
+ * - **Delivery count**: every delivery carries how many times this message
+ *   was delivered to this group, this one included (1 on first delivery). It
+ *   grows on every redelivery, claim and delayed retry.
+ * - **Settlement from the exit of the delivery's scope** ({@link process}):
+ *   success → ack (the message leaves the pending list); a typed failure →
+ *   the settlement the policy picks (nack with a delay, or dead-letter with a
+ *   reason); interruption → nothing: the message stays pending and is
+ *   redelivered (to this consumer on resubscribe, or claimed by another).
+ *   A settled delivery cannot be settled again: a second ack, nack or
+ *   dead-letter, or one after the subscription closed, fails with
+ *   `BrokerError` reason `DeliveryClosed` and never touches another entry.
+ * - **Nack with delay**: the message is redelivered to the group no earlier
+ *   than the delay (by the broker's `Clock`), keeping its message id and
+ *   attempt.
+ * - **Dead-letter**: the message leaves the pending list and is appended to
+ *   the topic's dead-letter queue with the reason, the last error and the
+ *   delivery count. Entries that cannot even be read as an envelope
+ *   (malformed) are dead-lettered by the broker itself, reported as a
+ *   `Malformed` event, and the subscription continues.
+ * - **Lost in broker**: pending entries deleted under the subscription (a
+ *   trimmed stream) are reported as a `LostInBroker` event naming their ids;
+ *   they are never acknowledged silently.
+ * - **Recovery**: if the topic or group disappears (key deleted, eviction),
+ *   the subscription recreates the group from the oldest retained message,
+ *   with backoff (never a hot loop), and reports `GroupRecreated`.
+ * - **Closing** the subscription stream (its scope) stops reading; unsettled
+ *   deliveries stay pending.
+ * - **Per-key order** (where the layer supports it): within a group, a message
+ *   is not delivered while an earlier message with the same key is pending,
+ *   including while that one is backing off after a nack.
+ *
+ * Delivery is at-least-once: a handler can see a message more than once.
+ * Make effects idempotent with the inbox.
+ *
+ * @since 0.1.0
+ */
+import { Cause, Context, type Duration, Effect, Exit, Schema, type Stream } from "effect"
+import type { BrokerError } from "./BrokerError.ts"
+import type * as Envelope from "./Envelope.ts"
+
+/**
+ * What a consumer gets from a subscription: one message and its settlement.
+ * Prefer {@link process} over calling `ack`/`nack`/`deadLetter` yourself.
+ *
+ * @since 0.1.0
+ */
+export interface Delivery {
+  /** The broker's id of this entry (opaque; never the message id). */
+  readonly entryId: string
+  /** The message. */
+  readonly envelope: Envelope.Encoded
+  /** How many times this message was delivered to this group, this time included. */
+  readonly deliveryCount: number
+  readonly topic: string
+  readonly group: string
+  readonly consumer: string
+  /** Remove the message from the pending list: it was processed. */
+  readonly ack: Effect.Effect<void, BrokerError>
+  /** Give the message back, to be redelivered no earlier than `delay`. */
+  readonly nack: (delay: Duration.Input) => Effect.Effect<void, BrokerError>
+  /** Move the message to the topic's dead-letter queue. */
+  readonly deadLetter: (reason: DeadLetterReason) => Effect.Effect<void, BrokerError>
+}
+
+/**
+ * Why a message was dead-lettered.
+ *
+ * @since 0.1.0
+ */
+export interface DeadLetterReason {
+  /** A short category: `malformed`, `decode`, `permanent`, `exhausted`, or your own. */
+  readonly reason: string
+  /** The last error, encoded as text (JSON where it helps). */
+  readonly error?: string | undefined
+}
+
+/**
+ * An entry of a topic's dead-letter queue.
+ *
+ * @since 0.1.0
+ */
+export interface DeadLetter {
+  /** Id of the dead-letter entry itself. */
+  readonly id: string
+  readonly topic: string
+  /** The group whose consumer dead-lettered it (empty when the broker did, before any group). */
+  readonly group: string
+  /** The broker entry id the message had in its topic. */
+  readonly originalEntryId: string
+  readonly reason: string
+  readonly error: string | undefined
+  readonly deliveryCount: number
+  /** When it was dead-lettered, RFC 3339. */
+  readonly time: string
+  /** The stored fields as they were (kept even when they cannot be read). */
+  readonly fields: Envelope.Fields
+  /** The message, when the fields could be read as an envelope. */
+  readonly envelope: Envelope.Encoded | undefined
+}
+
+/**
+ * Something a subscription noticed that is not a delivery.
+ *
+ * @since 0.1.0
+ */
+export type SubscriptionEvent =
+  | {
+      readonly _tag: "LostInBroker"
+      readonly topic: string
+      readonly group: string
+      readonly entryIds: ReadonlyArray<string>
+    }
+  | { readonly _tag: "GroupRecreated"; readonly topic: string; readonly group: string }
+  | { readonly _tag: "Malformed"; readonly topic: string; readonly entryId: string; readonly reason: string }
+
+/**
+ * Options of `subscribe`.
+ *
+ * @since 0.1.0
+ */
+export interface SubscribeOptions {
+  readonly topic: string
+  readonly group: string
+  /** This consumer's name within the group; keep it stable across restarts to get its pending messages back. */
+  readonly consumer: string
+  /** Most deliveries read at once (default 100). */
+  readonly batchSize?: number | undefined
+  /** Claim another consumer's pending message after it was idle this long (default 30 seconds). */
+  readonly claimIdle?: Duration.Input | undefined
+  /** Called for lost entries, recreated groups and malformed entries (default: a warning log). */
+  readonly onEvent?: ((event: SubscriptionEvent) => Effect.Effect<void>) | undefined
+}
+
+/**
+ * The broker contract. See the module documentation for the semantics.
+ *
+ * @since 0.1.0
+ */
+export class Broker extends Context.Service<
+  Broker,
+  {
+    /** Appends messages to their topics (each envelope names its topic); returns the entry ids, in order. */
+    readonly publish: (messages: ReadonlyArray<Envelope.Encoded>) => Effect.Effect<ReadonlyArray<string>, BrokerError>
+    /**
+     * Subscribes a consumer of a group to a topic. The subscription is open
+     * while the stream runs; deliveries arrive in batches of at most
+     * `batchSize`.
+     */
+    readonly subscribe: (options: SubscribeOptions) => Stream.Stream<Delivery, BrokerError>
+    /** Reads a topic's dead-letter queue, oldest first. */
+    readonly deadLetters: (
+      topic: string,
+      options?: { readonly limit?: number | undefined }
+    ) => Effect.Effect<ReadonlyArray<DeadLetter>, BrokerError>
+    /** Deletes dead-letter entries by id (all of the topic's when `ids` is omitted); returns how many. */
+    readonly purgeDeadLetters: (
+      topic: string,
+      ids?: ReadonlyArray<string> | undefined
+    ) => Effect.Effect<number, BrokerError>
+  }
+>()("@converge/core/Broker") {}
+
+/**
+ * How a delivery is settled when its processing fails.
+ *
+ * @since 0.1.0
+ */
+export type Settlement =
+  | { readonly _tag: "Nack"; readonly delay: Duration.Input }
+  | { readonly _tag: "DeadLetter"; readonly reason: DeadLetterReason }
+
+/**
+ * Settle by redelivery after `delay`.
+ *
+ * @since 0.1.0
+ */
+export const nack = (delay: Duration.Input = 0): Settlement => ({ _tag: "Nack", delay })
+
+/**
+ * Settle by dead-lettering.
+ *
+ * @since 0.1.0
+ */
+export const deadLetter = (reason: string, error?: string): Settlement => ({
+  _tag: "DeadLetter",
+  reason: { reason, error }
+})
+
+/**
+ * Settle a failed delivery per its settlement.
+ *
+ * @since 0.1.0
+ */
+export const settle = (delivery: Delivery, settlement: Settlement): Effect.Effect<void, BrokerError> =>
+  settlement._tag === "Nack" ? delivery.nack(settlement.delay) : delivery.deadLetter(settlement.reason)
+
+/**
+ * The default failure policy of {@link process}: redeliver at once.
+ *
+ * @since 0.1.0
+ */
+export const nackAtOnce = (): Settlement => nack(0)
+
+/**
+ * Runs `effect` as the scope of `delivery` and settles the delivery from its
+ * exit: success → ack; failure → `onFailure(cause)` (default: nack without
+ * delay); interruption → nothing (the message stays pending). Settlement
+ * itself runs uninterruptibly, so a settlement is never half-sent. A failed
+ * settlement (e.g. the connection dropped) is in the error channel; the
+ * message then stays pending and is redelivered.
+ *
+ * @since 0.1.0
+ */
+export const process = <A, E, R>(
+  delivery: Delivery,
+  effect: Effect.Effect<A, E, R>,
+  onFailure: (cause: Cause.Cause<E>) => Settlement = nackAtOnce
+): Effect.Effect<A, E | BrokerError, R> =>
+  Effect.flatMap(Effect.exit(effect), (exit) => {
+    if (Exit.isSuccess(exit)) return Effect.as(Effect.uninterruptible(delivery.ack), exit.value)
+    if (Cause.hasInterruptsOnly(exit.cause)) return Effect.failCause(exit.cause)
+    return Effect.andThen(Effect.uninterruptible(settle(delivery, onFailure(exit.cause))), Effect.failCause(exit.cause))
+  })
+
+/**
+ * Default `onEvent`: logs the event as a warning.
+ *
+ * @since 0.1.0
+ */
+export const logEvent = (event: SubscriptionEvent): Effect.Effect<void> =>
+  Effect.logWarning(`broker: ${event._tag}`).pipe(Effect.annotateLogs({ event: JSON.stringify(event) }))
+
+/**
+ * Schema of a dead-letter reason, for stores that persist it.
+ *
+ * @since 0.1.0
+ */
+export const DeadLetterReasonSchema = Schema.Struct({
+  reason: Schema.String,
+  error: Schema.optional(Schema.String)
+})

@@ -1,0 +1,633 @@
+/**
+ * `Envelope` — what travels: one message with its identity and metadata.
+ *
+ * - `id`: the application message id, a UUIDv7 made at publish time. It is the
+ *   identity used for dedupe (inbox), audit and the dead-letter queue, and it
+ *   survives redelivery, delayed retry and replay. It is never a broker entry id.
+ * - `topic`, `type` (CloudEvents `type`), `source` (CloudEvents `source`),
+ *   `key` (ordering key, CloudEvents `subject`), `time` (from `Clock`),
+ *   `attempt` (1 on first publish; grows on broker-level redelivery).
+ * - `headers`: `traceparent`, `correlationid`, `causationid`, `replyto`, and
+ *   any user header (names: lowercase letters and digits, see `Name`).
+ *
+ * Three representations:
+ * - {@link Envelope}: decoded, with the typed payload.
+ * - {@link Encoded}: what the `Broker` sees — all strings except `attempt`;
+ *   `data` is the JSON text of the Schema-encoded payload.
+ * - {@link Fields}: a flat string map, the layout brokers store (see
+ *   {@link toFields}); it mirrors the CloudEvents Kafka binary binding so any
+ *   client can read and write Converge messages.
+ *
+ * Plus {@link toCloudEvent} / {@link fromCloudEvent}: CloudEvents 1.0 JSON,
+ * structured mode.
+ *
+ * @since 0.1.0
+ */
+import { Clock, DateTime, Effect, Result, Schema } from "effect"
+import { uuidv7 } from "./internal/uuid.ts"
+import * as Name from "./Name.ts"
+import type * as Topic from "./Topic.ts"
+
+/**
+ * Well-known header names.
+ *
+ * @since 0.1.0
+ */
+export const Headers = {
+  /** W3C trace context of the span that published the message. */
+  traceparent: "traceparent",
+  /** Groups every message of one business flow (a saga, a request and its effects). */
+  correlationId: "correlationid",
+  /** The id of the message that caused this one. */
+  causationId: "causationid",
+  /** Where a confirmation or reply should be sent (a topic name). */
+  replyTo: "replyto",
+  /** Set on a message re-published from the dead-letter queue: the replay's reason/operator note. */
+  replay: "convergereplay"
+} as const
+
+/**
+ * A decoded message.
+ *
+ * @since 0.1.0
+ */
+export interface Envelope<A> {
+  readonly id: string
+  readonly topic: string
+  readonly type: string
+  readonly source: string
+  readonly key: string | undefined
+  readonly time: DateTime.Utc
+  readonly attempt: number
+  readonly headers: Readonly<Record<string, string>>
+  readonly payload: A
+}
+
+/**
+ * The wire form of a message: what every `Broker` stores and delivers.
+ *
+ * @since 0.1.0
+ */
+export interface Encoded {
+  readonly id: string
+  readonly topic: string
+  readonly type: string
+  readonly source: string
+  readonly key: string | undefined
+  /** RFC 3339 timestamp, UTC. */
+  readonly time: string
+  readonly attempt: number
+  readonly headers: Readonly<Record<string, string>>
+  /** JSON text of the Schema-encoded payload. */
+  readonly data: string
+}
+
+/**
+ * Flat string fields, the storage layout of a message in a broker.
+ *
+ * @since 0.1.0
+ */
+export type Fields = Readonly<Record<string, string>>
+
+const NonEmpty = Schema.String.check(Schema.isMinLength(1))
+
+/**
+ * Schema of {@link Encoded}, for validating envelopes from untrusted input.
+ * Every field is required except `key`.
+ *
+ * @since 0.1.0
+ */
+export const EncodedSchema = Schema.Struct({
+  id: NonEmpty.check(Schema.isMaxLength(200)),
+  topic: NonEmpty,
+  type: NonEmpty,
+  source: NonEmpty,
+  key: Schema.optional(Schema.String),
+  time: NonEmpty,
+  attempt: Schema.Int.check(Schema.isGreaterThanOrEqualTo(1)),
+  headers: Schema.Record(Schema.String, Schema.String),
+  data: Schema.String
+})
+
+/**
+ * An envelope (or a broker entry) is missing a required field or has one of
+ * the wrong form. `message` names the field. Permanent: such entries go to
+ * the dead-letter queue at once.
+ *
+ * @since 0.1.0
+ */
+export class MalformedEnvelope extends Schema.TaggedError<MalformedEnvelope>("@converge/core/Envelope/MalformedEnvelope")(
+  "MalformedEnvelope",
+  { message: Schema.String }
+) {}
+
+/**
+ * A payload failed its topic's Schema (on publish: encode; on consume:
+ * decode). Permanent.
+ *
+ * @since 0.1.0
+ */
+export class PayloadError extends Schema.TaggedError<PayloadError>("@converge/core/Envelope/PayloadError")(
+  "PayloadError",
+  {
+    topic: Schema.String,
+    messageId: Schema.String,
+    direction: Schema.Literals(["encode", "decode"]),
+    message: Schema.String
+  }
+) {}
+
+/**
+ * Options of {@link make}.
+ *
+ * @since 0.1.0
+ */
+export interface MakeOptions {
+  /** Message id; default: a fresh UUIDv7. Pass one to make a publish idempotent. */
+  readonly id?: string | undefined
+  /** Ordering key; default: the topic's key function, if any. */
+  readonly key?: string | undefined
+  /** CloudEvents `source`; default: `"urn:converge"`. */
+  readonly source?: string | undefined
+  readonly correlationId?: string | undefined
+  readonly causationId?: string | undefined
+  readonly replyTo?: string | undefined
+  readonly traceparent?: string | undefined
+  /** User headers. Names: lowercase letters and digits, at most 20 (see `Name`). */
+  readonly headers?: Readonly<Record<string, string>> | undefined
+}
+
+/**
+ * The default CloudEvents `source`.
+ *
+ * @since 0.1.0
+ */
+export const defaultSource = "urn:converge"
+
+const validateHeaders = (
+  headers: Readonly<Record<string, string>>
+): Result.Result<Readonly<Record<string, string>>, Name.InvalidName> => {
+  for (const name in headers) {
+    const checked = Name.check("header", name)
+    if (Result.isFailure(checked)) return Result.fail(checked.failure)
+  }
+  return Result.succeed(headers)
+}
+
+/**
+ * Builds a new envelope for `payload` on `topic`: a UUIDv7 id and the time,
+ * both from `Clock`. Fails with `InvalidName` for a bad header name.
+ *
+ * @since 0.1.0
+ */
+export const make = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payload: A,
+  options?: MakeOptions
+): Effect.Effect<Envelope<A>, Name.InvalidName | MalformedEnvelope> =>
+  Effect.flatMap(Clock.currentTimeMillis, (now) => {
+    const result = makeUnsafeResult(topic, payload, now, options)
+    return Result.isSuccess(result) ? Effect.succeed(result.success) : Effect.fail(result.failure)
+  })
+
+/**
+ * {@link make} with an explicit time, without effects. For hot paths that
+ * read the clock once per batch.
+ *
+ * @since 0.1.0
+ */
+export const makeUnsafeResult = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payload: A,
+  nowMillis: number,
+  options?: MakeOptions
+): Result.Result<Envelope<A>, Name.InvalidName | MalformedEnvelope> => {
+  let headers: Record<string, string> | undefined
+  if (options !== undefined) {
+    if (options.headers !== undefined) {
+      const checked = validateHeaders(options.headers)
+      if (Result.isFailure(checked)) return Result.fail(checked.failure)
+      headers = { ...options.headers }
+    }
+    if (options.traceparent !== undefined) (headers ??= {})[Headers.traceparent] = options.traceparent
+    if (options.correlationId !== undefined) (headers ??= {})[Headers.correlationId] = options.correlationId
+    if (options.causationId !== undefined) (headers ??= {})[Headers.causationId] = options.causationId
+    if (options.replyTo !== undefined) (headers ??= {})[Headers.replyTo] = options.replyTo
+    if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
+      return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
+    }
+  }
+  return Result.succeed({
+    id: options?.id ?? uuidv7(nowMillis),
+    topic: topic.name,
+    type: topic.type,
+    source: options?.source ?? defaultSource,
+    key: options?.key ?? (topic.key === undefined ? undefined : topic.key(payload)),
+    time: DateTime.makeUnsafe(nowMillis),
+    attempt: 1,
+    headers: headers ?? emptyHeaders,
+    payload
+  })
+}
+
+const emptyHeaders: Readonly<Record<string, string>> = Object.freeze({})
+
+/**
+ * Encodes an envelope's payload with its topic's Schema (to JSON text).
+ *
+ * @since 0.1.0
+ */
+export const encodeResult = <A, I>(
+  topic: Topic.Topic<A, I>,
+  envelope: Envelope<A>
+): Result.Result<Encoded, PayloadError> => {
+  const data = topic.encode(envelope.payload)
+  if (Result.isFailure(data)) {
+    return Result.fail(
+      new PayloadError({ topic: topic.name, messageId: envelope.id, direction: "encode", message: data.failure.message })
+    )
+  }
+  return Result.succeed({
+    id: envelope.id,
+    topic: envelope.topic,
+    type: envelope.type,
+    source: envelope.source,
+    key: envelope.key,
+    time: DateTime.formatIso(envelope.time),
+    attempt: envelope.attempt,
+    headers: envelope.headers,
+    data: data.success
+  })
+}
+
+/**
+ * Effectful {@link encodeResult}.
+ *
+ * @since 0.1.0
+ */
+export const encode = <A, I>(topic: Topic.Topic<A, I>, envelope: Envelope<A>): Effect.Effect<Encoded, PayloadError> =>
+  Effect.fromResult(encodeResult(topic, envelope))
+
+/**
+ * Decodes an encoded envelope's payload with its topic's Schema.
+ *
+ * @since 0.1.0
+ */
+export const decodeResult = <A, I>(
+  topic: Topic.Topic<A, I>,
+  encoded: Encoded
+): Result.Result<Envelope<A>, PayloadError | MalformedEnvelope> => {
+  const payload = topic.decode(encoded.data)
+  if (Result.isFailure(payload)) {
+    return Result.fail(
+      new PayloadError({ topic: topic.name, messageId: encoded.id, direction: "decode", message: payload.failure.message })
+    )
+  }
+  const millis = Date.parse(encoded.time)
+  if (Number.isNaN(millis)) {
+    return Result.fail(new MalformedEnvelope({ message: `time ${JSON.stringify(encoded.time)} is not an RFC 3339 timestamp` }))
+  }
+  return Result.succeed({
+    id: encoded.id,
+    topic: encoded.topic,
+    type: encoded.type,
+    source: encoded.source,
+    key: encoded.key,
+    time: DateTime.makeUnsafe(millis),
+    attempt: encoded.attempt,
+    headers: encoded.headers,
+    payload: payload.success
+  })
+}
+
+/**
+ * Effectful {@link decodeResult}.
+ *
+ * @since 0.1.0
+ */
+export const decode = <A, I>(
+  topic: Topic.Topic<A, I>,
+  encoded: Encoded
+): Effect.Effect<Envelope<A>, PayloadError | MalformedEnvelope> => Effect.fromResult(decodeResult(topic, encoded))
+
+const decodeEncodedSchema = Schema.decodeUnknownResult(EncodedSchema)
+
+/**
+ * Validates an unknown value as an {@link Encoded} envelope; the error names
+ * every field that is missing or wrong.
+ *
+ * @since 0.1.0
+ */
+export const decodeEncoded = (u: unknown): Effect.Effect<Encoded, MalformedEnvelope> => {
+  const result = decodeEncodedSchema(u, { errors: "all" })
+  return Result.isSuccess(result)
+    ? Effect.succeed({ ...result.success, key: result.success.key })
+    : Effect.fail(new MalformedEnvelope({ message: result.failure.message }))
+}
+
+// ---------------------------------------------------------------------------
+// Storage fields (mirrors the CloudEvents Kafka binary binding)
+// ---------------------------------------------------------------------------
+
+/**
+ * The field names of the storage layout. One field per CloudEvents attribute
+ * (`ce_` prefix, as in the Kafka binary binding), headers as `ce_<name>`
+ * extension fields, and the payload's JSON text in `data`:
+ *
+ * | field | meaning | required |
+ * | --- | --- | --- |
+ * | `ce_specversion` | always `1.0` | yes |
+ * | `ce_id` | message id (UUIDv7) | yes |
+ * | `ce_type` | CloudEvents type | yes |
+ * | `ce_source` | CloudEvents source | yes |
+ * | `ce_time` | RFC 3339 time | yes |
+ * | `ce_topic` | topic name (extension) | yes |
+ * | `ce_attempt` | attempt, integer >= 1 (extension) | no, default 1 |
+ * | `ce_subject` | ordering key | no |
+ * | `ce_<header>` | one field per header | no |
+ * | `content-type` | `application/json` | no |
+ * | `data` | payload JSON text | yes |
+ *
+ * @since 0.1.0
+ */
+export const FieldNames = {
+  specversion: "ce_specversion",
+  id: "ce_id",
+  type: "ce_type",
+  source: "ce_source",
+  time: "ce_time",
+  topic: "ce_topic",
+  attempt: "ce_attempt",
+  subject: "ce_subject",
+  contentType: "content-type",
+  data: "data",
+  headerPrefix: "ce_"
+} as const
+
+const coreFieldNames: ReadonlySet<string> = new Set([
+  FieldNames.specversion,
+  FieldNames.id,
+  FieldNames.type,
+  FieldNames.source,
+  FieldNames.time,
+  FieldNames.topic,
+  FieldNames.attempt,
+  FieldNames.subject,
+  FieldNames.contentType,
+  FieldNames.data
+])
+
+/**
+ * The storage fields of an encoded envelope.
+ *
+ * @since 0.1.0
+ */
+export const toFields = (e: Encoded): Record<string, string> => {
+  const fields: Record<string, string> = {
+    ce_specversion: "1.0",
+    ce_id: e.id,
+    ce_type: e.type,
+    ce_source: e.source,
+    ce_time: e.time,
+    ce_topic: e.topic,
+    ce_attempt: e.attempt === 1 ? "1" : String(e.attempt),
+    "content-type": "application/json",
+    data: e.data
+  }
+  if (e.key !== undefined) fields.ce_subject = e.key
+  for (const name in e.headers) fields[`ce_${name}`] = e.headers[name]!
+  return fields
+}
+
+const positiveInt = /^[1-9][0-9]{0,8}$/
+
+/**
+ * Reads an encoded envelope from storage fields. Fails with a
+ * `MalformedEnvelope` naming the first missing or invalid field; never
+ * throws.
+ *
+ * @since 0.1.0
+ */
+export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnvelope> => {
+  const id = fields.ce_id
+  const type = fields.ce_type
+  const source = fields.ce_source
+  const time = fields.ce_time
+  const topic = fields.ce_topic
+  const data = fields.data
+  const missing = (name: string) => Result.fail(new MalformedEnvelope({ message: `missing or empty field ${name}` }))
+  if (!id) return missing(FieldNames.id)
+  if (id.length > 200) return Result.fail(new MalformedEnvelope({ message: "field ce_id is longer than 200 characters" }))
+  if (!type) return missing(FieldNames.type)
+  if (!source) return missing(FieldNames.source)
+  if (!time) return missing(FieldNames.time)
+  if (!topic) return missing(FieldNames.topic)
+  if (data === undefined) return missing(FieldNames.data)
+  const specversion = fields.ce_specversion
+  if (specversion !== undefined && specversion !== "1.0") {
+    return Result.fail(new MalformedEnvelope({ message: `unsupported ce_specversion ${JSON.stringify(specversion)}` }))
+  }
+  const attemptText = fields.ce_attempt
+  let attempt = 1
+  if (attemptText !== undefined && attemptText !== "1") {
+    if (!positiveInt.test(attemptText)) {
+      return Result.fail(new MalformedEnvelope({ message: `field ce_attempt ${JSON.stringify(attemptText)} is not an integer >= 1` }))
+    }
+    attempt = Number(attemptText)
+  }
+  let headers: Record<string, string> | undefined
+  for (const name in fields) {
+    if (coreFieldNames.has(name)) continue
+    if (name.startsWith(FieldNames.headerPrefix)) {
+      const header = name.slice(FieldNames.headerPrefix.length)
+      if (Result.isFailure(Name.check("header", header))) {
+        return Result.fail(new MalformedEnvelope({ message: `field ${JSON.stringify(name)} is not a valid header name` }))
+      }
+      ;(headers ??= {})[header] = fields[name]!
+    }
+    // other fields (written by foreign producers) are ignored
+  }
+  return Result.succeed({
+    id,
+    topic,
+    type,
+    source,
+    key: fields.ce_subject,
+    time,
+    attempt,
+    headers: headers ?? emptyHeaders,
+    data
+  })
+}
+
+// ---------------------------------------------------------------------------
+// CloudEvents 1.0, JSON structured mode
+// ---------------------------------------------------------------------------
+
+/**
+ * A CloudEvents 1.0 event in JSON structured mode.
+ *
+ * @since 0.1.0
+ */
+export interface CloudEvent {
+  readonly specversion: "1.0"
+  readonly id: string
+  readonly source: string
+  readonly type: string
+  readonly time?: string
+  readonly subject?: string
+  readonly datacontenttype?: string
+  readonly data?: unknown
+  readonly data_base64?: string
+  readonly [extension: string]: unknown
+}
+
+/**
+ * The CloudEvents structured-mode JSON of an encoded envelope. `data` is the
+ * payload as a JSON value with `datacontenttype: application/json`; the
+ * topic and attempt travel as the extension attributes `topic` and `attempt`,
+ * the key as `subject`, and every header as an extension attribute of the
+ * same name.
+ *
+ * @since 0.1.0
+ */
+export const toCloudEvent = (e: Encoded): CloudEvent => {
+  const event: Record<string, unknown> = {
+    specversion: "1.0",
+    id: e.id,
+    source: e.source,
+    type: e.type,
+    time: e.time,
+    datacontenttype: "application/json",
+    topic: e.topic,
+    attempt: e.attempt
+  }
+  if (e.key !== undefined) event.subject = e.key
+  for (const name in e.headers) event[name] = e.headers[name]
+  event.data = JSON.parse(e.data)
+  return event as unknown as CloudEvent
+}
+
+const cloudEventAttributes: ReadonlySet<string> = new Set([
+  "specversion",
+  "id",
+  "source",
+  "type",
+  "time",
+  "subject",
+  "datacontenttype",
+  "dataschema",
+  "data",
+  "data_base64",
+  "topic",
+  "attempt"
+])
+
+const isJsonContentType = (ct: string | undefined): boolean =>
+  ct === undefined || /^application\/(?:[\w.+-]+\+)?json(?:\s*;.*)?$/i.test(ct) || /^text\/json\b/i.test(ct)
+
+/**
+ * Options of {@link fromCloudEvent}.
+ *
+ * @since 0.1.0
+ */
+export interface FromCloudEventOptions {
+  /** Topic to use when the event has no `topic` extension attribute. */
+  readonly topic?: string | undefined
+}
+
+/**
+ * Reads a CloudEvents 1.0 structured-mode event (a parsed JSON object, or its
+ * JSON text). The required attributes `specversion` (`"1.0"`), `id`,
+ * `source` and `type` must be present; an event may carry `data` or
+ * `data_base64`, never both. Without `time`, the current `Clock` time is used;
+ * without a `topic` extension, the `topic` option. Extension attributes
+ * become headers.
+ *
+ * @since 0.1.0
+ */
+export const fromCloudEvent = (
+  input: unknown,
+  options?: FromCloudEventOptions
+): Effect.Effect<Encoded, MalformedEnvelope> =>
+  Effect.suspend(() => {
+    const fail = (message: string) => Effect.fail(new MalformedEnvelope({ message: `CloudEvent: ${message}` }))
+    let event: unknown = input
+    if (typeof input === "string") {
+      try {
+        event = JSON.parse(input)
+      } catch (e) {
+        return fail(`not JSON: ${e instanceof Error ? e.message : String(e)}`)
+      }
+    }
+    if (typeof event !== "object" || event === null || Array.isArray(event)) return fail("not a JSON object")
+    const ev = event as Record<string, unknown>
+    if (ev.specversion !== "1.0") return fail(`specversion must be "1.0", got ${JSON.stringify(ev.specversion)}`)
+    for (const required of ["id", "source", "type"] as const) {
+      if (typeof ev[required] !== "string" || (ev[required] as string).length === 0) {
+        return fail(`required attribute ${required} is missing or not a non-empty string`)
+      }
+    }
+    const topic = typeof ev.topic === "string" ? ev.topic : options?.topic
+    if (topic === undefined) return fail("no topic extension attribute and no topic option")
+    const topicOk = Name.check("topic", topic)
+    if (Result.isFailure(topicOk)) return fail(topicOk.failure.message)
+    if (ev.subject !== undefined && typeof ev.subject !== "string") return fail("subject must be a string")
+    if (ev.time !== undefined && (typeof ev.time !== "string" || Number.isNaN(Date.parse(ev.time)))) {
+      return fail("time must be an RFC 3339 timestamp")
+    }
+    let attempt = 1
+    if (ev.attempt !== undefined) {
+      const n = typeof ev.attempt === "string" ? Number(ev.attempt) : ev.attempt
+      if (typeof n !== "number" || !Number.isInteger(n) || n < 1) return fail("attempt must be an integer >= 1")
+      attempt = n
+    }
+    const contentType = ev.datacontenttype
+    if (contentType !== undefined && typeof contentType !== "string") return fail("datacontenttype must be a string")
+    const json = isJsonContentType(contentType)
+    let data: string
+    if (ev.data !== undefined && ev.data_base64 !== undefined) return fail("has both data and data_base64")
+    if (ev.data_base64 !== undefined) {
+      if (typeof ev.data_base64 !== "string" || !/^[A-Za-z0-9+/]*={0,2}$/.test(ev.data_base64)) {
+        return fail("data_base64 must be a base64 string")
+      }
+      const text = Buffer.from(ev.data_base64, "base64").toString("utf8")
+      if (json) {
+        try {
+          JSON.parse(text)
+        } catch {
+          return fail("data_base64 does not hold JSON text although datacontenttype is JSON")
+        }
+        data = text
+      } else {
+        data = JSON.stringify(text)
+      }
+    } else if (ev.data === undefined) {
+      data = "null"
+    } else {
+      data = JSON.stringify(ev.data)
+    }
+    let headers: Record<string, string> | undefined
+    for (const name in ev) {
+      if (cloudEventAttributes.has(name)) continue
+      const checked = Name.check("header", name)
+      if (Result.isFailure(checked)) return fail(`extension attribute ${JSON.stringify(name)}: ${checked.failure.rule}`)
+      const value = ev[name]
+      if (value === null || typeof value === "object") return fail(`extension attribute ${name} must be a scalar`)
+      ;(headers ??= {})[name] = String(value)
+    }
+    const withTime = (time: string): Encoded => ({
+      id: ev.id as string,
+      topic,
+      type: ev.type as string,
+      source: ev.source as string,
+      key: ev.subject as string | undefined,
+      time,
+      attempt,
+      headers: headers ?? emptyHeaders,
+      data
+    })
+    return typeof ev.time === "string"
+      ? Effect.succeed(withTime(ev.time))
+      : Effect.map(Clock.currentTimeMillis, (ms) => withTime(new Date(ms).toISOString()))
+  })

@@ -1,0 +1,123 @@
+/**
+ * `Name` — validation of the names that end up in broker keys: topics, consumer
+ * groups, consumer names and header names.
+ *
+ * Names are checked once, at construction, so no user input can ever inject
+ * into a broker key (a Redis key, a hash tag, a stream id separator). The
+ * allowed alphabet is deliberately small:
+ *
+ * - topics, groups, consumers: ASCII letters, digits, `.`, `_`, `-`; they start
+ *   with a letter or digit; 1 to 200 characters. No `:`, `{`, `}`, spaces or
+ *   control characters (those are key separators or Redis Cluster hash tags).
+ * - header names: lowercase ASCII letters and digits, 1 to 20 characters (the
+ *   CloudEvents extension-attribute rule, so every header maps losslessly to a
+ *   CloudEvents attribute and to a broker field), and not one of the reserved
+ *   attribute names.
+ *
+ * @since 0.1.0
+ */
+import { Effect, Result, Schema } from "effect"
+
+/**
+ * What a name names; part of the error message.
+ *
+ * @since 0.1.0
+ */
+export type NameKind = "topic" | "group" | "consumer" | "header"
+
+/**
+ * A name was rejected. `message` says which rule it broke.
+ *
+ * @since 0.1.0
+ */
+export class InvalidName extends Schema.TaggedError<InvalidName>("@converge/core/Name/InvalidName")("InvalidName", {
+  kind: Schema.Literals(["topic", "group", "consumer", "header"]),
+  name: Schema.String,
+  rule: Schema.String
+}) {
+  /** A sentence naming the kind, the offending name and the rule. */
+  override get message(): string {
+    return `Invalid ${this.kind} name ${JSON.stringify(this.name)}: ${this.rule}`
+  }
+}
+
+/**
+ * The longest topic, group or consumer name accepted.
+ *
+ * @since 0.1.0
+ */
+export const maxLength = 200
+
+/**
+ * The longest header name accepted (the CloudEvents recommendation).
+ *
+ * @since 0.1.0
+ */
+export const maxHeaderLength = 20
+
+const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/
+const headerPattern = /^[a-z0-9]+$/
+
+/**
+ * Attribute names that a header may not take: the CloudEvents context
+ * attributes and the ones Converge uses itself.
+ *
+ * @since 0.1.0
+ */
+export const reservedHeaderNames: ReadonlySet<string> = new Set([
+  "id",
+  "source",
+  "specversion",
+  "type",
+  "datacontenttype",
+  "dataschema",
+  "subject",
+  "time",
+  "data",
+  "topic",
+  "attempt",
+  "key"
+])
+
+/**
+ * Checks a name without failing: `Result.succeed(name)` or
+ * `Result.fail(InvalidName)`.
+ *
+ * @since 0.1.0
+ */
+export const check = (kind: NameKind, name: string): Result.Result<string, InvalidName> => {
+  const fail = (rule: string) => Result.fail(new InvalidName({ kind, name: String(name), rule }))
+  if (typeof name !== "string" || name.length === 0) return fail("must be a non-empty string")
+  if (kind === "header") {
+    if (name.length > maxHeaderLength) return fail(`must be at most ${maxHeaderLength} characters`)
+    if (!headerPattern.test(name)) return fail("may contain only lowercase ASCII letters and digits (a-z, 0-9)")
+    if (reservedHeaderNames.has(name)) return fail("is a reserved attribute name")
+    return Result.succeed(name)
+  }
+  if (name.length > maxLength) return fail(`must be at most ${maxLength} characters`)
+  if (!namePattern.test(name)) {
+    return fail("must start with a letter or digit and contain only ASCII letters, digits, '.', '_' and '-'")
+  }
+  return Result.succeed(name)
+}
+
+/**
+ * Validates a name in the error channel.
+ *
+ * @since 0.1.0
+ */
+export const validate = (kind: NameKind, name: string): Effect.Effect<string, InvalidName> =>
+  Effect.fromResult(check(kind, name))
+
+/**
+ * Validates a name, throwing {@link InvalidName} when it is invalid. For
+ * module-level constants (a topic defined at import time), where a bad name is
+ * a programming error that must stop the program at once.
+ *
+ * @since 0.1.0
+ */
+export const validateSync = (kind: NameKind, name: string): string => {
+  const result = check(kind, name)
+  if (Result.isFailure(result)) throw result.failure
+  return result.success
+}

@@ -1,0 +1,21 @@
+/**
+ * `@converge/core` — topics, envelopes, the `Broker` contract, publishing.
+ *
+ * Each concept is one module, imported whole:
+ * `import { Topic, Publisher } from "@converge/core"`.
+ *
+ * @since 0.1.0
+ */
+
+/** The pluggable broker contract and its semantics. */
+export * as Broker from "./Broker.ts"
+/** The one error of every broker operation, with a `reason` that says `isRetryable`. */
+export * as BrokerError from "./BrokerError.ts"
+/** The message model, its wire forms and the CloudEvents mapping. */
+export * as Envelope from "./Envelope.ts"
+/** Name validation for topics, groups, consumers and headers. */
+export * as Name from "./Name.ts"
+/** Typed, direct publishing. */
+export * as Publisher from "./Publisher.ts"
+/** Topics: a name and a payload Schema. */
+export * as Topic from "./Topic.ts"

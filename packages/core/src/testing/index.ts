@@ -1,0 +1,8 @@
+/**
+ * `@converge/core/testing` — conformance suites every backend runs.
+ *
+ * @since 0.1.0
+ */
+
+/** The broker conformance suite (C01–C25). */
+export * as BrokerTest from "./BrokerTest.ts"

@@ -383,7 +383,6 @@ class MemoryDelivery implements Broker.Delivery {
   /** Finds the live pending record of this delivery, or explains why there is none. */
   live(): Result.Result<{ t: TopicState; g: GroupState; p: Pending }, BrokerError.BrokerError> {
     if (this.sub.killed) return Result.fail(closedError(this.entryId, "the consumer was killed"))
-    if (this.sub.closed) return Result.fail(closedError(this.entryId, "the subscription is closed"))
     const t = this.core.topics.get(this.topic)
     const g = t?.groups.get(this.group)
     const p = g?.pending.get(this.entryId)

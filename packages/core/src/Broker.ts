@@ -33,9 +33,12 @@
  *   the settlement the policy picks (nack with a delay, or dead-letter with a
  *   reason); interruption → nothing: the message stays pending and is
  *   redelivered (to this consumer on resubscribe, or claimed by another).
- *   A settled delivery cannot be settled again: a second ack, nack or
- *   dead-letter, or one after the subscription closed, fails with
- *   `BrokerError` reason `DeliveryClosed` and never touches another entry.
+ *   A delivery settles at most once: a second ack, nack or dead-letter, or
+ *   one after the message was redelivered, claimed by another consumer or
+ *   lost, fails with `BrokerError` reason `DeliveryClosed` (or, where the
+ *   broker cannot tell, is a no-op) and never touches another entry. Settling
+ *   after the subscription closed is allowed while the message is still
+ *   pending and not delivered again.
  * - **Nack with delay**: the message is redelivered to the group no earlier
  *   than the delay (by the broker's `Clock`), keeping its message id and
  *   attempt.

@@ -379,7 +379,9 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
             // every third message fails its first delivery and is redelivered
             if (p.n % 3 === 0 && d.deliveryCount === 1) return Effect.fail("transient")
             return Ref.update(applied, (m) => ({ ...m, [d.envelope.key!]: [...(m[d.envelope.key!] ?? []), p.n] }))
-          })
+          },
+          // back off, so that later messages of the key would overtake if the key were not parked
+          () => Broker.nack(features.delayedDelivery ? 100 : 0))
         )
         const total = Effect.map(Ref.get(applied), (m) => Object.values(m).reduce((a, xs) => a + xs.length, 0))
         yield* eventually(total, (n) => n >= 100, "100 applied")

@@ -25,8 +25,8 @@
  * @since 0.1.0
  */
 import { Broker, BrokerError, Envelope, Name } from "@converge/core"
-import type * as Cause from "effect/Cause"
 import { Clock, Context, Duration, Effect, Layer, Result, Schedule, type Scope, Stream } from "effect"
+import type * as Cause from "effect/Cause"
 
 /**
  * Options of {@link layer}.
@@ -435,7 +435,6 @@ class MemoryDelivery implements Broker.Delivery {
   }
 }
 
-
 /**
  * Builds the broker and its fault knobs in the current scope.
  *
@@ -443,8 +442,12 @@ class MemoryDelivery implements Broker.Delivery {
  */
 export const make = (
   options?: Options
-): Effect.Effect<{ readonly broker: Broker.Broker["Service"]; readonly memory: MemoryBroker["Service"] }, never, Scope.Scope> =>
-  Effect.gen(function*() {
+): Effect.Effect<
+  { readonly broker: Broker.Broker["Service"]; readonly memory: MemoryBroker["Service"] },
+  never,
+  Scope.Scope
+> =>
+  Effect.gen(function* () {
     const core = new Core(options)
     yield* Effect.addFinalizer(() =>
       Effect.sync(() => {
@@ -461,7 +464,8 @@ export const make = (
 
     const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
       Effect.flatMap(Clock.currentTimeMillis, (now) => {
-        if (core.closed) return Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
+        if (core.closed)
+          return Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
         for (const m of messages) {
           const ok = Name.check("topic", m.topic)
           if (Result.isFailure(ok)) return Effect.fail(invalid("topic", ok.failure))
@@ -596,7 +600,7 @@ export const make = (
 
     const subscribe = (options: Broker.SubscribeOptions): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
       Stream.unwrap(
-        Effect.gen(function*() {
+        Effect.gen(function* () {
           for (const [kind, value] of [
             ["topic", options.topic],
             ["group", options.group],
@@ -605,7 +609,8 @@ export const make = (
             const ok = Name.check(kind, value)
             if (Result.isFailure(ok)) return yield* Effect.fail(invalid(kind, ok.failure))
           }
-          if (core.closed) return yield* Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
+          if (core.closed)
+            return yield* Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
           const max = Math.max(1, Math.floor(options.batchSize ?? 100))
           const claimIdle = Duration.toMillis(options.claimIdle ?? "30 seconds")
           const onEvent = options.onEvent ?? Broker.logEvent
@@ -632,7 +637,7 @@ export const make = (
           const pull: Effect.Effect<
             readonly [Broker.Delivery, ...Array<Broker.Delivery>],
             BrokerError.BrokerError | Cause.Done
-          > = Effect.gen(function*() {
+          > = Effect.gen(function* () {
             while (true) {
               if (sub.killed) {
                 return yield* Effect.fail(
@@ -695,10 +700,22 @@ export const make = (
       })
 
     const faults: Faults = {
-      duplicateNext: (topic, times = 1) => Effect.sync(() => void (core.topic(topic).duplicate += times)),
-      dropNextAck: (topic, times = 1) => Effect.sync(() => void (core.topic(topic).dropAck += times)),
-      reorder: (topic, window) => Effect.sync(() => void (core.topic(topic).reorderWindow = Math.max(1, window))),
-      delay: (topic, delay) => Effect.sync(() => void (core.topic(topic).delayMs = Duration.toMillis(delay))),
+      duplicateNext: (topic, times = 1) =>
+        Effect.sync(() => {
+          core.topic(topic).duplicate += times
+        }),
+      dropNextAck: (topic, times = 1) =>
+        Effect.sync(() => {
+          core.topic(topic).dropAck += times
+        }),
+      reorder: (topic, window) =>
+        Effect.sync(() => {
+          core.topic(topic).reorderWindow = Math.max(1, Math.floor(window))
+        }),
+      delay: (topic, delay) =>
+        Effect.sync(() => {
+          core.topic(topic).delayMs = Duration.toMillis(delay)
+        }),
       fsync: Effect.sync(() => {
         for (const t of core.topics.values()) for (const e of t.entries) e.durable = true
       }),

@@ -1,4 +1,4 @@
-import { Broker, BrokerError, Envelope } from "@converge/core"
+import { Broker, type BrokerError, Envelope } from "@converge/core"
 import { BrokerTest } from "@converge/core/testing"
 import { assert, describe, it } from "@effect/vitest"
 import { Cause, Deferred, Effect, Exit, Fiber, Ref, Stream } from "effect"
@@ -9,14 +9,14 @@ const yieldMany = Effect.repeat(Effect.yieldNow, { times: 50 })
 
 /** Takes `n` deliveries and closes the subscription without settling them. */
 const take = (options: Broker.SubscribeOptions, n: number) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const broker = yield* Broker.Broker
     return yield* Stream.runCollect(Stream.take(broker.subscribe(options), n))
   })
 
 /** A background consumer that acks everything and records what it got. */
 const consume = (options: Broker.SubscribeOptions) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const broker = yield* Broker.Broker
     const got = yield* Ref.make<Array<Broker.Delivery>>([])
     const fiber = yield* broker.subscribe(options).pipe(
@@ -27,7 +27,7 @@ const consume = (options: Broker.SubscribeOptions) =>
   })
 
 const publish = (topic: string, count: number, options?: Parameters<typeof BrokerTest.messages>[2]) =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const broker = yield* Broker.Broker
     return yield* broker.publish(BrokerTest.messages(topic, count, options))
   })
@@ -36,7 +36,7 @@ const ns = (ds: ReadonlyArray<Broker.Delivery>) => ds.map((d) => (JSON.parse(d.e
 
 describe("MemoryBroker fault knobs", () => {
   it.effect("duplicateNext delivers the next message twice; only one settle wins", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* memory.faults.duplicateNext("t")
       yield* publish("t", 2)
@@ -48,10 +48,11 @@ describe("MemoryBroker fault knobs", () => {
         [1, 2, 1],
         "the copy counts as a redelivery"
       )
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("duplicateNext: acking both copies acks once, the second is a typed DeliveryClosed", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* memory.faults.duplicateNext("t")
       yield* publish("t", 1)
@@ -66,10 +67,11 @@ describe("MemoryBroker fault knobs", () => {
       const error = Exit.isFailure(ds[1]!) ? Cause.findErrorOption(ds[1]!.cause) : undefined
       assert.strictEqual(error?._tag === "Some" ? error.value.reason._tag : undefined, "DeliveryClosed")
       assert.deepStrictEqual(yield* memory.pending("t", "g"), [])
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("dropNextAck: the ack reports success but the entry stays pending and is claimed later", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* memory.faults.dropNextAck("t")
       yield* publish("t", 1)
@@ -88,22 +90,27 @@ describe("MemoryBroker fault knobs", () => {
       assert.strictEqual(got.length, 1)
       assert.strictEqual(got[0]!.deliveryCount, 2)
       assert.deepStrictEqual(yield* memory.pending("t", "g"), [], "the second ack went through")
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("reorder shuffles within windows, deterministically by seed", () => {
     const run = (seed: number) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const memory = yield* MemoryBroker.MemoryBroker
         yield* memory.faults.reorder("t", 5)
         yield* publish("t", 20)
         return ns(yield* take({ topic: "t", group: "g", consumer: "c", batchSize: 20 }, 20))
       }).pipe(Effect.provide(MemoryBroker.layer({ seed })))
-    return Effect.gen(function*() {
+    return Effect.gen(function* () {
       const a = yield* run(7)
       const b = yield* run(7)
       const c = yield* run(8)
       assert.deepStrictEqual(a, b, "same seed, same order")
-      assert.notDeepEqual(a, Array.from({ length: 20 }, (_, i) => i), "the order changed")
+      assert.notDeepEqual(
+        a,
+        Array.from({ length: 20 }, (_, i) => i),
+        "the order changed"
+      )
       assert.notDeepEqual(a, c, "another seed, another order")
       for (let w = 0; w < 20; w += 5) {
         assert.deepStrictEqual(
@@ -116,7 +123,7 @@ describe("MemoryBroker fault knobs", () => {
   })
 
   it.effect("delay holds new messages until the delay has passed (TestClock)", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* memory.faults.delay("t", "10 seconds")
       const r = yield* consume({ topic: "t", group: "g", consumer: "c" })
@@ -127,10 +134,11 @@ describe("MemoryBroker fault knobs", () => {
       yield* TestClock.adjust("1 second")
       yield* yieldMany
       assert.deepStrictEqual(ns(yield* Ref.get(r.got)), [0, 1, 2])
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("restart loses the writes not yet fsynced, and only those", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* publish("t", 5)
       yield* TestClock.adjust("1 second") // the simulated everysec fsync
@@ -139,18 +147,20 @@ describe("MemoryBroker fault knobs", () => {
       assert.strictEqual(lost, 3)
       assert.strictEqual(yield* memory.length("t"), 5)
       assert.deepStrictEqual(ns(yield* take({ topic: "t", group: "g", consumer: "c" }, 5)), [0, 1, 2, 3, 4])
-    }).pipe(Effect.provide(MemoryBroker.layer({ fsyncInterval: "1 second" }))))
+    }).pipe(Effect.provide(MemoryBroker.layer({ fsyncInterval: "1 second" })))
+  )
 
   it.effect("restart without fsyncInterval loses nothing; fsync makes writes durable", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* publish("t", 4)
       assert.strictEqual(yield* memory.faults.restart, 0)
       assert.strictEqual(yield* memory.length("t"), 4)
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("deleteTopic removes entries, groups, pending lists and dead letters", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       const broker = yield* Broker.Broker
       yield* publish("t", 3)
@@ -162,20 +172,22 @@ describe("MemoryBroker fault knobs", () => {
       assert.deepStrictEqual(yield* broker.deadLetters("t"), [])
       const late = yield* Effect.exit(d!.ack)
       assert.isTrue(Exit.isFailure(late), "a delivery of a deleted topic cannot be acked")
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("trim keeps the newest entries and returns the removed ids", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       const ids = yield* publish("t", 10)
       const removed = yield* memory.faults.trim("t", 4)
       assert.deepStrictEqual(removed, ids.slice(0, 6))
       assert.strictEqual(yield* memory.length("t"), 4)
       assert.deepStrictEqual(ns(yield* take({ topic: "t", group: "g", consumer: "c" }, 4)), [6, 7, 8, 9])
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("killConsumer fails its stream; its in-flight delivery cannot be acked and is claimed by another", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       const broker = yield* Broker.Broker
       yield* publish("t", 1)
@@ -184,7 +196,7 @@ describe("MemoryBroker fault knobs", () => {
       const ackExit = yield* Deferred.make<Exit.Exit<void, BrokerError.BrokerError>>()
       const fiber = yield* broker.subscribe({ topic: "t", group: "g", consumer: "doomed" }).pipe(
         Stream.runForEach((d) =>
-          Effect.gen(function*() {
+          Effect.gen(function* () {
             yield* Deferred.succeed(inFlight, d)
             yield* Deferred.await(gate)
             yield* Deferred.succeed(ackExit, yield* Effect.exit(d.ack))
@@ -210,10 +222,11 @@ describe("MemoryBroker fault knobs", () => {
       const got = yield* Ref.get(rescuer.got)
       assert.strictEqual(got.length, 1)
       assert.strictEqual(got[0]!.deliveryCount, 2)
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 
   it.effect("appendRaw: an entry written by a foreign client with the documented fields is consumed", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* memory.faults.appendRaw("t", {
         ce_id: "foreign-1",
@@ -237,12 +250,13 @@ describe("MemoryBroker fault knobs", () => {
         headers: { tenant: "acme" },
         data: '{"n":41,"text":"from outside"}'
       })
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 })
 
 describe("MemoryBroker", () => {
   it.effect("retention trims old entries but never one still pending or unread", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const memory = yield* MemoryBroker.MemoryBroker
       yield* publish("t", 3)
       const held = yield* take({ topic: "t", group: "g", consumer: "c" }, 1) // entry 0 pending
@@ -253,10 +267,11 @@ describe("MemoryBroker", () => {
       yield* Effect.forEach(rest, (d) => d.ack)
       yield* publish("t", 1, { from: 13 })
       assert.strictEqual(yield* memory.length("t"), 5, "trimmed to the retention once nothing needs the old entries")
-    }).pipe(Effect.provide(MemoryBroker.layer({ retention: 5 }))))
+    }).pipe(Effect.provide(MemoryBroker.layer({ retention: 5 })))
+  )
 
   it.effect("nack with a delay keeps the key parked (ordered mode)", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       yield* publish("t", 2, { keyOf: () => "k" })
       const [first] = yield* take({ topic: "t", group: "g", consumer: "c" }, 1)
       yield* first!.nack("1 minute")
@@ -267,10 +282,11 @@ describe("MemoryBroker", () => {
       yield* TestClock.adjust("1 second")
       yield* yieldMany
       assert.deepStrictEqual(ns(yield* Ref.get(r.got)), [0, 1])
-    }).pipe(Effect.provide(MemoryBroker.layer({ orderedPerKey: true }))))
+    }).pipe(Effect.provide(MemoryBroker.layer({ orderedPerKey: true })))
+  )
 
   it.effect("dead letters are listed with reason and error, and purged", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const broker = yield* Broker.Broker
       yield* publish("t", 2)
       const ds = yield* take({ topic: "t", group: "g", consumer: "c" }, 2)
@@ -289,5 +305,6 @@ describe("MemoryBroker", () => {
       assert.strictEqual(yield* broker.purgeDeadLetters("t", [dlq[0]!.id]), 1)
       assert.strictEqual((yield* broker.deadLetters("t")).length, 1)
       assert.strictEqual(yield* broker.purgeDeadLetters("t"), 1)
-    }).pipe(Effect.provide(MemoryBroker.layer())))
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
 })

@@ -116,10 +116,9 @@ export const EncodedSchema = Schema.Struct({
  *
  * @since 0.1.0
  */
-export class MalformedEnvelope extends Schema.TaggedError<MalformedEnvelope>("@converge/core/Envelope/MalformedEnvelope")(
-  "MalformedEnvelope",
-  { message: Schema.String }
-) {}
+export class MalformedEnvelope extends Schema.TaggedError<MalformedEnvelope>(
+  "@converge/core/Envelope/MalformedEnvelope"
+)("MalformedEnvelope", { message: Schema.String }) {}
 
 /**
  * A payload failed its topic's Schema (on publish: encode; on consume:
@@ -209,10 +208,17 @@ export const makeUnsafeResult = <A, I>(
       if (Result.isFailure(checked)) return Result.fail(checked.failure)
       headers = { ...options.headers }
     }
-    if (options.traceparent !== undefined) (headers ??= {})[Headers.traceparent] = options.traceparent
-    if (options.correlationId !== undefined) (headers ??= {})[Headers.correlationId] = options.correlationId
-    if (options.causationId !== undefined) (headers ??= {})[Headers.causationId] = options.causationId
-    if (options.replyTo !== undefined) (headers ??= {})[Headers.replyTo] = options.replyTo
+    const wellKnown: ReadonlyArray<readonly [string, string | undefined]> = [
+      [Headers.traceparent, options.traceparent],
+      [Headers.correlationId, options.correlationId],
+      [Headers.causationId, options.causationId],
+      [Headers.replyTo, options.replyTo]
+    ]
+    for (const [name, value] of wellKnown) {
+      if (value === undefined) continue
+      if (headers === undefined) headers = {}
+      headers[name] = value
+    }
     if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
       return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
     }
@@ -244,7 +250,12 @@ export const encodeResult = <A, I>(
   const data = topic.encode(envelope.payload)
   if (Result.isFailure(data)) {
     return Result.fail(
-      new PayloadError({ topic: topic.name, messageId: envelope.id, direction: "encode", message: data.failure.message })
+      new PayloadError({
+        topic: topic.name,
+        messageId: envelope.id,
+        direction: "encode",
+        message: data.failure.message
+      })
     )
   }
   return Result.succeed({
@@ -280,12 +291,19 @@ export const decodeResult = <A, I>(
   const payload = topic.decode(encoded.data)
   if (Result.isFailure(payload)) {
     return Result.fail(
-      new PayloadError({ topic: topic.name, messageId: encoded.id, direction: "decode", message: payload.failure.message })
+      new PayloadError({
+        topic: topic.name,
+        messageId: encoded.id,
+        direction: "decode",
+        message: payload.failure.message
+      })
     )
   }
   const millis = Date.parse(encoded.time)
   if (Number.isNaN(millis)) {
-    return Result.fail(new MalformedEnvelope({ message: `time ${JSON.stringify(encoded.time)} is not an RFC 3339 timestamp` }))
+    return Result.fail(
+      new MalformedEnvelope({ message: `time ${JSON.stringify(encoded.time)} is not an RFC 3339 timestamp` })
+    )
   }
   return Result.succeed({
     id: encoded.id,
@@ -417,7 +435,8 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
   const data = fields.data
   const missing = (name: string) => Result.fail(new MalformedEnvelope({ message: `missing or empty field ${name}` }))
   if (!id) return missing(FieldNames.id)
-  if (id.length > 200) return Result.fail(new MalformedEnvelope({ message: "field ce_id is longer than 200 characters" }))
+  if (id.length > 200)
+    return Result.fail(new MalformedEnvelope({ message: "field ce_id is longer than 200 characters" }))
   if (!type) return missing(FieldNames.type)
   if (!source) return missing(FieldNames.source)
   if (!time) return missing(FieldNames.time)
@@ -431,7 +450,9 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
   let attempt = 1
   if (attemptText !== undefined && attemptText !== "1") {
     if (!positiveInt.test(attemptText)) {
-      return Result.fail(new MalformedEnvelope({ message: `field ce_attempt ${JSON.stringify(attemptText)} is not an integer >= 1` }))
+      return Result.fail(
+        new MalformedEnvelope({ message: `field ce_attempt ${JSON.stringify(attemptText)} is not an integer >= 1` })
+      )
     }
     attempt = Number(attemptText)
   }
@@ -441,9 +462,12 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
     if (name.startsWith(FieldNames.headerPrefix)) {
       const header = name.slice(FieldNames.headerPrefix.length)
       if (Result.isFailure(Name.check("header", header))) {
-        return Result.fail(new MalformedEnvelope({ message: `field ${JSON.stringify(name)} is not a valid header name` }))
+        return Result.fail(
+          new MalformedEnvelope({ message: `field ${JSON.stringify(name)} is not a valid header name` })
+        )
       }
-      ;(headers ??= {})[header] = fields[name]!
+      if (headers === undefined) headers = {}
+      headers[header] = fields[name]!
     }
     // other fields (written by foreign producers) are ignored
   }
@@ -614,7 +638,8 @@ export const fromCloudEvent = (
       if (Result.isFailure(checked)) return fail(`extension attribute ${JSON.stringify(name)}: ${checked.failure.rule}`)
       const value = ev[name]
       if (value === null || typeof value === "object") return fail(`extension attribute ${name} must be a scalar`)
-      ;(headers ??= {})[name] = String(value)
+      if (headers === undefined) headers = {}
+      headers[name] = String(value)
     }
     const withTime = (time: string): Encoded => ({
       id: ev.id as string,

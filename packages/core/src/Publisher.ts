@@ -75,7 +75,7 @@ export class Publisher extends Context.Service<
  * @since 0.1.0
  */
 export const make = (options?: Options): Effect.Effect<Publisher["Service"], never, Broker> =>
-  Effect.gen(function*() {
+  Effect.gen(function* () {
     const broker = yield* Broker
     const source = options?.source
     const publishAll = <A, I>(
@@ -84,7 +84,8 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
       Effect.flatMap(Clock.currentTimeMillis, (now): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
-        const opts = source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
+        const opts =
+          source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
         const encoded: Array<Envelope.Encoded> = []
         for (const payload of payloads) {
           const envelope = Envelope.makeUnsafeResult(topic, payload, now, opts)

@@ -94,7 +94,11 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
   Name.validateSync("topic", name)
   const type = options?.type ?? name
   if (!typePattern.test(type)) {
-    throw new Name.InvalidName({ kind: "topic", name, rule: `type ${JSON.stringify(type)} must be 1-255 printable ASCII characters without spaces` })
+    throw new Name.InvalidName({
+      kind: "topic",
+      name,
+      rule: `type ${JSON.stringify(type)} must be 1-255 printable ASCII characters without spaces`
+    })
   }
   const encodePayload = Schema.encodeUnknownResult(schema)
   const decodePayload = Schema.decodeUnknownResult(schema)

@@ -44,7 +44,7 @@ describe("Envelope", () => {
     "toCloudEvent → JSON → fromCloudEvent round-trips",
     { payload: Payload, key: Schema.optional(Schema.String), headers: Schema.Record(HeaderName, Schema.String) },
     ({ payload, key, headers }) =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const encoded = encode(make(payload, { key, headers }))
         const event = Envelope.toCloudEvent(encoded)
         const back = yield* Envelope.fromCloudEvent(JSON.stringify(event))
@@ -53,7 +53,7 @@ describe("Envelope", () => {
   )
 
   it.effect("make: UUIDv7 id and time from Clock, attempt 1, well-known headers", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       yield* TestClock.setTime(Date.parse("2026-11-26T10:00:00.000Z"))
       const e = yield* Envelope.make(
         topic,
@@ -68,7 +68,10 @@ describe("Envelope", () => {
       assert.match(e.id, /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/)
       assert.strictEqual(DateTime.formatIso(e.time), "2026-11-26T10:00:00.000Z")
       // the first 48 bits of a UUIDv7 are the Unix time in milliseconds
-      assert.strictEqual(Number.parseInt(e.id.replace(/-/g, "").slice(0, 12), 16), Date.parse("2026-11-26T10:00:00.000Z"))
+      assert.strictEqual(
+        Number.parseInt(e.id.replace(/-/g, "").slice(0, 12), 16),
+        Date.parse("2026-11-26T10:00:00.000Z")
+      )
       assert.strictEqual(e.attempt, 1)
       assert.deepStrictEqual(e.headers, {
         correlationid: "corr",
@@ -76,7 +79,8 @@ describe("Envelope", () => {
         replyto: "replies",
         traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
       })
-    }))
+    })
+  )
 
   it("UUIDv7 ids are unique and sorted within one millisecond", () => {
     const ids = Array.from({ length: 5000 }, () => make({ name: "", count: 0, tags: [], nested: { flag: false } }).id)
@@ -93,7 +97,10 @@ describe("Envelope", () => {
   })
 
   it("encode fails with a PayloadError when the payload breaks its Schema", () => {
-    const r = Envelope.encodeResult(topic, make({ name: 1 as unknown as string, count: 0, tags: [], nested: { flag: true } }))
+    const r = Envelope.encodeResult(
+      topic,
+      make({ name: 1 as unknown as string, count: 0, tags: [], nested: { flag: true } })
+    )
     assert.isTrue(Result.isFailure(r))
     if (Result.isFailure(r)) {
       assert.strictEqual(r.failure._tag, "PayloadError")
@@ -104,7 +111,10 @@ describe("Envelope", () => {
 
   it("decode fails with a PayloadError naming the field", () => {
     const encoded = encode(make({ name: "a", count: 1, tags: [], nested: { flag: true } }))
-    const r = Envelope.decodeResult(topic, { ...encoded, data: '{"name":"a","count":1.5,"tags":[],"nested":{"flag":true}}' })
+    const r = Envelope.decodeResult(topic, {
+      ...encoded,
+      data: '{"name":"a","count":1.5,"tags":[],"nested":{"flag":true}}'
+    })
     assert.isTrue(Result.isFailure(r))
     if (Result.isFailure(r)) {
       assert.strictEqual(r.failure._tag, "PayloadError")
@@ -113,13 +123,14 @@ describe("Envelope", () => {
   })
 
   it.effect("decodeEncoded names every missing field", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const error = yield* Effect.flip(Envelope.decodeEncoded({ id: "x", data: "{}" }))
       assert.strictEqual(error._tag, "MalformedEnvelope")
       for (const field of ["topic", "type", "source", "time", "attempt", "headers"]) {
         assert.include(error.message, `["${field}"]`)
       }
-    }))
+    })
+  )
 
   it("fromFields names the first missing or invalid field", () => {
     const fields = Envelope.toFields(encode(make({ name: "a", count: 1, tags: [], nested: { flag: true } })))
@@ -141,7 +152,9 @@ describe("Envelope", () => {
   })
 
   describe("CloudEvents", () => {
-    const encoded = encode(make({ name: "a", count: 1, tags: ["t"], nested: { flag: true } }, { key: "k-1", headers: { tenant: "acme" } }))
+    const encoded = encode(
+      make({ name: "a", count: 1, tags: ["t"], nested: { flag: true } }, { key: "k-1", headers: { tenant: "acme" } })
+    )
 
     it("toCloudEvent has the required attributes and JSON data", () => {
       const event = Envelope.toCloudEvent(encoded)
@@ -160,7 +173,7 @@ describe("Envelope", () => {
     })
 
     it.effect("fromCloudEvent requires specversion 1.0, id, source and type", () =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const event = Envelope.toCloudEvent(encoded) as Record<string, unknown>
         for (const attr of ["specversion", "id", "source", "type"]) {
           const { [attr]: _, ...rest } = event
@@ -169,10 +182,11 @@ describe("Envelope", () => {
         }
         const wrong = yield* Effect.flip(Envelope.fromCloudEvent({ ...event, specversion: "0.3" }))
         assert.include(wrong.message, "specversion")
-      }))
+      })
+    )
 
     it.effect("data_base64 carries the JSON bytes; data and data_base64 together are rejected", () =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const { data, ...event } = Envelope.toCloudEvent(encoded) as Record<string, unknown>
         const base64 = Buffer.from(JSON.stringify(data)).toString("base64")
         const back = yield* Envelope.fromCloudEvent({ ...event, data_base64: base64 })
@@ -181,10 +195,11 @@ describe("Envelope", () => {
         assert.include(both.message, "both data and data_base64")
         const notBase64 = yield* Effect.flip(Envelope.fromCloudEvent({ ...event, data_base64: "***" }))
         assert.include(notBase64.message, "data_base64")
-      }))
+      })
+    )
 
     it.effect("a foreign event: no topic extension needs the topic option; no time takes the Clock's", () =>
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         yield* TestClock.setTime(Date.parse("2026-02-03T04:05:06.007Z"))
         const foreign = { specversion: "1.0", id: "e-1", source: "urn:x", type: "x.happened", data: { a: 1 } }
         const missing = yield* Effect.flip(Envelope.fromCloudEvent(foreign))
@@ -203,6 +218,7 @@ describe("Envelope", () => {
         })
         const exit = yield* Effect.exit(Envelope.fromCloudEvent({ ...foreign, topic: "bad topic" }))
         assert.isTrue(Exit.isFailure(exit), "the topic extension is validated like any topic name")
-      }))
+      })
+    )
   })
 })

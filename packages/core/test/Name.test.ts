@@ -42,10 +42,11 @@ describe("Name", () => {
   })
 
   it.effect("validate fails in the error channel; validateSync throws the same error", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const exit = yield* Effect.exit(Name.validate("consumer", "c{1}"))
       assert.isTrue(Exit.isFailure(exit))
       assert.throws(() => Name.validateSync("consumer", "c{1}"), /Invalid consumer name "c\{1\}"/)
       assert.strictEqual(yield* Name.validate("consumer", "c-1"), "c-1")
-    }))
+    })
+  )
 })

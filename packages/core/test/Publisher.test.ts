@@ -9,7 +9,7 @@ const Live = Publisher.layer({ source: "urn:acme:shop" }).pipe(Layer.provideMerg
 
 describe("Publisher", () => {
   it.effect("publishes typed payloads that consumers decode", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const receipt = yield* Publisher.publish(orders, { orderId: "o-1", total: 10 }, { correlationId: "c-9" })
       const receipts = yield* Publisher.publishAll(orders, [
         { orderId: "o-2", total: 20 },
@@ -17,7 +17,9 @@ describe("Publisher", () => {
       ])
       assert.strictEqual(receipts.length, 2)
       const broker = yield* Broker.Broker
-      const ds = yield* Stream.runCollect(Stream.take(broker.subscribe({ topic: "orders", group: "g", consumer: "c" }), 3))
+      const ds = yield* Stream.runCollect(
+        Stream.take(broker.subscribe({ topic: "orders", group: "g", consumer: "c" }), 3)
+      )
       const decoded = ds.map((d) => Envelope.decodeResult(orders, d.envelope))
       assert.isTrue(decoded.every(Result.isSuccess))
       const first = (decoded[0] as Result.Success<Envelope.Envelope<typeof Order.Type>, never>).success
@@ -31,10 +33,11 @@ describe("Publisher", () => {
         decoded.map((d) => (Result.isSuccess(d) ? d.success.payload.orderId : "")),
         ["o-1", "o-2", "o-3"]
       )
-    }).pipe(Effect.provide(Live)))
+    }).pipe(Effect.provide(Live))
+  )
 
   it.effect("a payload failing its Schema is a PayloadError and nothing is published", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const error = yield* Effect.flip(
         Publisher.publishAll(orders, [
           { orderId: "ok", total: 1 },
@@ -45,17 +48,22 @@ describe("Publisher", () => {
       assert.include(error.message, "total")
       const memory = yield* MemoryBroker.MemoryBroker
       assert.strictEqual(yield* memory.length("orders"), 0, "the whole batch was refused")
-    }).pipe(Effect.provide(Live)))
+    }).pipe(Effect.provide(Live))
+  )
 
   it.effect("an invalid header name is a typed InvalidName", () =>
-    Effect.gen(function*() {
-      const error = yield* Effect.flip(Publisher.publish(orders, { orderId: "o", total: 1 }, { headers: { "Bad Name": "v" } }))
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(
+        Publisher.publish(orders, { orderId: "o", total: 1 }, { headers: { "Bad Name": "v" } })
+      )
       assert.strictEqual(error._tag, "InvalidName")
-    }).pipe(Effect.provide(Live)))
+    }).pipe(Effect.provide(Live))
+  )
 
   it.effect("an explicit message id is kept (idempotent publish)", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const receipt = yield* Publisher.publish(orders, { orderId: "o", total: 1 }, { id: "my-id-1" })
       assert.strictEqual(receipt.id, "my-id-1")
-    }).pipe(Effect.provide(Live)))
+    }).pipe(Effect.provide(Live))
+  )
 })

@@ -20,13 +20,14 @@ describe("Topic", () => {
   })
 
   it.effect("makeEffect puts the InvalidName in the error channel", () =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const exit = yield* Effect.exit(Topic.makeEffect("bad name", Order))
       assert.isTrue(Exit.isFailure(exit))
       const error = yield* Effect.flip(Topic.makeEffect("bad name", Order))
       assert.strictEqual(error._tag, "InvalidName")
       assert.strictEqual(error.name, "bad name")
-    }))
+    })
+  )
 
   it("encode/decode round-trip through JSON text", () => {
     const t = Topic.make("orders", Order)

@@ -19,6 +19,8 @@
  *
  * @since 0.1.0
  */
+
+import { randomUUID } from "node:crypto"
 import { assert, describe, it } from "@effect/vitest"
 import {
   Cause,
@@ -35,7 +37,6 @@ import {
   Stream
 } from "effect"
 import { TestClock } from "effect/testing"
-import { randomUUID } from "node:crypto"
 import * as Broker from "../Broker.ts"
 import * as BrokerError from "../BrokerError.ts"
 import * as Envelope from "../Envelope.ts"
@@ -77,8 +78,7 @@ const Payload = Schema.Struct({ n: Schema.Number, text: Schema.String })
 type Payload = typeof Payload.Type
 
 let topicCounter = 0
-const uniqueTopic = (caseId: string): string =>
-  `${caseId}-${randomUUID().slice(0, 8)}-${(topicCounter++).toString(36)}`
+const uniqueTopic = (caseId: string): string => `${caseId}-${randomUUID().slice(0, 8)}-${(topicCounter++).toString(36)}`
 
 /**
  * Encoded messages for a topic: payload `{ n, text }`, key from `keyOf`.
@@ -99,11 +99,16 @@ export const messages = (
   const out: Array<Envelope.Encoded> = []
   const from = options?.from ?? 0
   for (let n = from; n < from + count; n++) {
-    const envelope = Envelope.makeUnsafeResult(topic, { n, text: options?.text ?? `message ${n}` }, 1_700_000_000_000 + n, {
-      key: options?.keyOf?.(n),
-      headers: options?.headers,
-      correlationId: `corr-${n}`
-    })
+    const envelope = Envelope.makeUnsafeResult(
+      topic,
+      { n, text: options?.text ?? `message ${n}` },
+      1_700_000_000_000 + n,
+      {
+        key: options?.keyOf?.(n),
+        headers: options?.headers,
+        correlationId: `corr-${n}`
+      }
+    )
     if (Result.isFailure(envelope)) throw envelope.failure
     const encoded = Envelope.encodeResult(topic, envelope.success)
     if (Result.isFailure(encoded)) throw encoded.failure
@@ -132,12 +137,13 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     : Effect.repeat(Effect.yieldNow, { times: 50 }).pipe(Effect.asVoid)
   /** Waits until `cond` holds, letting time pass in small steps; fails the case after `limit`. */
   const eventually = <A, E, R>(read: Effect.Effect<A, E, R>, cond: (a: A) => boolean, what: string, limit = 20_000) =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const step = 25
       for (let waited = 0; ; waited += step) {
         const value = yield* read
         if (cond(value)) return value
-        if (waited >= limit) return yield* Effect.die(new Error(`timed out waiting for: ${what}; last: ${JSON.stringify(value)}`))
+        if (waited >= limit)
+          return yield* Effect.die(new Error(`timed out waiting for: ${what}; last: ${JSON.stringify(value)}`))
         yield* live ? Effect.sleep(step) : Effect.andThen(quiesce, TestClock.adjust(step))
       }
     })
@@ -168,7 +174,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     handler: (d: Broker.Delivery) => Effect.Effect<void, unknown> = () => Effect.void,
     onFailure?: (cause: Cause.Cause<unknown>) => Broker.Settlement
   ) =>
-    Effect.gen(function*() {
+    Effect.gen(function* () {
       const broker = yield* Broker.Broker
       const deliveries = yield* Ref.make<Array<Broker.Delivery>>([])
       const fiber = yield* broker.subscribe(options).pipe(
@@ -193,7 +199,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C01",
       "publish/subscribe 100 messages: all received, payloads and headers equal; closing ends the stream",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c01")
         const sent = messages(topic, 100, { keyOf: (n) => `k${n % 7}`, headers: { tenant: "acme", region: "eu1" } })
         const ids = yield* publish(sent)
@@ -217,7 +223,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C02",
       "concurrent: 50 publishers, 5 000 messages, 10 competing consumers: all received",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c02")
         const consumers = yield* Effect.forEach(range(0, 10), (i) => consume({ topic, group: "g", consumer: `c${i}` }))
         yield* Effect.forEach(range(0, 50), (p) => publish(messages(topic, 100, { from: p * 100 })), {
@@ -236,7 +242,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C03",
       "many topics at once: each topic gets all and only its messages",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topics = range(0, 5).map(() => uniqueTopic("c03"))
         const consumers = yield* Effect.forEach(topics, (topic) => consume({ topic, group: "g", consumer: "c" }))
         // one batch spanning every topic, interleaved
@@ -261,7 +267,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C04",
       "nack the first deliveries: all are redelivered and processed",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c04")
         const processed = yield* Ref.make<Array<number>>([])
         yield* publish(messages(topic, 20))
@@ -278,11 +284,13 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C05",
       "no ack while held: nothing is lost, and the next message of the key waits when ordered",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c05")
         const gate = yield* Deferred.make<void>()
         yield* publish(messages(topic, 1, { keyOf: () => "k" }))
-        const holder = yield* consume({ topic, group: "g", consumer: "holder", batchSize: 1 }, () => Deferred.await(gate))
+        const holder = yield* consume({ topic, group: "g", consumer: "holder", batchSize: 1 }, () =>
+          Deferred.await(gate)
+        )
         yield* eventually(countOf(holder), (n) => n >= 1, "the first message is held")
         yield* publish(messages(topic, 1, { keyOf: () => "k", from: 1 }))
         const other = yield* consume({ topic, group: "g", consumer: "other", claimIdle: "1 hour" })
@@ -303,7 +311,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C06",
       "continue after consumer close/reopen: nothing lost",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c06")
         yield* publish(messages(topic, 10))
         const first = yield* consume({ topic, group: "g", consumer: "c" })
@@ -326,7 +334,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C07",
       "concurrent closes do not break the topic or group",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c07")
         const consumers = yield* Effect.forEach(range(0, 5), (i) => consume({ topic, group: "g", consumer: `c${i}` }))
         yield* publish(messages(topic, 50))
@@ -346,7 +354,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C08",
       "continue after errors: after failing consumers close, a fresh one receives everything",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c08")
         yield* publish(messages(topic, 20))
         const failing = yield* Effect.forEach(range(0, 3), (i) =>
@@ -369,19 +377,22 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C09",
       "per-key order with one consumer per partition, also under redelivery",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c09")
         const applied = yield* Ref.make<Record<string, Array<number>>>({})
         yield* publish(messages(topic, 100, { keyOf: (n) => `k${n % 5}` }))
         yield* Effect.forEach(range(0, 3), (i) =>
-          consume({ topic, group: "g", consumer: `c${i}`, batchSize: 3 }, (d) => {
-            const p = payloadOf(d)
-            // every third message fails its first delivery and is redelivered
-            if (p.n % 3 === 0 && d.deliveryCount === 1) return Effect.fail("transient")
-            return Ref.update(applied, (m) => ({ ...m, [d.envelope.key!]: [...(m[d.envelope.key!] ?? []), p.n] }))
-          },
-          // back off, so that later messages of the key would overtake if the key were not parked
-          () => Broker.nack(features.delayedDelivery ? 100 : 0))
+          consume(
+            { topic, group: "g", consumer: `c${i}`, batchSize: 3 },
+            (d) => {
+              const p = payloadOf(d)
+              // every third message fails its first delivery and is redelivered
+              if (p.n % 3 === 0 && d.deliveryCount === 1) return Effect.fail("transient")
+              return Ref.update(applied, (m) => ({ ...m, [d.envelope.key!]: [...(m[d.envelope.key!] ?? []), p.n] }))
+            },
+            // back off, so that later messages of the key would overtake if the key were not parked
+            () => Broker.nack(features.delayedDelivery ? 100 : 0)
+          )
         )
         const total = Effect.map(Ref.get(applied), (m) => Object.values(m).reduce((a, xs) => a + xs.length, 0))
         yield* eventually(total, (n) => n >= 100, "100 applied")
@@ -400,11 +411,11 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C10",
       "publisher close loses nothing already published",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c10")
         // a publisher with a scope of its own, closed right after publishing
         yield* Effect.scoped(
-          Effect.gen(function*() {
+          Effect.gen(function* () {
             const broker = yield* Broker.Broker
             yield* Effect.addFinalizer(() => Effect.void)
             yield* Effect.forEach(range(0, 5), (i) => broker.publish(messages(topic, 10, { from: i * 10 })), {
@@ -422,7 +433,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C11",
       "topic isolation",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const a = uniqueTopic("c11a")
         const b = uniqueTopic("c11b")
         const onA = yield* consume({ topic: a, group: "same", consumer: "c" })
@@ -434,7 +445,10 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         yield* publish(messages(b, 3, { from: 100 }))
         yield* eventually(countOf(onB), (n) => n >= 3, "3 on b")
         yield* quiesce
-        assert.deepStrictEqual((yield* payloadsOf(onB)).map((p) => p.n), [100, 101, 102])
+        assert.deepStrictEqual(
+          (yield* payloadsOf(onB)).map((p) => p.n),
+          [100, 101, 102]
+        )
         assert.strictEqual(yield* countOf(onA), 10, "acks on a do not touch b, nor b's messages a")
       })
     )
@@ -442,7 +456,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C12",
       "interruption of a consumer mid-handler: no ack without completion; the message stays pending",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c12")
         const started = yield* Deferred.make<void>()
         yield* publish(messages(topic, 1))
@@ -462,14 +476,17 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C13",
       "a new consumer group reads the retained history",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c13")
         const early = yield* consume({ topic, group: "early", consumer: "c" })
         yield* publish(messages(topic, 10))
         yield* eventually(countOf(early), (n) => n >= 10, "the early group got 10")
         const late = yield* consume({ topic, group: "late", consumer: "c" })
         yield* eventually(countOf(late), (n) => n >= 10, "the late group reads the history")
-        assert.deepStrictEqual((yield* payloadsOf(late)).map((p) => p.n), range(0, 10))
+        assert.deepStrictEqual(
+          (yield* payloadsOf(late)).map((p) => p.n),
+          range(0, 10)
+        )
       }),
       !features.persistent && "the layer is not persistent"
     )
@@ -477,7 +494,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C14",
       "broker restart: all published messages received",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c14")
         yield* publish(messages(topic, 20))
         const before = yield* consume({ topic, group: "g", consumer: "c", batchSize: 5 })
@@ -498,7 +515,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C15",
       "two groups each receive every message; consumers within a group share them",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c15")
         const slow = () => (live ? Effect.sleep("2 millis") : Effect.repeat(Effect.yieldNow, { times: 5 }))
         const groupA = yield* Effect.forEach(range(0, 3), (i) =>
@@ -512,7 +529,11 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         yield* quiesce
         const a = (yield* Effect.forEach(groupA, payloadsOf)).flat().map((p) => p.n)
         assert.deepStrictEqual(sorted(a), range(0, 30), "each message once within group a")
-        assert.deepStrictEqual((yield* payloadsOf(groupB)).map((p) => p.n), range(0, 30), "group b gets every message")
+        assert.deepStrictEqual(
+          (yield* payloadsOf(groupB)).map((p) => p.n),
+          range(0, 30),
+          "group b gets every message"
+        )
         const busy = (yield* Effect.forEach(groupA, countOf)).filter((n) => n > 0).length
         assert.isAtLeast(busy, 2, "consumers within a group share the messages")
       }),
@@ -522,7 +543,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C16",
       "pending survives consumer restart; delivery count becomes 2",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c16")
         yield* publish(messages(topic, 3))
         const first = yield* consume({ topic, group: "g", consumer: "c" }, () => Effect.never)
@@ -541,12 +562,14 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C17",
       "claim after min-idle only; concurrent claimers never both win",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c17")
         yield* publish(messages(topic, 1))
         const holder = yield* consume({ topic, group: "g", consumer: "holder" }, () => Effect.never)
         yield* eventually(countOf(holder), (n) => n >= 1, "held")
-        const claimers = yield* Effect.forEach(["x", "y"], (c) => consume({ topic, group: "g", consumer: c, claimIdle }))
+        const claimers = yield* Effect.forEach(["x", "y"], (c) =>
+          consume({ topic, group: "g", consumer: c, claimIdle })
+        )
         yield* pass(claimIdleMs / 2)
         yield* quiesce
         const early = yield* Effect.forEach(claimers, countOf)
@@ -564,7 +587,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C18",
       "every delivery carries its delivery count; it increments on redelivery",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c18")
         yield* publish(messages(topic, 1))
         const r = yield* consume({ topic, group: "g", consumer: "c" }, (d) =>
@@ -582,7 +605,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C19",
       "nack with delay: redelivered no earlier than the delay",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c19")
         const delay = live ? 600 : 2000
         yield* publish(messages(topic, 1))
@@ -607,7 +630,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C20",
       "ack after close is safe: a no-op or a typed error, never an ack of another entry",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c20")
         const broker = yield* Broker.Broker
         yield* publish(messages(topic, 1))
@@ -644,7 +667,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C21",
       "stream or group deleted under a running consumer: it recovers without a hot loop",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c21")
         const events = yield* Ref.make<Array<Broker.SubscriptionEvent>>([])
         const r = yield* consume({
@@ -659,7 +682,10 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         yield* pass("3 seconds")
         yield* publish(messages(topic, 5, { from: 5 }))
         yield* eventually(countOf(r), (n) => n >= 10, "5 more after the deletion")
-        assert.deepStrictEqual((yield* payloadsOf(r)).map((p) => p.n), range(0, 10))
+        assert.deepStrictEqual(
+          (yield* payloadsOf(r)).map((p) => p.n),
+          range(0, 10)
+        )
         const recreated = (yield* Ref.get(events)).filter((e) => e._tag === "GroupRecreated").length
         assert.isAtLeast(recreated, 1, "the group was recreated")
         assert.isAtMost(recreated, 5, "no hot loop of recreations")
@@ -670,16 +696,15 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C22",
       "entries trimmed while pending are reported as lost-in-broker, never silently acked",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c22")
         const broker = yield* Broker.Broker
         const events = yield* Ref.make<Array<Broker.SubscriptionEvent>>([])
         yield* publish(messages(topic, 5))
         // take 5 deliveries and close without settling them: they stay pending
-        const held = (yield* broker.subscribe({ topic, group: "g", consumer: "holder" }).pipe(
-          Stream.take(5),
-          Stream.runCollect
-        )).map((d) => d.entryId)
+        const held = (yield* broker
+          .subscribe({ topic, group: "g", consumer: "holder" })
+          .pipe(Stream.take(5), Stream.runCollect)).map((d) => d.entryId)
         assert.strictEqual(held.length, 5)
         yield* features.trim!(topic, 0)
         yield* consume({
@@ -703,7 +728,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C23",
       "a malformed entry goes to the dead-letter hook and the subscription continues",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c23")
         const broker = yield* Broker.Broker
         const events = yield* Ref.make<Array<Broker.SubscriptionEvent>>([])
@@ -731,13 +756,13 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C24",
       "unicode and special characters in headers and payloads round-trip",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const topic = uniqueTopic("c24")
         const text = 'héllo 🌍 — "quoted" \\ back\nnew line\ttab \u0000 nul 日本語 \u{1F9EA} <&>'
         const sent = messages(topic, 3, {
           text,
           keyOf: (n) => `ключ-${n}-🔑`,
-          headers: { note: "ünïcödé ✓ \n \"q\" 中文", empty: "" }
+          headers: { note: 'ünïcödé ✓ \n "q" 中文', empty: "" }
         })
         yield* publish(sent)
         const r = yield* consume({ topic, group: "g", consumer: "c" })
@@ -754,7 +779,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     run(
       "C25",
       "invalid topic or group names are rejected with a clear error, and no name can inject into a key",
-      Effect.gen(function*() {
+      Effect.gen(function* () {
         const broker = yield* Broker.Broker
         const bad: Array<readonly ["topic" | "group" | "consumer", string]> = [
           ["topic", "has space"],

@@ -47,8 +47,9 @@ export interface Options {
    */
   readonly fsyncInterval?: Duration.Input | undefined
   /**
-   * Keep at most this many entries per topic. Trimming never removes an entry
-   * that is still pending, or not yet read, in any group. Default: unbounded.
+   * Keep about this many entries per topic (trimmed in steps of up to 10%,
+   * like Redis `MAXLEN ~`). Trimming never removes an entry that is still
+   * pending, or not yet read, in any group. Default: unbounded.
    */
   readonly retention?: number | undefined
   /** Seed of the pseudo-random generator used by the reorder knob (default 1). */
@@ -129,12 +130,28 @@ export class MemoryBroker extends Context.Service<
 interface Entry {
   readonly seq: number
   readonly id: string
-  readonly fields: Envelope.Fields
   readonly key: string | undefined
   readonly visibleAt: number
   durable: boolean
   deleted: boolean
-  decoded: Result.Result<Envelope.Encoded, Envelope.MalformedEnvelope> | undefined
+  /** Fields written by `appendRaw`; undefined for entries published as envelopes. */
+  readonly raw: Envelope.Fields | undefined
+  /** The envelope: as published, or read from `raw` on first delivery. */
+  envelope: Envelope.Encoded | undefined
+  /** Why `raw` could not be read as an envelope. */
+  malformed: string | undefined
+}
+
+/** The stored fields of an entry (computed for published envelopes). */
+const fieldsOf = (entry: Entry): Envelope.Fields => entry.raw ?? Envelope.toFields(entry.envelope!)
+
+/** Reads a raw entry as an envelope once; returns the envelope or undefined when malformed. */
+const envelopeOf = (entry: Entry): Envelope.Encoded | undefined => {
+  if (entry.envelope !== undefined || entry.malformed !== undefined) return entry.envelope
+  const read = Envelope.fromFields(entry.raw!)
+  if (Result.isSuccess(read)) entry.envelope = read.success
+  else entry.malformed = read.failure.message
+  return entry.envelope
 }
 
 interface Pending {
@@ -155,6 +172,8 @@ interface Sub {
   closed: boolean
   killed: boolean
   firstRead: boolean
+  /** No claim is possible before this time (a lower bound kept by the claim scan). */
+  nextClaimAt: number
   wake: () => void
 }
 
@@ -176,7 +195,6 @@ class GroupState {
 class TopicState {
   readonly name: string
   readonly entries: Array<Entry> = []
-  readonly byId = new Map<string, Entry>()
   readonly groups = new Map<string, GroupState>()
   readonly dlq: Array<Broker.DeadLetter> = []
   duplicate = 0
@@ -217,8 +235,11 @@ class Core {
   readonly topics = new Map<string, TopicState>()
   readonly waiters = new Map<string, Set<() => void>>()
   readonly subs = new Set<Sub>()
+  /** Topic names already validated (names are checked once, not per message). */
+  readonly validTopics = new Set<string>()
   readonly ordered: boolean
   readonly retention: number
+  readonly retentionSlack: number
   readonly fsyncEnabled: boolean
   nextSeq = 1
   nextToken = 1
@@ -229,6 +250,7 @@ class Core {
   constructor(options: Options | undefined) {
     this.ordered = options?.orderedPerKey ?? false
     this.retention = options?.retention ?? Number.POSITIVE_INFINITY
+    this.retentionSlack = Number.isFinite(this.retention) ? Math.min(1000, Math.ceil(this.retention / 10)) : 0
     this.fsyncEnabled = options?.fsyncInterval !== undefined
     this.rng = (options?.seed ?? 1) >>> 0 || 1
   }
@@ -276,38 +298,43 @@ class Core {
     })
   }
 
-  append(topicName: string, fields: Envelope.Fields, key: string | undefined, now: number): Entry {
+  append(
+    topicName: string,
+    envelope: Envelope.Encoded | undefined,
+    raw: Envelope.Fields | undefined,
+    key: string | undefined,
+    now: number
+  ): Entry {
     const t = this.topic(topicName)
     const seq = this.nextSeq++
     const entry: Entry = {
       seq,
       id: `${seq}-0`,
-      fields,
       key,
       visibleAt: t.delayMs > 0 ? now + t.delayMs : 0,
       durable: !this.fsyncEnabled,
       deleted: false,
-      decoded: undefined
+      raw,
+      envelope,
+      malformed: undefined
     }
     t.entries.push(entry)
-    t.byId.set(entry.id, entry)
-    if (t.entries.length > this.retention) this.applyRetention(t)
     return entry
   }
 
   applyRetention(t: TopicState): void {
     // never trim what a group still needs: pending, parked or not yet read
-    let limit = t.entries.length - this.retention
+    let minSeq = Number.MAX_SAFE_INTEGER
     for (const g of t.groups.values()) {
-      limit = Math.min(limit, t.indexFrom(g.cursor))
-      for (const p of g.pending.values()) limit = Math.min(limit, t.indexFrom(p.entry.seq))
-      for (const e of g.ready) limit = Math.min(limit, t.indexFrom(e.seq))
-      for (const list of g.parked.values()) for (const e of list) limit = Math.min(limit, t.indexFrom(e.seq))
+      minSeq = Math.min(minSeq, g.cursor)
+      for (const p of g.pending.values()) minSeq = Math.min(minSeq, p.entry.seq)
+      for (const e of g.ready) minSeq = Math.min(minSeq, e.seq)
+      for (const list of g.parked.values()) for (const e of list) minSeq = Math.min(minSeq, e.seq)
     }
+    const limit = Math.min(t.entries.length - this.retention, t.indexFrom(minSeq))
     if (limit <= 0) return
     for (const e of t.entries.splice(0, limit)) {
       e.deleted = true
-      t.byId.delete(e.id)
     }
   }
 
@@ -342,7 +369,7 @@ class Core {
     count: number,
     now: number
   ): void {
-    const decoded = entry.decoded ?? Envelope.fromFields(entry.fields)
+    const envelope = envelopeOf(entry)
     t.dlq.push({
       id: `${this.nextDlq++}-0`,
       topic: t.name,
@@ -352,8 +379,8 @@ class Core {
       error: reason.error,
       deliveryCount: count,
       time: new Date(now).toISOString(),
-      fields: entry.fields,
-      envelope: Result.isSuccess(decoded) ? decoded.success : undefined
+      fields: fieldsOf(entry),
+      envelope
     })
   }
 }
@@ -362,58 +389,76 @@ class MemoryDelivery implements Broker.Delivery {
   readonly entryId: string
   readonly envelope: Envelope.Encoded
   readonly deliveryCount: number
-  readonly topic: string
-  readonly group: string
-  readonly consumer: string
-  readonly core: Core
-  readonly sub: Sub
   readonly token: number
-  constructor(entry: Entry, envelope: Envelope.Encoded, count: number, core: Core, sub: Sub, token: number) {
-    this.entryId = entry.id
+  readonly sub: Sub
+  readonly core: Core
+  readonly t: TopicState
+  readonly g: GroupState
+  readonly p: Pending
+  constructor(core: Core, sub: Sub, t: TopicState, g: GroupState, p: Pending, envelope: Envelope.Encoded) {
+    this.entryId = p.entry.id
     this.envelope = envelope
-    this.deliveryCount = count
-    this.topic = sub.topic
-    this.group = sub.group
-    this.consumer = sub.consumer
-    this.core = core
+    this.deliveryCount = p.count
+    this.token = p.token
     this.sub = sub
-    this.token = token
+    this.core = core
+    this.t = t
+    this.g = g
+    this.p = p
+  }
+  get topic(): string {
+    return this.sub.topic
+  }
+  get group(): string {
+    return this.sub.group
+  }
+  get consumer(): string {
+    return this.sub.consumer
   }
 
-  /** Finds the live pending record of this delivery, or explains why there is none. */
-  live(): Result.Result<{ t: TopicState; g: GroupState; p: Pending }, BrokerError.BrokerError> {
-    if (this.sub.killed) return Result.fail(closedError(this.entryId, "the consumer was killed"))
-    const t = this.core.topics.get(this.topic)
-    const g = t?.groups.get(this.group)
-    const p = g?.pending.get(this.entryId)
-    if (t === undefined || g === undefined || p === undefined || p.token !== this.token) {
-      return Result.fail(closedError(this.entryId, "the delivery was already settled, claimed or lost"))
+  /** Why this delivery can no longer be settled, or undefined while it can. */
+  closed(): BrokerError.BrokerError | undefined {
+    if (this.sub.killed) return closedError(this.entryId, "the consumer was killed")
+    const { t, g, p } = this
+    if (
+      p.token !== this.token ||
+      g.pending.get(this.entryId) !== p ||
+      t.groups.get(g.name) !== g ||
+      this.core.topics.get(t.name) !== t
+    ) {
+      return closedError(this.entryId, "the delivery was already settled, claimed or lost")
     }
-    return Result.succeed({ t, g, p })
+    return undefined
+  }
+
+  /** Acks a live delivery; false when the drop-ack fault swallowed it. */
+  settleAck(): boolean {
+    const { t, g, p } = this
+    if (t.dropAck > 0) {
+      // fault: the ack is "lost on the wire"; the entry stays pending for a claim
+      t.dropAck--
+      p.token = 0
+      return false
+    }
+    g.pending.delete(this.entryId)
+    this.core.release(t, g, p.entry)
+    return true
   }
 
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.suspend(() => {
-      const live = this.live()
-      if (Result.isFailure(live)) return Effect.fail(live.failure)
-      const { t, g, p } = live.success
-      if (t.dropAck > 0) {
-        // fault: the ack is "lost on the wire"; the entry stays pending for a claim
-        t.dropAck--
-        p.token = 0
-        return Effect.void
-      }
-      g.pending.delete(this.entryId)
-      this.core.release(t, g, p.entry)
+      const closed = this.closed()
+      if (closed !== undefined) return Effect.fail(closed)
+      this.settleAck()
       return Effect.void
     })
   }
 
   nack(delay: Duration.Input): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.flatMap(Clock.currentTimeMillis, (now) => {
-      const live = this.live()
-      if (Result.isFailure(live)) return Effect.fail(live.failure)
-      const { t, g, p } = live.success
+      const closed = this.closed()
+      if (closed !== undefined) return Effect.fail(closed)
+      const { t, g, p } = this
       p.token = 0
       p.dueAt = now + Math.max(0, Duration.toMillis(delay))
       g.delayed++
@@ -424,9 +469,9 @@ class MemoryDelivery implements Broker.Delivery {
 
   deadLetter(reason: Broker.DeadLetterReason): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.flatMap(Clock.currentTimeMillis, (now) => {
-      const live = this.live()
-      if (Result.isFailure(live)) return Effect.fail(live.failure)
-      const { t, g, p } = live.success
+      const closed = this.closed()
+      if (closed !== undefined) return Effect.fail(closed)
+      const { t, g, p } = this
       g.pending.delete(this.entryId)
       this.core.deadLetterEntry(t, g.name, p.entry, reason, p.count, now)
       this.core.release(t, g, p.entry)
@@ -467,18 +512,25 @@ export const make = (
         if (core.closed)
           return Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
         for (const m of messages) {
+          if (core.validTopics.has(m.topic)) continue
           const ok = Name.check("topic", m.topic)
           if (Result.isFailure(ok)) return Effect.fail(invalid("topic", ok.failure))
+          core.validTopics.add(m.topic)
         }
         const ids: Array<string> = new Array(messages.length)
         const touched = new Set<string>()
         for (let i = 0; i < messages.length; i++) {
           const m = messages[i]!
-          const entry = core.append(m.topic, Envelope.toFields(m), m.key, now)
+          const entry = core.append(m.topic, m, undefined, m.key, now)
           ids[i] = entry.id
           touched.add(m.topic)
         }
-        for (const topic of touched) core.wake(topic)
+        for (const topic of touched) {
+          const t = core.topics.get(topic)!
+          // trim once per batch and in steps (like MAXLEN ~), so the cost is amortised
+          if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
+          core.wake(topic)
+        }
         return Effect.succeed(ids)
       })
 
@@ -498,16 +550,12 @@ export const make = (
         g.lost = []
       }
       const deliver = (entry: Entry, p: Pending | undefined): void => {
-        let decoded = entry.decoded
-        if (decoded === undefined) {
-          decoded = Envelope.fromFields(entry.fields)
-          entry.decoded = decoded
-        }
-        if (Result.isFailure(decoded)) {
+        const envelope = envelopeOf(entry)
+        if (envelope === undefined) {
           // malformed: dead-letter it, report it, and carry on
           if (p !== undefined) g.pending.delete(entry.id)
-          core.deadLetterEntry(t, g.name, entry, { reason: "malformed", error: decoded.failure.message }, 1, now)
-          events.push({ _tag: "Malformed", topic: t.name, entryId: entry.id, reason: decoded.failure.message })
+          core.deadLetterEntry(t, g.name, entry, { reason: "malformed", error: entry.malformed }, 1, now)
+          events.push({ _tag: "Malformed", topic: t.name, entryId: entry.id, reason: entry.malformed! })
           core.release(t, g, entry)
           return
         }
@@ -521,11 +569,11 @@ export const make = (
           p.deliveredAt = now
           p.token = token
         }
-        out.push(new MemoryDelivery(entry, decoded.success, p.count, core, sub, token))
+        out.push(new MemoryDelivery(core, sub, t, g, p, envelope))
         if (t.duplicate > 0) {
           t.duplicate--
           p.count++
-          out.push(new MemoryDelivery(entry, decoded.success, p.count, core, sub, token))
+          out.push(new MemoryDelivery(core, sub, t, g, p, envelope))
         }
       }
       // 1. this consumer's own pending history, once per subscription (XREADGROUP ... 0)
@@ -536,19 +584,28 @@ export const make = (
         }
       }
       // 2. delayed redeliveries that are due, then 3. claims of idle entries of other consumers
-      if (g.pending.size > 0) {
+      const scanClaims = now >= sub.nextClaimAt
+      if (g.pending.size > 0 && (g.delayed > 0 || scanClaims)) {
+        let nextClaimAt = now + claimIdle
         for (const p of g.pending.values()) {
-          if (out.length >= max) break
+          if (out.length >= max) {
+            nextClaimAt = now
+            break
+          }
           if (p.dueAt !== undefined) {
             if (p.dueAt <= now) {
               p.dueAt = undefined
               g.delayed--
               deliver(p.entry, p)
             }
-          } else if (p.consumer !== sub.consumer && now - p.deliveredAt >= claimIdle) {
-            deliver(p.entry, p)
+          } else if (scanClaims && p.consumer !== sub.consumer) {
+            if (now - p.deliveredAt >= claimIdle) deliver(p.entry, p)
+            else nextClaimAt = Math.min(nextClaimAt, p.deliveredAt + claimIdle)
           }
         }
+        if (scanClaims) sub.nextClaimAt = nextClaimAt
+      } else if (scanClaims) {
+        sub.nextClaimAt = now + claimIdle
       }
       // 4. keys released by an ack (ordered mode)
       while (g.ready.length > 0 && out.length < max) deliver(g.ready.shift()!, undefined)
@@ -621,6 +678,7 @@ export const make = (
             closed: false,
             killed: false,
             firstRead: true,
+            nextClaimAt: 0,
             wake: () => {}
           }
           core.subs.add(sub)
@@ -678,6 +736,24 @@ export const make = (
         })
       )
 
+    const ackAll = (deliveries: ReadonlyArray<Broker.Delivery>) =>
+      Effect.suspend(() => {
+        let acked = 0
+        for (const d of deliveries) {
+          if (!(d instanceof MemoryDelivery) || d.core !== core) {
+            return Effect.fail(
+              BrokerError.make(
+                new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
+              )
+            )
+          }
+          if (d.sub.killed) return Effect.fail(closedError(d.entryId, "the consumer was killed"))
+          if (d.closed() !== undefined) continue
+          if (d.settleAck()) acked++
+        }
+        return Effect.succeed(acked)
+      })
+
     const deadLetters = (topic: string, opts?: { readonly limit?: number | undefined }) =>
       Effect.sync(() => {
         const dlq = core.topics.get(topic)?.dlq ?? []
@@ -728,7 +804,6 @@ export const make = (
             else {
               lost++
               e.deleted = true
-              t.byId.delete(e.id)
               // its pending state was never durable either
               for (const g of t.groups.values()) {
                 if (g.pending.delete(e.id) && e.key !== undefined) g.lockedKeys.delete(e.key)
@@ -756,7 +831,6 @@ export const make = (
           const removed = t.entries.splice(0, t.entries.length - Math.max(0, maxLen))
           for (const e of removed) {
             e.deleted = true
-            t.byId.delete(e.id)
           }
           for (const g of t.groups.values()) {
             for (const e of removed) {
@@ -788,7 +862,7 @@ export const make = (
       appendRaw: (topic, fields) =>
         Effect.flatMap(Clock.currentTimeMillis, (now) =>
           Effect.sync(() => {
-            const entry = core.append(topic, { ...fields }, fields[Envelope.FieldNames.subject], now)
+            const entry = core.append(topic, undefined, { ...fields }, fields[Envelope.FieldNames.subject], now)
             core.wake(topic)
             return entry.id
           })
@@ -803,7 +877,7 @@ export const make = (
           if (g === undefined) return []
           return Array.from(g.pending.values(), (p) => ({
             entryId: p.entry.id,
-            messageId: p.entry.fields[Envelope.FieldNames.id],
+            messageId: envelopeOf(p.entry)?.id,
             consumer: p.consumer,
             deliveryCount: p.count,
             delayed: p.dueAt !== undefined
@@ -812,7 +886,7 @@ export const make = (
       length: (topic) => Effect.sync(() => core.topics.get(topic)?.entries.length ?? 0)
     })
 
-    return { broker: Broker.Broker.of({ publish, subscribe, deadLetters, purgeDeadLetters }), memory }
+    return { broker: Broker.Broker.of({ publish, subscribe, ackAll, deadLetters, purgeDeadLetters }), memory }
   })
 
 /**

@@ -64,7 +64,7 @@
  *
  * @since 0.1.0
  */
-import { Cause, Context, type Duration, Effect, Exit, Schema, type Stream } from "effect"
+import { Cause, Context, type Duration, Effect, Schema, type Stream } from "effect"
 import type { BrokerError } from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
 
@@ -177,6 +177,13 @@ export class Broker extends Context.Service<
      * `batchSize`.
      */
     readonly subscribe: (options: SubscribeOptions) => Stream.Stream<Delivery, BrokerError>
+    /**
+     * Acknowledges several deliveries in one broker round trip (XACK with
+     * many ids, a batch commit). Deliveries that can no longer be settled
+     * (already settled, redelivered, claimed, lost) are skipped, never
+     * confused with another entry; returns how many were acknowledged.
+     */
+    readonly ackAll: (deliveries: ReadonlyArray<Delivery>) => Effect.Effect<number, BrokerError>
     /** Reads a topic's dead-letter queue, oldest first. */
     readonly deadLetters: (
       topic: string,
@@ -234,8 +241,8 @@ export const nackAtOnce = (): Settlement => nack(0)
 /**
  * Runs `effect` as the scope of `delivery` and settles the delivery from its
  * exit: success → ack; failure → `onFailure(cause)` (default: nack without
- * delay); interruption → nothing (the message stays pending). Settlement
- * itself runs uninterruptibly, so a settlement is never half-sent. A failed
+ * delay); interruption → nothing (the message stays pending). A nack or a
+ * dead-letter runs uninterruptibly, so it is never half-sent. A failed
  * settlement (e.g. the connection dropped) is in the error channel; the
  * message then stays pending and is redelivered.
  *
@@ -246,10 +253,61 @@ export const process = <A, E, R>(
   effect: Effect.Effect<A, E, R>,
   onFailure: (cause: Cause.Cause<E>) => Settlement = nackAtOnce
 ): Effect.Effect<A, E | BrokerError, R> =>
-  Effect.flatMap(Effect.exit(effect), (exit) => {
-    if (Exit.isSuccess(exit)) return Effect.as(Effect.uninterruptible(delivery.ack), exit.value)
-    if (Cause.hasInterruptsOnly(exit.cause)) return Effect.failCause(exit.cause)
-    return Effect.andThen(Effect.uninterruptible(settle(delivery, onFailure(exit.cause))), Effect.failCause(exit.cause))
+  Effect.matchCauseEffect(effect, {
+    // an interrupted ack is harmless (acked or not: at-least-once either way), so it stays interruptible
+    onSuccess: (value) => Effect.as(delivery.ack, value),
+    onFailure: (cause) =>
+      Cause.hasInterruptsOnly(cause)
+        ? Effect.failCause(cause)
+        : Effect.andThen(Effect.uninterruptible(settle(delivery, onFailure(cause))), Effect.failCause(cause))
+  })
+
+/**
+ * Options of {@link processAll}.
+ *
+ * @since 0.1.0
+ */
+export interface ProcessAllOptions<E> {
+  /** How many deliveries are handled at once (default 1: in order). */
+  readonly concurrency?: number | "unbounded" | undefined
+  /** The settlement of a failed delivery (default: nack without delay). */
+  readonly onFailure?: ((cause: Cause.Cause<E>) => Settlement) | undefined
+}
+
+/**
+ * Handles a batch of deliveries: `handle` runs for each; the ones that
+ * succeed are acknowledged together with one `ackAll` at the end (one broker
+ * round trip per batch); a failed one is settled at once by `onFailure`; an
+ * interrupted one stays pending. Returns how many were acknowledged.
+ *
+ * The batch form of {@link process}: use it where handlers are cheap and
+ * acks dominate (the broker round trip is paid once per batch).
+ *
+ * @since 0.1.0
+ */
+export const processAll = <E, R>(
+  broker: Broker["Service"],
+  deliveries: ReadonlyArray<Delivery>,
+  handle: (delivery: Delivery) => Effect.Effect<void, E, R>,
+  options?: ProcessAllOptions<E>
+): Effect.Effect<number, BrokerError, R> =>
+  Effect.suspend(() => {
+    const done: Array<Delivery> = []
+    const onFailure = options?.onFailure ?? nackAtOnce
+    const one = (d: Delivery): Effect.Effect<void, BrokerError, R> =>
+      Effect.matchCauseEffect(handle(d), {
+        onSuccess: () => {
+          done.push(d)
+          return Effect.void
+        },
+        onFailure: (cause) =>
+          // an interrupted handler settles nothing: its message stays pending
+          Cause.hasInterruptsOnly(cause) ? Effect.interrupt : Effect.uninterruptible(settle(d, onFailure(cause)))
+      })
+    return Effect.andThen(
+      Effect.forEach(deliveries, one, { concurrency: options?.concurrency ?? 1, discard: true }),
+      Effect.suspend(() => (done.length === 0 ? Effect.succeed(0) : broker.ackAll(done)))
+    )
   })
 
 /**

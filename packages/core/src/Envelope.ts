@@ -201,28 +201,8 @@ export const makeUnsafeResult = <A, I>(
   nowMillis: number,
   options?: MakeOptions
 ): Result.Result<Envelope<A>, Name.InvalidName | MalformedEnvelope> => {
-  let headers: Record<string, string> | undefined
-  if (options !== undefined) {
-    if (options.headers !== undefined) {
-      const checked = validateHeaders(options.headers)
-      if (Result.isFailure(checked)) return Result.fail(checked.failure)
-      headers = { ...options.headers }
-    }
-    const wellKnown: ReadonlyArray<readonly [string, string | undefined]> = [
-      [Headers.traceparent, options.traceparent],
-      [Headers.correlationId, options.correlationId],
-      [Headers.causationId, options.causationId],
-      [Headers.replyTo, options.replyTo]
-    ]
-    for (const [name, value] of wellKnown) {
-      if (value === undefined) continue
-      if (headers === undefined) headers = {}
-      headers[name] = value
-    }
-    if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
-      return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
-    }
-  }
+  const headers = buildHeaders(options)
+  if (Result.isFailure(headers)) return Result.fail(headers.failure)
   return Result.succeed({
     id: options?.id ?? uuidv7(nowMillis),
     topic: topic.name,
@@ -231,12 +211,76 @@ export const makeUnsafeResult = <A, I>(
     key: options?.key ?? (topic.key === undefined ? undefined : topic.key(payload)),
     time: DateTime.makeUnsafe(nowMillis),
     attempt: 1,
-    headers: headers ?? emptyHeaders,
+    headers: headers.success,
     payload
   })
 }
 
+/**
+ * {@link make} and {@link encode} in one step, straight to the wire form:
+ * the publishing hot path. `timeIso` is the RFC 3339 form of `nowMillis`;
+ * pass it when encoding a batch, so it is formatted once.
+ *
+ * @since 0.1.0
+ */
+export const makeEncodedResult = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payload: A,
+  nowMillis: number,
+  options?: MakeOptions,
+  timeIso: string = new Date(nowMillis).toISOString()
+): Result.Result<Encoded, Name.InvalidName | MalformedEnvelope | PayloadError> => {
+  const headers = buildHeaders(options)
+  if (Result.isFailure(headers)) return Result.fail(headers.failure)
+  const id = options?.id ?? uuidv7(nowMillis)
+  const data = topic.encode(payload)
+  if (Result.isFailure(data)) {
+    return Result.fail(
+      new PayloadError({ topic: topic.name, messageId: id, direction: "encode", message: data.failure.message })
+    )
+  }
+  return Result.succeed({
+    id,
+    topic: topic.name,
+    type: topic.type,
+    source: options?.source ?? defaultSource,
+    key: options?.key ?? (topic.key === undefined ? undefined : topic.key(payload)),
+    time: timeIso,
+    attempt: 1,
+    headers: headers.success,
+    data: data.success
+  })
+}
+
+const buildHeaders = (
+  options: MakeOptions | undefined
+): Result.Result<Readonly<Record<string, string>>, Name.InvalidName | MalformedEnvelope> => {
+  if (options === undefined) return okEmptyHeaders
+  if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
+    return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
+  }
+  let headers: Record<string, string> | undefined
+  if (options.headers !== undefined) {
+    const checked = validateHeaders(options.headers)
+    if (Result.isFailure(checked)) return Result.fail(checked.failure)
+    headers = { ...options.headers }
+  }
+  const wellKnown: ReadonlyArray<readonly [string, string | undefined]> = [
+    [Headers.traceparent, options.traceparent],
+    [Headers.correlationId, options.correlationId],
+    [Headers.causationId, options.causationId],
+    [Headers.replyTo, options.replyTo]
+  ]
+  for (const [name, value] of wellKnown) {
+    if (value === undefined) continue
+    if (headers === undefined) headers = {}
+    headers[name] = value
+  }
+  return headers === undefined ? okEmptyHeaders : Result.succeed(headers)
+}
+
 const emptyHeaders: Readonly<Record<string, string>> = Object.freeze({})
+const okEmptyHeaders = Result.succeed(emptyHeaders)
 
 /**
  * Encodes an envelope's payload with its topic's Schema (to JSON text).

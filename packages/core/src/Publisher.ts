@@ -87,10 +87,9 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
         const opts =
           source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
         const encoded: Array<Envelope.Encoded> = []
+        const timeIso = new Date(now).toISOString()
         for (const payload of payloads) {
-          const envelope = Envelope.makeUnsafeResult(topic, payload, now, opts)
-          if (Result.isFailure(envelope)) return Effect.fail(envelope.failure)
-          const enc = Envelope.encodeResult(topic, envelope.success)
+          const enc = Envelope.makeEncodedResult(topic, payload, now, opts, timeIso)
           if (Result.isFailure(enc)) return Effect.fail(enc.failure)
           encoded.push(enc.success)
         }

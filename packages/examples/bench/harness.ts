@@ -1,0 +1,85 @@
+/**
+ * The benchmark harness: a registry of named benchmarks, each compared with
+ * a hand-written baseline measured in the same run. `pnpm bench` prints a
+ * table; `--json` prints one JSON object per line; `--only <name>` runs the
+ * benchmarks whose name equals or starts with `<name>`.
+ */
+
+/** One measured row. */
+export interface Row {
+  readonly bench: string
+  readonly msgs_per_s: number
+  readonly baseline: string
+  readonly baseline_msgs_per_s: number
+  readonly ratio: number
+  readonly p50_ms?: number
+  readonly p99_ms?: number
+}
+
+/** A named benchmark. */
+export interface Bench {
+  readonly name: string
+  readonly run: () => Promise<ReadonlyArray<Row>>
+}
+
+/** Rounds for display and JSON. */
+export const round = (n: number, digits = 0): number => {
+  const f = 10 ** digits
+  return Math.round(n * f) / f
+}
+
+/** Messages per second from a count and elapsed milliseconds. */
+export const rate = (count: number, ms: number): number => (count / ms) * 1000
+
+/** The median of several runs (fewer outliers on a shared 2-core machine). */
+export const median = (xs: ReadonlyArray<number>): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.floor(s.length / 2)]!
+}
+
+/** A percentile of latencies in milliseconds. */
+export const percentile = (xs: ReadonlyArray<number>, p: number): number => {
+  const s = [...xs].sort((a, b) => a - b)
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!
+}
+
+const pad = (s: string, n: number, right = false) => (right ? s.padStart(n) : s.padEnd(n))
+
+/** Runs the benchmarks selected by the command line. */
+export const main = async (benches: ReadonlyArray<Bench>, argv: ReadonlyArray<string>): Promise<void> => {
+  const json = argv.includes("--json")
+  const onlyAt = argv.indexOf("--only")
+  const only = onlyAt >= 0 ? argv[onlyAt + 1] : undefined
+  if (onlyAt >= 0 && only === undefined) throw new Error("--only needs a benchmark name")
+  const selected = benches.filter((b) => only === undefined || b.name === only || b.name.startsWith(`${only}/`))
+  if (selected.length === 0) {
+    throw new Error(`no benchmark named ${JSON.stringify(only)}; known: ${benches.map((b) => b.name).join(", ")}`)
+  }
+  const rows: Array<Row> = []
+  for (const b of selected) {
+    for (const row of await b.run()) {
+      rows.push(row)
+      if (json) process.stdout.write(`${JSON.stringify(row)}\n`)
+    }
+  }
+  if (json) return
+  const header = ["bench", "msgs/s", "baseline", "baseline msgs/s", "ratio", "p50 ms", "p99 ms"]
+  const body = rows.map((r) => [
+    r.bench,
+    r.msgs_per_s.toLocaleString("en-US"),
+    r.baseline,
+    r.baseline_msgs_per_s.toLocaleString("en-US"),
+    `${r.ratio.toFixed(2)}x`,
+    r.p50_ms === undefined ? "" : r.p50_ms.toFixed(2),
+    r.p99_ms === undefined ? "" : r.p99_ms.toFixed(2)
+  ])
+  const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)))
+  const line = (cells: ReadonlyArray<string>) =>
+    `| ${cells.map((c, i) => pad(c, widths[i]!, i === 1 || i === 3 || i === 4 || i >= 5)).join(" | ")} |`
+  process.stdout.write(`${line(header)}\n`)
+  process.stdout.write(
+    `|${widths.map((w, i) => (i === 0 || i === 2 ? `:${"-".repeat(w + 1)}` : `${"-".repeat(w + 1)}:`)).join("|")}|\n`
+  )
+  for (const row of body) process.stdout.write(`${line(row)}\n`)
+  process.stdout.write(`\nnode ${process.versions.node}, ${rows.length} rows\n`)
+}

@@ -1,0 +1,8 @@
+/**
+ * `pnpm bench`: every Converge benchmark, each next to its hand-written
+ * baseline measured in the same run. Options: `--json`, `--only <name>`.
+ */
+import { main } from "./harness.ts"
+import * as Memory from "./memory.ts"
+
+await main([...Memory.benches], process.argv.slice(2))

@@ -308,3 +308,69 @@ describe("MemoryBroker", () => {
     }).pipe(Effect.provide(MemoryBroker.layer()))
   )
 })
+
+describe("batch settlement", () => {
+  it.effect("ackAll acks live deliveries once, skips settled ones and never another entry", () =>
+    Effect.gen(function* () {
+      const memory = yield* MemoryBroker.MemoryBroker
+      const broker = yield* Broker.Broker
+      yield* publish("t", 4)
+      const ds = yield* take({ topic: "t", group: "g", consumer: "c" }, 4)
+      yield* ds[0]!.ack
+      assert.strictEqual(yield* broker.ackAll([ds[0]!, ds[1]!, ds[1]!, ds[2]!]), 2)
+      assert.deepStrictEqual(
+        (yield* memory.pending("t", "g")).map((p) => p.entryId),
+        [ds[3]!.entryId],
+        "only the untouched entry is still pending"
+      )
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+
+  it.effect("ackAll rejects a delivery of another broker with a typed error", () =>
+    Effect.gen(function* () {
+      const foreign = yield* Effect.scoped(
+        Effect.gen(function* () {
+          yield* publish("t", 1)
+          return (yield* take({ topic: "t", group: "g", consumer: "c" }, 1))[0]!
+        }).pipe(Effect.provide(MemoryBroker.layer()))
+      )
+      const broker = yield* Broker.Broker
+      const error = yield* Effect.flip(broker.ackAll([foreign]))
+      assert.strictEqual(error.reason._tag, "InvalidArgument")
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+
+  it.effect("processAll: successes acked together, a failure nacked per policy, an interruption left pending", () =>
+    Effect.gen(function* () {
+      const memory = yield* MemoryBroker.MemoryBroker
+      const broker = yield* Broker.Broker
+      yield* publish("t", 3)
+      const ds = yield* take({ topic: "t", group: "g", consumer: "c" }, 3)
+      const acked = yield* Broker.processAll(
+        broker,
+        ds.slice(0, 2),
+        (d) => (d === ds[1] ? Effect.fail("boom") : Effect.void),
+        { onFailure: () => Broker.nack("1 minute") }
+      )
+      assert.strictEqual(acked, 1)
+      const pending = yield* memory.pending("t", "g")
+      assert.deepStrictEqual(
+        pending.map((p) => [p.entryId, p.delayed]),
+        [
+          [ds[1]!.entryId, true],
+          [ds[2]!.entryId, false]
+        ]
+      )
+      const started = yield* Deferred.make<void>()
+      const fiber = yield* Broker.processAll(broker, [ds[2]!], () =>
+        Effect.andThen(Deferred.succeed(started, undefined), Effect.never)
+      ).pipe(Effect.forkChild)
+      yield* Deferred.await(started)
+      yield* Fiber.interrupt(fiber)
+      assert.isTrue(
+        (yield* memory.pending("t", "g")).some((p) => p.entryId === ds[2]!.entryId && !p.delayed),
+        "the interrupted delivery is still pending, not settled"
+      )
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+})

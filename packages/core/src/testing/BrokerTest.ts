@@ -172,20 +172,39 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
   const consume = (
     options: Broker.SubscribeOptions,
     handler: (d: Broker.Delivery) => Effect.Effect<void, unknown> = () => Effect.void,
-    onFailure?: (cause: Cause.Cause<unknown>) => Broker.Settlement
+    onFailure?: (cause: Cause.Cause<unknown>) => Broker.Settlement,
+    /** Settle whole reads with `Broker.processAll` (one `ackAll` per read) instead of one `process` each. */
+    mode: "each" | "batch" = "each"
   ) =>
     Effect.gen(function* () {
       const broker = yield* Broker.Broker
       const deliveries = yield* Ref.make<Array<Broker.Delivery>>([])
-      const fiber = yield* broker.subscribe(options).pipe(
-        Stream.runForEach((d) =>
-          Ref.update(deliveries, (all) => [...all, d]).pipe(
-            Effect.andThen(Broker.process(d, handler(d), onFailure)),
-            Effect.catchCause((cause) => (Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.void))
-          )
-        ),
-        Effect.forkScoped
+      const ignoreFailures = Effect.catchCause((cause: Cause.Cause<unknown>) =>
+        Cause.hasInterruptsOnly(cause) ? Effect.failCause(cause) : Effect.void
       )
+      const fiber = yield* (
+        mode === "each"
+          ? broker
+              .subscribe(options)
+              .pipe(
+                Stream.runForEach((d) =>
+                  Ref.update(deliveries, (all) => [...all, d]).pipe(
+                    Effect.andThen(Broker.process(d, handler(d), onFailure)),
+                    ignoreFailures
+                  )
+                )
+              )
+          : broker
+              .subscribe(options)
+              .pipe(
+                Stream.runForEachArray((ds) =>
+                  Ref.update(deliveries, (all) => [...all, ...ds]).pipe(
+                    Effect.andThen(Broker.processAll(broker, ds, handler, { onFailure })),
+                    ignoreFailures
+                  )
+                )
+              )
+      ).pipe(Effect.forkScoped)
       return { deliveries, fiber } satisfies Received
     })
 
@@ -225,7 +244,10 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
       "concurrent: 50 publishers, 5 000 messages, 10 competing consumers: all received",
       Effect.gen(function* () {
         const topic = uniqueTopic("c02")
-        const consumers = yield* Effect.forEach(range(0, 10), (i) => consume({ topic, group: "g", consumer: `c${i}` }))
+        // settled a read at a time with processAll / ackAll
+        const consumers = yield* Effect.forEach(range(0, 10), (i) =>
+          consume({ topic, group: "g", consumer: `c${i}` }, undefined, undefined, "batch")
+        )
         yield* Effect.forEach(range(0, 50), (p) => publish(messages(topic, 100, { from: p * 100 })), {
           concurrency: "unbounded"
         })
@@ -268,16 +290,25 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
       "C04",
       "nack the first deliveries: all are redelivered and processed",
       Effect.gen(function* () {
-        const topic = uniqueTopic("c04")
-        const processed = yield* Ref.make<Array<number>>([])
-        yield* publish(messages(topic, 20))
-        yield* consume({ topic, group: "g", consumer: "c" }, (d) =>
-          d.deliveryCount === 1
-            ? Effect.fail("first delivery is refused")
-            : Ref.update(processed, (xs) => [...xs, payloadOf(d).n])
-        )
-        const done = yield* eventually(Ref.get(processed), (xs) => xs.length >= 20, "20 processed")
-        assert.deepStrictEqual(sorted(done), range(0, 20))
+        // once settling each delivery, once settling whole reads (processAll / ackAll)
+        for (const mode of ["each", "batch"] as const) {
+          const topic = uniqueTopic("c04")
+          const processed = yield* Ref.make<Array<number>>([])
+          yield* publish(messages(topic, 20))
+          yield* consume(
+            { topic, group: "g", consumer: "c" },
+            (d) =>
+              d.deliveryCount === 1
+                ? Effect.fail("first delivery is refused")
+                : Ref.update(processed, (xs) => [...xs, payloadOf(d).n]),
+            undefined,
+            mode
+          )
+          const done = yield* eventually(Ref.get(processed), (xs) => xs.length >= 20, `20 processed (${mode})`)
+          yield* quiesce
+          assert.deepStrictEqual(sorted(yield* Ref.get(processed)), range(0, 20), `each processed once (${mode})`)
+          assert.strictEqual(done.length >= 20, true)
+        }
       })
     )
 
@@ -649,6 +680,11 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
             assert.isTrue(error._tag === "Some" && BrokerError.isBrokerError(error.value), "a late settle fails typed")
           }
         }
+        const batch = yield* Effect.exit(broker.ackAll([d, d]))
+        assert.isTrue(
+          Exit.isFailure(batch) || batch.value <= 1,
+          "a late batch ack acknowledges at most that one entry, or fails typed"
+        )
         const fresh = yield* consume({ topic, group: "g", consumer: "fresh", claimIdle })
         yield* pass(claimIdleMs + 100)
         yield* eventually(

@@ -1,0 +1,32 @@
+/**
+ * The Converge demo: `pnpm demo`.
+ *
+ * Runs example 01 (orders → billing and shipping, a transient failure
+ * retried, a bad message dead-lettered) on the in-memory broker: no server
+ * needed.
+ */
+import { MemoryBroker } from "@converge/broker-memory"
+import { Publisher } from "@converge/core"
+import { NodeRuntime } from "@effect/platform-node"
+import { Console, Effect, Layer } from "effect"
+import { program } from "./01-orders/program.ts"
+
+const BrokerLive = MemoryBroker.layer({ orderedPerKey: true })
+const AppLive = Publisher.layer({ source: "urn:example:shop" }).pipe(Layer.provideMerge(BrokerLive))
+
+const main = Effect.gen(function* () {
+  yield* Console.log("Converge demo: orders on the in-memory broker\n")
+  const summary = yield* Effect.scoped(program)
+  yield* Console.log("\nSummary")
+  yield* Console.log(`  published:     ${summary.published.length} orders (ids ${summary.published.join(", ")})`)
+  yield* Console.log(
+    `  billed:        ${summary.billed.map((b) => `${b.orderId} (delivery ${b.deliveryCount})`).join(", ")}`
+  )
+  yield* Console.log(`  shipped:       ${summary.shipped.join(", ")}`)
+  yield* Console.log(`  dead letters:  ${summary.deadLetters.length}`)
+  for (const d of summary.deadLetters) {
+    yield* Console.log(`    - group ${d.group}: ${d.reason}: ${d.error.split("\n").join(" ")}`)
+  }
+})
+
+NodeRuntime.runMain(main.pipe(Effect.provide(AppLive)))

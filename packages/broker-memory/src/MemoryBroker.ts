@@ -163,6 +163,8 @@ interface Pending {
   dueAt: number | undefined
   /** Identifies the current delivery; 0 when none is live. */
   token: number
+  /** The attempt the next delivery carries, when a nack set one. */
+  attempt: number | undefined
 }
 
 interface Sub {
@@ -377,6 +379,7 @@ class Core {
       originalEntryId: entry.id,
       reason: reason.reason,
       error: reason.error,
+      attempts: reason.attempts ?? envelope?.attempt ?? 1,
       deliveryCount: count,
       time: new Date(now).toISOString(),
       fields: fieldsOf(entry),
@@ -454,12 +457,21 @@ class MemoryDelivery implements Broker.Delivery {
     })
   }
 
-  nack(delay: Duration.Input): Effect.Effect<void, BrokerError.BrokerError> {
+  nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
+    const attempt = options?.attempt
+    if (attempt !== undefined && (!Number.isInteger(attempt) || attempt < 1)) {
+      return Effect.fail(
+        BrokerError.make(
+          new BrokerError.InvalidArgument({ argument: "attempt", message: "attempt must be an integer >= 1" })
+        )
+      )
+    }
     return Effect.flatMap(Clock.currentTimeMillis, (now) => {
       const closed = this.closed()
       if (closed !== undefined) return Effect.fail(closed)
       const { t, g, p } = this
       p.token = 0
+      if (attempt !== undefined) p.attempt = attempt
       p.dueAt = now + Math.max(0, Duration.toMillis(delay))
       g.delayed++
       this.core.wake(t.name)
@@ -561,7 +573,7 @@ export const make = (
         }
         const token = core.nextToken++
         if (p === undefined) {
-          p = { entry, consumer: sub.consumer, count: 1, deliveredAt: now, dueAt: undefined, token }
+          p = { entry, consumer: sub.consumer, count: 1, deliveredAt: now, dueAt: undefined, token, attempt: undefined }
           g.pending.set(entry.id, p)
         } else {
           p.consumer = sub.consumer
@@ -569,11 +581,13 @@ export const make = (
           p.deliveredAt = now
           p.token = token
         }
-        out.push(new MemoryDelivery(core, sub, t, g, p, envelope))
+        const delivered =
+          p.attempt === undefined || p.attempt === envelope.attempt ? envelope : { ...envelope, attempt: p.attempt }
+        out.push(new MemoryDelivery(core, sub, t, g, p, delivered))
         if (t.duplicate > 0) {
           t.duplicate--
           p.count++
-          out.push(new MemoryDelivery(core, sub, t, g, p, envelope))
+          out.push(new MemoryDelivery(core, sub, t, g, p, delivered))
         }
       }
       // 1. this consumer's own pending history, once per subscription (XREADGROUP ... 0)

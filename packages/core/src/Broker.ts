@@ -86,10 +86,25 @@ export interface Delivery {
   readonly consumer: string
   /** Remove the message from the pending list: it was processed. */
   readonly ack: Effect.Effect<void, BrokerError>
-  /** Give the message back, to be redelivered no earlier than `delay`. */
-  readonly nack: (delay: Duration.Input) => Effect.Effect<void, BrokerError>
+  /**
+   * Give the message back, to be redelivered no earlier than `delay`. With
+   * `attempt`, the redelivered envelope carries that attempt number (so a
+   * retry schedule continues where it left off); without it, the attempt is
+   * kept.
+   */
+  readonly nack: (delay: Duration.Input, options?: NackOptions) => Effect.Effect<void, BrokerError>
   /** Move the message to the topic's dead-letter queue. */
   readonly deadLetter: (reason: DeadLetterReason) => Effect.Effect<void, BrokerError>
+}
+
+/**
+ * Options of `Delivery.nack`.
+ *
+ * @since 0.1.0
+ */
+export interface NackOptions {
+  /** The attempt number the redelivered envelope carries (>= 1). */
+  readonly attempt?: number | undefined
 }
 
 /**
@@ -102,6 +117,8 @@ export interface DeadLetterReason {
   readonly reason: string
   /** The last error, encoded as text (JSON where it helps). */
   readonly error?: string | undefined
+  /** How many handler attempts were made (default: the envelope's attempt). */
+  readonly attempts?: number | undefined
 }
 
 /**
@@ -119,6 +136,8 @@ export interface DeadLetter {
   readonly originalEntryId: string
   readonly reason: string
   readonly error: string | undefined
+  /** Handler attempts made before it was dead-lettered. */
+  readonly attempts: number
   readonly deliveryCount: number
   /** When it was dead-lettered, RFC 3339. */
   readonly time: string
@@ -203,7 +222,7 @@ export class Broker extends Context.Service<
  * @since 0.1.0
  */
 export type Settlement =
-  | { readonly _tag: "Nack"; readonly delay: Duration.Input }
+  | { readonly _tag: "Nack"; readonly delay: Duration.Input; readonly attempt?: number | undefined }
   | { readonly _tag: "DeadLetter"; readonly reason: DeadLetterReason }
 
 /**
@@ -211,16 +230,16 @@ export type Settlement =
  *
  * @since 0.1.0
  */
-export const nack = (delay: Duration.Input = 0): Settlement => ({ _tag: "Nack", delay })
+export const nack = (delay: Duration.Input = 0, attempt?: number): Settlement => ({ _tag: "Nack", delay, attempt })
 
 /**
  * Settle by dead-lettering.
  *
  * @since 0.1.0
  */
-export const deadLetter = (reason: string, error?: string): Settlement => ({
+export const deadLetter = (reason: string, error?: string, attempts?: number): Settlement => ({
   _tag: "DeadLetter",
-  reason: { reason, error }
+  reason: { reason, error, attempts }
 })
 
 /**
@@ -229,7 +248,9 @@ export const deadLetter = (reason: string, error?: string): Settlement => ({
  * @since 0.1.0
  */
 export const settle = (delivery: Delivery, settlement: Settlement): Effect.Effect<void, BrokerError> =>
-  settlement._tag === "Nack" ? delivery.nack(settlement.delay) : delivery.deadLetter(settlement.reason)
+  settlement._tag === "Nack"
+    ? delivery.nack(settlement.delay, { attempt: settlement.attempt })
+    : delivery.deadLetter(settlement.reason)
 
 /**
  * The default failure policy of {@link process}: redeliver at once.
@@ -325,5 +346,6 @@ export const logEvent = (event: SubscriptionEvent): Effect.Effect<void> =>
  */
 export const DeadLetterReasonSchema = Schema.Struct({
   reason: Schema.String,
-  error: Schema.optional(Schema.String)
+  error: Schema.optional(Schema.String),
+  attempts: Schema.optional(Schema.Int)
 })

@@ -11,6 +11,10 @@
 export * as Broker from "./Broker.ts"
 /** The one error of every broker operation, with a `reason` that says `isRetryable`. */
 export * as BrokerError from "./BrokerError.ts"
+/** The consumer runtime: typed handlers, classification, retries, order, shutdown. */
+export * as Consumer from "./Consumer.ts"
+/** The dead-letter queue: list, show, replay, purge. */
+export * as DeadLetter from "./DeadLetter.ts"
 /** The message model, its wire forms and the CloudEvents mapping. */
 export * as Envelope from "./Envelope.ts"
 /** Name validation for topics, groups, consumers and headers. */

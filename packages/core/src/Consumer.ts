@@ -1,0 +1,520 @@
+/**
+ * `Consumer` — the consumer runtime: typed handlers on a consumer group, error
+ * classification checked by the compiler, retries in two tiers, per-key order,
+ * dead-lettering and graceful shutdown.
+ *
+ * ```ts
+ * const billing = Consumer.layer(orders, {
+ *   group: "billing",
+ *   handle: (order, ctx) => charge(order), // Effect<void, PaymentDeclined | GatewayTimeout, Payments>
+ *   errors: { PaymentDeclined: "dead-letter", GatewayTimeout: "retry" },
+ *   retry: Schedule.exponential("200 millis").pipe(Schedule.jittered, Schedule.upTo({ times: 8 })),
+ *   concurrency: 8,
+ *   ordering: "per-key"
+ * })
+ * ```
+ *
+ * ## Handlers
+ *
+ * A handler receives the decoded, typed payload and a {@link MessageContext}
+ * (message id, key, headers, attempt, delivery count). Its error channel must
+ * be tagged errors (`Schema.TaggedError`, `Data.TaggedError`): each tag is
+ * mapped to an {@link Outcome} in `errors`, and **a mapping that misses a tag
+ * does not compile**. Errors that carry `isRetryable` (like `SqlError` and
+ * `BrokerError`) may be left out: they are retried when `isRetryable` is true
+ * and dead-lettered otherwise. Defects (thrown exceptions, `Effect.die`) are
+ * retried by the same schedule, then dead-lettered with reason `defect`.
+ *
+ * ## At-least-once
+ *
+ * A message is acknowledged only after its handler succeeded. A crash between
+ * the handler's effect and the ack means the message is delivered again, so a
+ * handler can run more than once for one message: make its effect idempotent
+ * (the inbox records the message id in the same transaction as the handler's
+ * writes). Replays from the dead-letter queue are such redeliveries too.
+ *
+ * ## Retries in two tiers
+ *
+ * A retryable failure steps the `retry` schedule. A short delay (at most
+ * `inProcessDelayLimit`, and while fewer than `maxInProcessAttempts` attempts
+ * were made in this delivery) is waited in process; a longer one, or any
+ * delay once the in-process attempts are used up, becomes a delayed
+ * redelivery through the broker (nack with delay), so a long backoff never
+ * holds a consumer slot. The attempt number travels with the message, so the
+ * schedule continues where it left off after a redelivery or a restart. When
+ * the schedule ends, the message is dead-lettered with reason `exhausted` and
+ * the last error.
+ *
+ * ## Order
+ *
+ * `ordering: "per-key"` handles the messages of one key one at a time, in
+ * delivery order, and keeps a key whose head message is backing off in
+ * process parked. Across delayed redeliveries the order is kept by the broker:
+ * use a broker layer that orders per key (the memory broker with
+ * `orderedPerKey: true`, partitioned Redis streams). Without it, up to
+ * `concurrency` handlers run in parallel.
+ *
+ * ## Shutdown
+ *
+ * Closing the consumer's scope stops taking new deliveries, lets in-flight
+ * handlers finish for up to `shutdownTimeout`, then interrupts them; an
+ * interrupted handler's message stays pending (never acked) and is delivered
+ * again later.
+ *
+ * @since 0.1.0
+ */
+import {
+  Cause,
+  Deferred,
+  Duration,
+  Effect,
+  Exit,
+  Fiber,
+  Layer,
+  Option,
+  Predicate,
+  Result,
+  Schedule,
+  type Scope,
+  Stream
+} from "effect"
+import * as Broker from "./Broker.ts"
+import * as Envelope from "./Envelope.ts"
+import * as Name from "./Name.ts"
+import type * as Topic from "./Topic.ts"
+
+/**
+ * What happens to a message whose handler failed with a given error.
+ *
+ * - `"retry"`: step the retry schedule (in process, then through the broker),
+ *   dead-letter with reason `exhausted` when it ends.
+ * - `"dead-letter"`: a permanent failure; dead-letter at once with reason
+ *   `permanent`.
+ * - `"ignore"`: acknowledge the message and move on (log only).
+ *
+ * @since 0.1.0
+ */
+export type Outcome = "retry" | "dead-letter" | "ignore"
+
+/**
+ * Any tagged error.
+ *
+ * @since 0.1.0
+ */
+export interface Tagged {
+  readonly _tag: string
+}
+
+/**
+ * The tags of an error union.
+ *
+ * @since 0.1.0
+ */
+export type Tags<E> = E extends { readonly _tag: infer T extends string } ? T : never
+
+/**
+ * The tags that must be mapped: every tag whose error does not say
+ * `isRetryable` itself.
+ *
+ * @since 0.1.0
+ */
+export type RequiredTags<E> = E extends { readonly _tag: infer T extends string }
+  ? E extends { readonly isRetryable: boolean }
+    ? never
+    : T
+  : never
+
+/**
+ * The outcome of one tag: a fixed outcome, or one computed from the error.
+ *
+ * @since 0.1.0
+ */
+export type OutcomeOf<E> = Outcome | ((error: E) => Outcome)
+
+/**
+ * The error classification of a handler with error union `E`: every tag of
+ * `E` without `isRetryable` must be present.
+ *
+ * @since 0.1.0
+ */
+export type Classification<E> = {
+  readonly [K in RequiredTags<E>]: OutcomeOf<Extract<E, { readonly _tag: K }>>
+} & {
+  readonly [K in Tags<E>]?: OutcomeOf<Extract<E, { readonly _tag: K }>>
+}
+
+/**
+ * What the retry schedule sees as input: the handler's error, or a defect.
+ *
+ * @since 0.1.0
+ */
+export type RetryInput<E> = E | Defect
+
+/**
+ * A defect (an exception thrown by a handler, or `Effect.die`), as the retry
+ * schedule sees it.
+ *
+ * @since 0.1.0
+ */
+export interface Defect {
+  readonly _tag: "Defect"
+  readonly defect: unknown
+}
+
+/**
+ * Metadata of the message being handled.
+ *
+ * @since 0.1.0
+ */
+export interface MessageContext {
+  /** The message id (UUIDv7): the identity for dedupe (inbox), audit and the dead-letter queue. */
+  readonly id: string
+  readonly topic: string
+  readonly group: string
+  readonly consumer: string
+  readonly type: string
+  readonly source: string
+  readonly key: string | undefined
+  readonly headers: Readonly<Record<string, string>>
+  /** The attempt this handler call is (1 on the first), across redeliveries. */
+  readonly attempt: number
+  /** How many times the broker delivered this message to the group, this time included. */
+  readonly deliveryCount: number
+  /** The broker's id of the entry. */
+  readonly entryId: string
+  /** The whole decoded envelope. */
+  readonly envelope: Envelope.Envelope<unknown>
+}
+
+/**
+ * Options common to every consumer.
+ *
+ * @since 0.1.0
+ */
+export interface BaseOptions<A, E, R> {
+  /** The consumer group. Every group receives every message; consumers of a group share them. */
+  readonly group: string
+  /**
+   * This consumer's name within the group (default: `<host>-<pid>`). Keep it
+   * stable across restarts to get this consumer's pending messages back at
+   * once; otherwise another consumer claims them after `claimIdle`.
+   */
+  readonly consumer?: string | undefined
+  /** The handler. It must be idempotent (at-least-once delivery); see the module docs. */
+  readonly handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>
+  /**
+   * The retry schedule for retryable failures (input: the error), e.g.
+   * `Schedule.exponential("100 millis").pipe(Schedule.jittered, Schedule.upTo({ times: 5 }))`.
+   * Default: exponential from 100 ms, doubling, capped at 30 s per delay, 10 retries.
+   */
+  readonly retry?: Schedule.Schedule<unknown, NoInfer<RetryInput<E>>> | undefined
+  /** How many messages are handled at once (default 1). With `per-key`, how many keys. */
+  readonly concurrency?: number | undefined
+  /** `"per-key"`: one message of a key at a time, in order (default `"none"`). */
+  readonly ordering?: "per-key" | "none" | undefined
+  /** Retry delays up to this long are waited in process (default 1 second); longer ones go through the broker. */
+  readonly inProcessDelayLimit?: Duration.Input | undefined
+  /** In-process attempts per delivery before the next retry goes through the broker (default 3). */
+  readonly maxInProcessAttempts?: number | undefined
+  /**
+   * A message delivered this many times without being settled (its handler
+   * keeps crashing the process) is dead-lettered with reason
+   * `too-many-deliveries` (default 25).
+   */
+  readonly maxDeliveries?: number | undefined
+  /** How long in-flight handlers may run after the scope closes (default 30 seconds). */
+  readonly shutdownTimeout?: Duration.Input | undefined
+  /** Deliveries read at once (default 100). */
+  readonly batchSize?: number | undefined
+  /** Claim messages of crashed consumers after they were idle this long (default 30 seconds). */
+  readonly claimIdle?: Duration.Input | undefined
+  /** Broker events (lost entries, recreated groups, malformed entries); default: a warning log. */
+  readonly onEvent?: ((event: Broker.SubscriptionEvent) => Effect.Effect<void>) | undefined
+}
+
+/**
+ * The consumer's options: `errors` is required as soon as the handler can
+ * fail with a tag that does not classify itself.
+ *
+ * @since 0.1.0
+ */
+export type Options<A, E, R> = BaseOptions<A, E, R> &
+  ([RequiredTags<E>] extends [never]
+    ? { readonly errors?: NoInfer<Classification<E>> | undefined }
+    : { readonly errors: NoInfer<Classification<E>> })
+
+/**
+ * The default retry schedule: exponential from 100 ms, doubling, each delay
+ * capped at 30 seconds, 10 retries.
+ *
+ * @since 0.1.0
+ */
+export const defaultRetry: Schedule.Schedule<unknown, unknown> = Schedule.exponential("100 millis", 2).pipe(
+  Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30)))),
+  Schedule.upTo({ times: 10 })
+)
+
+const defaultConsumerName = (): string =>
+  `${(globalThis.process?.env?.HOSTNAME ?? "host").replace(/[^A-Za-z0-9._-]/g, "-")}-${globalThis.process?.pid ?? 0}`.replace(
+    /^[^A-Za-z0-9]+/,
+    ""
+  )
+
+/** Encodes an error for the dead-letter queue: JSON where it can, the message otherwise. */
+const encodeError = (error: unknown): string => {
+  if (Predicate.isObject(error)) {
+    const out: Record<string, unknown> = {}
+    for (const k of Object.keys(error)) out[k] = (error as Record<string, unknown>)[k]
+    if (error instanceof Error) {
+      out.message ??= error.message
+      if (error.name !== "Error") out.name ??= error.name
+    }
+    try {
+      return JSON.stringify(out)
+    } catch {
+      // fall through: circular or not serializable
+    }
+  }
+  return String(error)
+}
+
+/** Per-key FIFO locks: one holder per key, waiters served in arrival order. */
+class KeyLocks {
+  readonly queues = new Map<string, Array<() => void>>()
+  acquire(key: string): Effect.Effect<void> {
+    return Effect.callback<void>((resume) => {
+      const queue = this.queues.get(key)
+      if (queue === undefined) {
+        this.queues.set(key, [])
+        resume(Effect.void)
+        return
+      }
+      const go = () => resume(Effect.void)
+      queue.push(go)
+      return Effect.sync(() => {
+        const at = queue.indexOf(go)
+        if (at >= 0) queue.splice(at, 1)
+      })
+    })
+  }
+  release(key: string): void {
+    const queue = this.queues.get(key)
+    if (queue === undefined) return
+    const next = queue.shift()
+    if (next === undefined) this.queues.delete(key)
+    else next()
+  }
+  withLock<A, E, R>(key: string | undefined, effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> {
+    if (key === undefined) return effect
+    return Effect.acquireUseRelease(
+      this.acquire(key),
+      () => effect,
+      () => Effect.sync(() => this.release(key))
+    )
+  }
+}
+
+/** What to do after one failed attempt. */
+type Decision =
+  | { readonly _tag: "Ack" }
+  | { readonly _tag: "DeadLetter"; readonly reason: string; readonly error: string }
+  | { readonly _tag: "Retry"; readonly delay: Duration.Duration; readonly error: string }
+
+/**
+ * Runs a consumer in the current scope: subscribes, handles messages in the
+ * background until the scope closes (then shuts down gracefully). Fails at
+ * once with `InvalidName` for an invalid group or consumer name.
+ *
+ * @since 0.1.0
+ */
+export const make = <A, I, E extends Tagged = never, R = never>(
+  topic: Topic.Topic<A, I>,
+  options: Options<A, E, R>
+): Effect.Effect<void, Name.InvalidName, Broker.Broker | R | Scope.Scope> =>
+  Effect.gen(function* () {
+    const group = yield* Name.validate("group", options.group)
+    const consumer = yield* Name.validate("consumer", options.consumer ?? defaultConsumerName())
+    const broker = yield* Broker.Broker
+    const context = yield* Effect.context<R>()
+    const errors = (options.errors ?? {}) as Record<string, OutcomeOf<unknown> | undefined>
+    const retry = (options.retry ?? defaultRetry) as Schedule.Schedule<unknown, unknown>
+    const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1))
+    const perKey = options.ordering === "per-key"
+    const inProcessLimit = Duration.toMillis(options.inProcessDelayLimit ?? "1 second")
+    const maxInProcess = Math.max(1, Math.floor(options.maxInProcessAttempts ?? 3))
+    const maxDeliveries = Math.max(1, Math.floor(options.maxDeliveries ?? 25))
+    const shutdownTimeout = options.shutdownTimeout ?? "30 seconds"
+    const locks = new KeyLocks()
+
+    const classify = (error: unknown): Outcome => {
+      const tag = Predicate.hasProperty(error, "_tag") && typeof error._tag === "string" ? error._tag : undefined
+      const mapped = tag === undefined ? undefined : errors[tag]
+      if (mapped !== undefined) return typeof mapped === "function" ? mapped(error) : mapped
+      if (Predicate.hasProperty(error, "isRetryable") && typeof error.isRetryable === "boolean") {
+        return error.isRetryable ? "retry" : "dead-letter"
+      }
+      // an unmapped tag can only come from a cast; treat it as transient
+      return "retry"
+    }
+
+    /**
+     * The retry step for the attempt that just failed. The schedule is
+     * replayed for the earlier attempts (made before a redelivery or a
+     * restart), so it continues where it left off.
+     */
+    const nextDelay = (attempt: number, input: unknown) =>
+      Effect.gen(function* () {
+        const step = yield* Schedule.toStep(retry)
+        let delay = Duration.zero
+        for (let i = 1; i <= attempt; i++) {
+          const now = yield* Effect.clockWith((c) => c.currentTimeMillis)
+          const result = yield* Effect.result(step(now, input))
+          if (Result.isFailure(result)) return Option.none<Duration.Duration>()
+          delay = result.success[1]
+        }
+        return Option.some(delay)
+      }).pipe(
+        Effect.catchCause(() => Effect.succeed(Option.none<Duration.Duration>())),
+        Effect.provideContext(context as never)
+      ) as Effect.Effect<Option.Option<Duration.Duration>>
+
+    const decide = (cause: Cause.Cause<E>, attempt: number): Effect.Effect<Decision> => {
+      const failure = Cause.findErrorOption(cause)
+      if (Option.isSome(failure)) {
+        const error = failure.value
+        const outcome = classify(error)
+        if (outcome === "ignore") return Effect.succeed({ _tag: "Ack" })
+        if (outcome === "dead-letter") {
+          return Effect.succeed({ _tag: "DeadLetter", reason: "permanent", error: encodeError(error) })
+        }
+        return Effect.map(nextDelay(attempt, error), (delay) =>
+          Option.isSome(delay)
+            ? { _tag: "Retry", delay: delay.value, error: encodeError(error) }
+            : { _tag: "DeadLetter", reason: "exhausted", error: encodeError(error) }
+        )
+      }
+      const defect = Cause.squash(cause)
+      const input: Defect = { _tag: "Defect", defect }
+      return Effect.map(nextDelay(attempt, input), (delay) =>
+        Option.isSome(delay)
+          ? { _tag: "Retry", delay: delay.value, error: encodeError(defect) }
+          : { _tag: "DeadLetter", reason: "defect", error: encodeError(defect) }
+      )
+    }
+
+    const handleOne = (delivery: Broker.Delivery): Effect.Effect<void> => {
+      const decoded = Envelope.decodeResult(topic, delivery.envelope)
+      if (Result.isFailure(decoded)) {
+        // undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
+        return delivery
+          .deadLetter({ reason: "decode", error: decoded.failure.message, attempts: 0 })
+          .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
+      }
+      const envelope = decoded.success
+      if (delivery.deliveryCount > maxDeliveries) {
+        return delivery
+          .deadLetter({
+            reason: "too-many-deliveries",
+            error: `delivered ${delivery.deliveryCount} times without being settled`,
+            attempts: envelope.attempt
+          })
+          .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
+      }
+      const makeContext = (attempt: number): MessageContext => ({
+        id: envelope.id,
+        topic: envelope.topic,
+        group,
+        consumer,
+        type: envelope.type,
+        source: envelope.source,
+        key: envelope.key,
+        headers: envelope.headers,
+        attempt,
+        deliveryCount: delivery.deliveryCount,
+        entryId: delivery.entryId,
+        envelope
+      })
+      const settle = (effect: Effect.Effect<void, unknown>) =>
+        Effect.uninterruptible(effect).pipe(
+          Effect.catch((e) => Effect.logWarning("consumer: settling a delivery failed; it will be redelivered", e))
+        )
+      const loop = (attempt: number, inProcess: number): Effect.Effect<void> =>
+        Effect.flatMap(
+          Effect.exit(Effect.provideContext(options.handle(envelope.payload, makeContext(attempt)), context)),
+          (exit) => {
+            if (Exit.isSuccess(exit)) return settle(delivery.ack)
+            if (Cause.hasInterruptsOnly(exit.cause)) return Effect.failCause(exit.cause as Cause.Cause<never>)
+            return Effect.flatMap(decide(exit.cause, attempt), (decision): Effect.Effect<void> => {
+              switch (decision._tag) {
+                case "Ack":
+                  return Effect.andThen(
+                    Effect.logDebug("consumer: error ignored by classification"),
+                    settle(delivery.ack)
+                  )
+                case "DeadLetter":
+                  return settle(
+                    delivery.deadLetter({ reason: decision.reason, error: decision.error, attempts: attempt })
+                  )
+                case "Retry": {
+                  const delayMs = Duration.toMillis(decision.delay)
+                  if (delayMs <= inProcessLimit && inProcess < maxInProcess) {
+                    return Effect.andThen(Effect.sleep(decision.delay), loop(attempt + 1, inProcess + 1))
+                  }
+                  return settle(delivery.nack(decision.delay, { attempt: attempt + 1 }))
+                }
+              }
+            })
+          }
+        )
+      const run = loop(Math.max(1, envelope.attempt), 1).pipe(
+        Effect.annotateLogs({ topic: topic.name, group, consumer, messageId: envelope.id })
+      )
+      return perKey ? locks.withLock(envelope.key, run) : run
+    }
+
+    const stop = yield* Deferred.make<void>()
+    const fiber = yield* broker
+      .subscribe({
+        topic: topic.name,
+        group,
+        consumer,
+        batchSize: options.batchSize,
+        claimIdle: options.claimIdle,
+        onEvent: options.onEvent
+      })
+      .pipe(
+        Stream.interruptWhen(Deferred.await(stop)),
+        Stream.mapEffect(handleOne, { concurrency, unordered: true }),
+        Stream.runDrain,
+        Effect.tapCause((cause) =>
+          Cause.hasInterruptsOnly(cause) ? Effect.void : Effect.logError("consumer stopped", cause)
+        ),
+        Effect.forkScoped
+      )
+    // registered after the fork, so it runs before the fork is interrupted: stop taking
+    // deliveries, let in-flight handlers finish for up to shutdownTimeout, then interrupt
+    yield* Effect.addFinalizer(() =>
+      Deferred.succeed(stop, undefined).pipe(
+        Effect.andThen(Fiber.await(fiber)),
+        Effect.timeoutOption(shutdownTimeout),
+        Effect.flatMap((done) =>
+          Option.isSome(done)
+            ? Effect.void
+            : Effect.andThen(
+                Effect.logWarning("consumer: in-flight handlers did not finish in time; interrupting them"),
+                Fiber.interrupt(fiber)
+              )
+        )
+      )
+    )
+  }).pipe(Effect.withSpan("Consumer.make", { attributes: { topic: topic.name, group: options.group } }))
+
+/**
+ * The consumer as a Layer: runs in the background while the layer lives.
+ *
+ * @since 0.1.0
+ */
+export const layer = <A, I, E extends Tagged = never, R = never>(
+  topic: Topic.Topic<A, I>,
+  options: Options<A, E, R>
+): Layer.Layer<never, Name.InvalidName, Broker.Broker | R> => Layer.effectDiscard(make(topic, options))

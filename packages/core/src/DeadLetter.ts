@@ -1,0 +1,160 @@
+/**
+ * `DeadLetter` — the operator's view of a topic's dead-letter queue: list,
+ * show, replay, purge.
+ *
+ * Every dead-lettered message keeps the original envelope (when it could be
+ * read), the reason (`decode`, `permanent`, `exhausted`, `defect`,
+ * `too-many-deliveries`, `malformed`), the last error, the attempts made, the
+ * delivery count and the time.
+ *
+ * **Replay** re-publishes the message to its topic with the same message id,
+ * the attempt reset to 1 and a replay marker header (`convergereplay`, the
+ * dead-letter entry id), then removes the entry from the dead-letter queue.
+ * A replay reaches every group of the topic, including groups that had
+ * processed the message: a consumer that uses the inbox absorbs it (the
+ * message id is already recorded), one that does not handles it again. The
+ * inbox retention must therefore outlive the replay horizon.
+ *
+ * @since 0.1.0
+ */
+import { Effect, Schema } from "effect"
+import * as Broker from "./Broker.ts"
+import type { BrokerError } from "./BrokerError.ts"
+import * as Envelope from "./Envelope.ts"
+
+/**
+ * Filters of {@link list}; all optional, combined with AND.
+ *
+ * @since 0.1.0
+ */
+export interface Filter {
+  readonly group?: string | undefined
+  readonly reason?: string | undefined
+  /** Dead-lettered at or after this time (RFC 3339 or epoch milliseconds). */
+  readonly since?: string | number | undefined
+  /** Dead-lettered before this time (RFC 3339 or epoch milliseconds). */
+  readonly until?: string | number | undefined
+  /** At most this many, oldest first. */
+  readonly limit?: number | undefined
+}
+
+/**
+ * The dead-letter entry does not exist (any more).
+ *
+ * @since 0.1.0
+ */
+export class DeadLetterNotFound extends Schema.TaggedError<DeadLetterNotFound>(
+  "@converge/core/DeadLetter/DeadLetterNotFound"
+)("DeadLetterNotFound", { topic: Schema.String, id: Schema.String }) {
+  /** Names the topic and the entry. */
+  override get message(): string {
+    return `No dead letter ${this.id} in topic ${this.topic}`
+  }
+}
+
+/**
+ * The entry cannot be replayed: it was never a readable envelope (a malformed
+ * entry). Fix it at the source and publish it anew.
+ *
+ * @since 0.1.0
+ */
+export class NotReplayable extends Schema.TaggedError<NotReplayable>("@converge/core/DeadLetter/NotReplayable")(
+  "NotReplayable",
+  { topic: Schema.String, id: Schema.String, reason: Schema.String }
+) {
+  /** Says why. */
+  override get message(): string {
+    return `Dead letter ${this.id} in topic ${this.topic} cannot be replayed: ${this.reason}`
+  }
+}
+
+const millis = (t: string | number): number => (typeof t === "number" ? t : Date.parse(t))
+
+/**
+ * Lists a topic's dead letters, oldest first, filtered.
+ *
+ * @since 0.1.0
+ */
+export const list = (
+  topic: string,
+  filter?: Filter
+): Effect.Effect<ReadonlyArray<Broker.DeadLetter>, BrokerError, Broker.Broker> =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    const all = yield* broker.deadLetters(topic)
+    const since = filter?.since === undefined ? undefined : millis(filter.since)
+    const until = filter?.until === undefined ? undefined : millis(filter.until)
+    const out = all.filter((d) => {
+      if (filter?.group !== undefined && d.group !== filter.group) return false
+      if (filter?.reason !== undefined && d.reason !== filter.reason) return false
+      const at = Date.parse(d.time)
+      if (since !== undefined && at < since) return false
+      if (until !== undefined && at >= until) return false
+      return true
+    })
+    return filter?.limit === undefined ? out : out.slice(0, filter.limit)
+  })
+
+/**
+ * One dead letter by its id.
+ *
+ * @since 0.1.0
+ */
+export const show = (
+  topic: string,
+  id: string
+): Effect.Effect<Broker.DeadLetter, BrokerError | DeadLetterNotFound, Broker.Broker> =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    const found = (yield* broker.deadLetters(topic)).find((d) => d.id === id)
+    if (found === undefined) return yield* new DeadLetterNotFound({ topic, id })
+    return found
+  })
+
+/**
+ * Re-publishes a dead letter (same message id, attempt 1, replay marker) and
+ * removes it from the dead-letter queue. Returns the new broker entry id.
+ *
+ * @since 0.1.0
+ */
+export const replay = (
+  topic: string,
+  id: string
+): Effect.Effect<string, BrokerError | DeadLetterNotFound | NotReplayable, Broker.Broker> =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    const letter = yield* show(topic, id)
+    if (letter.envelope === undefined) {
+      return yield* new NotReplayable({ topic, id, reason: `the entry is ${letter.reason}, not an envelope` })
+    }
+    const replayed: Envelope.Encoded = {
+      ...letter.envelope,
+      attempt: 1,
+      headers: { ...letter.envelope.headers, [Envelope.Headers.replay]: letter.id }
+    }
+    const [entryId] = yield* broker.publish([replayed])
+    yield* broker.purgeDeadLetters(topic, [id])
+    yield* Effect.logInfo("dead letter replayed").pipe(
+      Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })
+    )
+    return entryId!
+  })
+
+/**
+ * Deletes dead letters by id, or all of the topic's; returns how many.
+ *
+ * @since 0.1.0
+ */
+export const purge = (topic: string, ids?: ReadonlyArray<string>): Effect.Effect<number, BrokerError, Broker.Broker> =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    return yield* broker.purgeDeadLetters(topic, ids)
+  })
+
+/**
+ * True when a message is a replay from the dead-letter queue.
+ *
+ * @since 0.1.0
+ */
+export const isReplay = (headers: Readonly<Record<string, string>>): boolean =>
+  headers[Envelope.Headers.replay] !== undefined

@@ -1,0 +1,565 @@
+import { MemoryBroker } from "@converge/broker-memory"
+import { assert, describe, it } from "@effect/vitest"
+import { Clock, Data, Deferred, Effect, Exit, Fiber, Layer, Ref, Schedule, Schema, Scope, Stream } from "effect"
+import { TestClock } from "effect/testing"
+import { Broker, BrokerError, Consumer, DeadLetter, type Envelope, Publisher, Topic } from "../src/index.ts"
+
+const Payment = Schema.Struct({ id: Schema.String, account: Schema.String, cents: Schema.Int })
+type Payment = typeof Payment.Type
+const payments = Topic.make("payments", Payment, { key: (p) => p.account })
+
+class Transient extends Data.TaggedError("Transient")<{ readonly attempt: number }> {}
+class Declined extends Data.TaggedError("Declined")<{ readonly why: string }> {}
+class Odd extends Data.TaggedError("Odd")<{}> {}
+
+const Live = (options?: MemoryBroker.Options) =>
+  Publisher.layer().pipe(Layer.provideMerge(MemoryBroker.layer({ orderedPerKey: true, ...options })))
+
+const yieldMany = Effect.repeat(Effect.yieldNow, { times: 100 })
+const pay = (n: number, account = `acct-${n}`): Payment => ({ id: `p-${n}`, account, cents: 100 + n })
+const now = Clock.currentTimeMillis
+
+/** Lets `TestClock` run in steps until `cond` holds (bounded). */
+const until = <E, R>(cond: Effect.Effect<boolean, E, R>, step: number | "auto" = 10, max = 100_000) =>
+  Effect.gen(function* () {
+    for (let i = 0; i < max; i++) {
+      yield* yieldMany
+      if (yield* cond) return
+      yield* TestClock.adjust(step === "auto" ? 10 : step)
+    }
+    assert.fail("condition not reached")
+  })
+
+const pending = MemoryBroker.MemoryBroker.use((m) => m.pending("payments", "billing"))
+
+describe("Consumer", () => {
+  it.effect("retries by an exponential schedule with exact timing (TestClock), then acks", () =>
+    Effect.gen(function* () {
+      const times = yield* Ref.make<Array<number>>([])
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Effect.gen(function* () {
+            yield* Ref.update(times, (xs) => [...xs, 0])
+            const t = yield* now
+            yield* Ref.update(times, (xs) => [...xs.slice(0, -1), t])
+            if (ctx.attempt < 4) return yield* new Transient({ attempt: ctx.attempt })
+          }),
+        errors: { Transient: "retry" },
+        retry: Schedule.exponential("100 millis", 2),
+        inProcessDelayLimit: "10 seconds",
+        maxInProcessAttempts: 10
+      })
+      const start = yield* now
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(
+        Effect.map(Ref.get(times), (xs) => xs.length >= 4),
+        50
+      )
+      yield* yieldMany
+      const offsets = (yield* Ref.get(times)).map((t) => t - start)
+      assert.deepStrictEqual(offsets, [0, 100, 300, 700], "delays of 100, 200 and 400 ms")
+      assert.deepStrictEqual(yield* pending, [], "acked after the success")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("jittered delays stay within 80%..120% of the exponential delay", () =>
+    Effect.gen(function* () {
+      const times = yield* Ref.make<Array<number>>([])
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Effect.gen(function* () {
+            const t = yield* now
+            yield* Ref.update(times, (xs) => [...xs, t])
+            if (ctx.attempt < 7) return yield* new Transient({ attempt: ctx.attempt })
+          }),
+        errors: { Transient: "retry" },
+        retry: Schedule.exponential("1 second", 2).pipe(Schedule.jittered),
+        inProcessDelayLimit: "1 hour",
+        maxInProcessAttempts: 100
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(
+        Effect.map(Ref.get(times), (xs) => xs.length >= 7),
+        100
+      )
+      const ts = yield* Ref.get(times)
+      for (let i = 1; i < ts.length; i++) {
+        const delay = ts[i]! - ts[i - 1]!
+        const base = 1000 * 2 ** (i - 1)
+        assert.isAtLeast(delay, Math.floor(base * 0.8), `delay ${i} >= 80%`)
+        assert.isAtMost(delay, Math.ceil(base * 1.2) + 5, `delay ${i} <= 120%`)
+      }
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("a transient error that succeeds on attempt 3 is processed once and acked", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make(0)
+      const processed = yield* Ref.make(0)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Ref.update(calls, (n) => n + 1).pipe(
+            Effect.andThen(
+              ctx.attempt < 3
+                ? Effect.fail(new Transient({ attempt: ctx.attempt }))
+                : Ref.update(processed, (n) => n + 1)
+            )
+          ),
+        errors: { Transient: "retry" },
+        retry: Schedule.spaced("50 millis")
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(Ref.get(processed), (n) => n >= 1))
+      yield* TestClock.adjust("1 second")
+      yield* yieldMany
+      assert.strictEqual(yield* Ref.get(calls), 3)
+      assert.strictEqual(yield* Ref.get(processed), 1)
+      assert.deepStrictEqual(yield* pending, [])
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("a permanent error goes to the DLQ after exactly 1 attempt", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make(0)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () =>
+          Ref.update(calls, (n) => n + 1).pipe(Effect.andThen(Effect.fail(new Declined({ why: "card stolen" })))),
+        errors: { Declined: "dead-letter" }
+      })
+      yield* Publisher.publish(payments, pay(1))
+      const dlq = yield* Effect.gen(function* () {
+        yield* until(Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 1))
+        return yield* DeadLetter.list("payments")
+      })
+      yield* TestClock.adjust("1 minute")
+      yield* yieldMany
+      assert.strictEqual(yield* Ref.get(calls), 1)
+      assert.strictEqual(dlq.length, 1)
+      assert.strictEqual(dlq[0]!.reason, "permanent")
+      assert.strictEqual(dlq[0]!.attempts, 1)
+      assert.include(dlq[0]!.error!, "card stolen")
+      assert.include(dlq[0]!.error!, "Declined")
+      assert.strictEqual(dlq[0]!.envelope?.data, JSON.stringify(pay(1)), "the original envelope is kept")
+      assert.deepStrictEqual(yield* pending, [])
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("a decode failure goes to the DLQ with 0 handler calls", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make(0)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () => Ref.update(calls, (n) => n + 1)
+      })
+      const broker = yield* Broker.Broker
+      const bad: Envelope.Encoded = {
+        id: "bad-1",
+        topic: "payments",
+        type: "payments",
+        source: "urn:test",
+        key: "acct-9",
+        time: "2026-11-26T00:00:00.000Z",
+        attempt: 1,
+        headers: {},
+        data: '{"id":"p-9","account":"acct-9","cents":"a lot"}'
+      }
+      yield* broker.publish([bad])
+      yield* Publisher.publish(payments, pay(2))
+      yield* until(Effect.map(Ref.get(calls), (n) => n >= 1))
+      const dlq = yield* DeadLetter.list("payments", { reason: "decode" })
+      assert.strictEqual(dlq.length, 1)
+      assert.strictEqual(dlq[0]!.envelope?.id, "bad-1")
+      assert.strictEqual(dlq[0]!.attempts, 0)
+      assert.include(dlq[0]!.error!, "cents")
+      assert.strictEqual(yield* Ref.get(calls), 1, "only the good message reached the handler")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("exhausted retries go to the DLQ with the last error and the attempts", () =>
+    Effect.gen(function* () {
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) => Effect.fail(new Transient({ attempt: ctx.attempt })),
+        errors: { Transient: "retry" },
+        retry: Schedule.spaced("100 millis").pipe(Schedule.upTo({ times: 4 }))
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 1))
+      const [d] = yield* DeadLetter.list("payments")
+      assert.strictEqual(d!.reason, "exhausted")
+      assert.strictEqual(d!.attempts, 5, "1 attempt + 4 retries")
+      assert.include(d!.error!, '"attempt":5', "the last error")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("long backoffs go through the broker (nack with delay); the attempt continues after redelivery", () =>
+    Effect.gen(function* () {
+      const seen = yield* Ref.make<Array<{ attempt: number; deliveryCount: number; at: number }>>([])
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Effect.gen(function* () {
+            const at = yield* now
+            yield* Ref.update(seen, (xs) => [...xs, { attempt: ctx.attempt, deliveryCount: ctx.deliveryCount, at }])
+            if (ctx.attempt < 4) return yield* new Transient({ attempt: ctx.attempt })
+          }),
+        errors: { Transient: "retry" },
+        retry: Schedule.exponential("400 millis", 2),
+        inProcessDelayLimit: "500 millis"
+      })
+      const start = yield* now
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(
+        Effect.map(Ref.get(seen), (xs) => xs.length >= 2),
+        50
+      )
+      yield* TestClock.adjust(100)
+      yield* yieldMany
+      const delayed = yield* pending
+      assert.deepStrictEqual(
+        delayed.map((p) => p.delayed),
+        [true],
+        "the 800 ms backoff waits in the broker, not in a handler slot"
+      )
+      yield* until(
+        Effect.map(Ref.get(seen), (xs) => xs.length >= 4),
+        50
+      )
+      const xs = yield* Ref.get(seen)
+      assert.deepStrictEqual(
+        xs.map((x) => [x.attempt, x.deliveryCount]),
+        [
+          [1, 1],
+          [2, 1],
+          [3, 2],
+          [4, 3]
+        ],
+        "attempts continue across redeliveries"
+      )
+      assert.deepStrictEqual(
+        xs.map((x) => x.at - start),
+        [0, 400, 1200, 2800],
+        "the schedule continues where it left off: 400, 800, 1600 ms"
+      )
+      yield* yieldMany
+      assert.deepStrictEqual(yield* pending, [])
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("errors with isRetryable need no mapping: retried when true, dead-lettered when false", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make<Record<string, number>>({})
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (p) =>
+          Ref.update(calls, (m) => ({ ...m, [p.id]: (m[p.id] ?? 0) + 1 })).pipe(
+            Effect.andThen(
+              Effect.fail(
+                BrokerError.make(
+                  p.id === "p-1"
+                    ? new BrokerError.ConnectionLost({ message: "down" })
+                    : new BrokerError.InvalidArgument({ argument: "x", message: "bad" })
+                )
+              )
+            )
+          ),
+        retry: Schedule.spaced("10 millis").pipe(Schedule.upTo({ times: 2 }))
+      })
+      yield* Publisher.publishAll(payments, [pay(1), pay(2)])
+      yield* until(Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 2))
+      const dlq = yield* DeadLetter.list("payments")
+      assert.deepStrictEqual(dlq.map((d) => [d.envelope?.id !== undefined, d.reason, d.attempts]).sort(), [
+        [true, "exhausted", 3],
+        [true, "permanent", 1]
+      ])
+      assert.deepStrictEqual(yield* Ref.get(calls), { "p-1": 3, "p-2": 1 })
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("a defect is retried by the schedule, then dead-lettered with reason defect", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make(0)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () =>
+          Ref.update(calls, (n) => n + 1).pipe(
+            Effect.andThen(
+              Effect.sync(() => {
+                throw new Error("null pointer in handler")
+              })
+            )
+          ),
+        retry: Schedule.spaced("10 millis").pipe(Schedule.upTo({ times: 2 }))
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 1))
+      const [d] = yield* DeadLetter.list("payments")
+      assert.strictEqual(d!.reason, "defect")
+      assert.include(d!.error!, "null pointer in handler")
+      assert.strictEqual(yield* Ref.get(calls), 3)
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("ignore acks the message", () =>
+    Effect.gen(function* () {
+      const calls = yield* Ref.make(0)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () => Ref.update(calls, (n) => n + 1).pipe(Effect.andThen(Effect.fail(new Odd()))),
+        errors: { Odd: "ignore" }
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(Ref.get(calls), (n) => n >= 1))
+      yield* yieldMany
+      assert.deepStrictEqual(yield* pending, [])
+      assert.deepStrictEqual(yield* DeadLetter.list("payments"), [])
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("a poison message does not delay other keys", () =>
+    Effect.gen(function* () {
+      const done = yield* Ref.make<Array<string>>([])
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (p) =>
+          p.account === "poison" ? Effect.fail(new Transient({ attempt: 0 })) : Ref.update(done, (xs) => [...xs, p.id]),
+        errors: { Transient: "retry" },
+        retry: Schedule.spaced("10 seconds").pipe(Schedule.upTo({ times: 5 })),
+        concurrency: 4,
+        ordering: "per-key"
+      })
+      yield* Publisher.publish(payments, pay(0, "poison"))
+      yield* Publisher.publishAll(
+        payments,
+        Array.from({ length: 30 }, (_, i) => pay(i + 1, `acct-${i % 10}`))
+      )
+      yield* until(
+        Effect.map(Ref.get(done), (xs) => xs.length >= 30),
+        1
+      )
+      const elapsed = yield* now
+      assert.isBelow(elapsed, 10_000, "all other keys were processed before the poison's first retry")
+      yield* until(
+        Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 1),
+        1000
+      )
+      const [d] = yield* DeadLetter.list("payments")
+      assert.strictEqual(d!.envelope?.key, "poison")
+      assert.strictEqual(d!.reason, "exhausted")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect(
+    "per-key order holds while the head of a key backs off (1 000 messages, 20 keys, random transient failures)",
+    () =>
+      Effect.gen(function* () {
+        const applied = yield* Ref.make<Record<string, Array<number>>>({})
+        let seed = 12345
+        const random = () => {
+          seed = (seed * 1103515245 + 12345) & 0x7fffffff
+          return seed / 0x7fffffff
+        }
+        const failures = new Map<string, number>()
+        for (let i = 0; i < 1000; i++) if (random() < 0.15) failures.set(`p-${i}`, 1 + Math.floor(random() * 4))
+        yield* Consumer.make(payments, {
+          group: "billing",
+          consumer: "c1",
+          handle: (p, ctx) =>
+            ctx.attempt <= (failures.get(p.id) ?? 0)
+              ? Effect.fail(new Transient({ attempt: ctx.attempt }))
+              : Ref.update(applied, (m) => ({ ...m, [p.account]: [...(m[p.account] ?? []), Number(p.id.slice(2))] })),
+          errors: { Transient: "retry" },
+          // 20 ms in process, then 40 and 80 ms through the broker
+          retry: Schedule.exponential("20 millis", 2),
+          inProcessDelayLimit: "30 millis",
+          concurrency: 8,
+          ordering: "per-key",
+          batchSize: 50
+        })
+        yield* Publisher.publishAll(
+          payments,
+          Array.from({ length: 1000 }, (_, i) => pay(i, `acct-${i % 20}`))
+        )
+        const total = Effect.map(Ref.get(applied), (m) => Object.values(m).reduce((a, xs) => a + xs.length, 0))
+        yield* until(
+          Effect.map(total, (n) => n >= 1000),
+          5
+        )
+        const byKey = yield* Ref.get(applied)
+        assert.strictEqual(Object.keys(byKey).length, 20)
+        for (let k = 0; k < 20; k++) {
+          assert.deepStrictEqual(
+            byKey[`acct-${k}`],
+            Array.from({ length: 50 }, (_, i) => i * 20 + k),
+            `key acct-${k}: applied order equals publish order`
+          )
+        }
+        assert.isAbove(failures.size, 100, "plenty of transient failures were injected")
+      }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("replay delivers a dead letter again, with the same id and a replay marker", () =>
+    Effect.gen(function* () {
+      const seen = yield* Ref.make<Array<{ id: string; attempt: number; replay: boolean }>>([])
+      const fixed = yield* Ref.make(false)
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Ref.update(seen, (xs) => [
+            ...xs,
+            { id: ctx.id, attempt: ctx.attempt, replay: DeadLetter.isReplay(ctx.headers) }
+          ]).pipe(
+            Effect.andThen(
+              Effect.flatMap(Ref.get(fixed), (ok) => (ok ? Effect.void : Effect.fail(new Declined({ why: "bug" }))))
+            )
+          ),
+        errors: { Declined: "dead-letter" }
+      })
+      const receipt = yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(DeadLetter.list("payments"), (xs) => xs.length >= 1))
+      const [d] = yield* DeadLetter.list("payments")
+      assert.deepStrictEqual(yield* DeadLetter.show("payments", d!.id), d)
+      yield* Ref.set(fixed, true) // the bug is fixed and deployed
+      yield* DeadLetter.replay("payments", d!.id)
+      yield* until(Effect.map(Ref.get(seen), (xs) => xs.length >= 2))
+      assert.deepStrictEqual(yield* Ref.get(seen), [
+        { id: receipt.id, attempt: 1, replay: false },
+        { id: receipt.id, attempt: 1, replay: true }
+      ])
+      assert.deepStrictEqual(yield* DeadLetter.list("payments"), [], "the replayed entry left the DLQ")
+      const missing = yield* Effect.flip(DeadLetter.replay("payments", d!.id))
+      assert.strictEqual(missing._tag, "DeadLetterNotFound")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("DeadLetter.list filters by group, reason and time; purge removes", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      yield* Publisher.publishAll(payments, [pay(1), pay(2), pay(3)])
+      const take = (group: string) =>
+        Effect.scoped(Stream.runCollect(Stream.take(broker.subscribe({ topic: "payments", group, consumer: "c" }), 3)))
+      const a = yield* take("a")
+      yield* a[0]!.deadLetter({ reason: "permanent" })
+      yield* TestClock.adjust("1 hour")
+      yield* a[1]!.deadLetter({ reason: "exhausted" })
+      const b = yield* take("b")
+      yield* b[2]!.deadLetter({ reason: "permanent" })
+      assert.strictEqual((yield* DeadLetter.list("payments")).length, 3)
+      assert.strictEqual((yield* DeadLetter.list("payments", { group: "a" })).length, 2)
+      assert.strictEqual((yield* DeadLetter.list("payments", { reason: "permanent" })).length, 2)
+      assert.strictEqual((yield* DeadLetter.list("payments", { since: 30 * 60_000 })).length, 2)
+      assert.strictEqual((yield* DeadLetter.list("payments", { until: 30 * 60_000 })).length, 1)
+      assert.strictEqual((yield* DeadLetter.list("payments", { limit: 1 })).length, 1)
+      assert.strictEqual(yield* DeadLetter.purge("payments", [(yield* DeadLetter.list("payments"))[0]!.id]), 1)
+      assert.strictEqual(yield* DeadLetter.purge("payments"), 2)
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("shutdown: in-flight handlers finish within the deadline and are acked; no new deliveries", () =>
+    Effect.gen(function* () {
+      const started = yield* Deferred.make<void>()
+      const calls = yield* Ref.make(0)
+      const scope = yield* Scope.make()
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () =>
+          Effect.gen(function* () {
+            yield* Ref.update(calls, (n) => n + 1)
+            yield* Deferred.succeed(started, undefined)
+            yield* Effect.sleep("2 seconds")
+          }),
+        shutdownTimeout: "5 seconds",
+        batchSize: 1
+      }).pipe(Scope.provide(scope))
+      yield* Publisher.publishAll(payments, [pay(1, "a"), pay(2, "b")])
+      yield* Deferred.await(started)
+      const closing = yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* TestClock.adjust("3 seconds")
+      yield* yieldMany
+      yield* Fiber.join(closing)
+      assert.strictEqual(yield* Ref.get(calls), 1, "no handler started after the scope began to close")
+      const left = (yield* pending).map((p) => p.entryId)
+      assert.isFalse(left.includes("1-0"), "the in-flight message finished and was acked")
+      // the second message may have been read ahead (prefetched) but was never handled nor acked:
+      // it is still pending, or was never delivered; either way it is not lost
+      assert.isTrue(left.length === 0 || (left.length === 1 && left[0] === "2-0"))
+      const broker = yield* Broker.Broker
+      const next = yield* Stream.runCollect(
+        Stream.take(broker.subscribe({ topic: "payments", group: "billing", consumer: "c1" }), 1)
+      )
+      assert.strictEqual(next[0]!.entryId, "2-0", "the unhandled message is delivered again")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("shutdown mid-handler past the deadline interrupts it and leaves the message pending", () =>
+    Effect.gen(function* () {
+      const started = yield* Deferred.make<void>()
+      const scope = yield* Scope.make()
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: () => Effect.andThen(Deferred.succeed(started, undefined), Effect.never),
+        shutdownTimeout: "1 second"
+      }).pipe(Scope.provide(scope))
+      yield* Publisher.publish(payments, pay(1))
+      yield* Deferred.await(started)
+      yield* Effect.forkChild(Scope.close(scope, Exit.void))
+      yield* TestClock.adjust("2 seconds")
+      yield* yieldMany
+      const left = yield* pending
+      assert.deepStrictEqual(
+        left.map((p) => [p.consumer, p.deliveryCount, p.delayed]),
+        [["c1", 1, false]],
+        "not acked: it stays pending for c1"
+      )
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("invalid group or consumer names fail at construction", () =>
+    Effect.gen(function* () {
+      const error = yield* Effect.flip(Consumer.make(payments, { group: "bad group", handle: () => Effect.void }))
+      assert.strictEqual(error._tag, "InvalidName")
+      assert.include(error.message, "group")
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it("type level: a mapping that misses a tag of the handler's errors does not compile", () => {
+    const handle = (_: Payment): Effect.Effect<void, Transient | Declined | BrokerError.BrokerError> => Effect.void
+    // complete (BrokerError classifies itself with isRetryable, so it may be left out)
+    Consumer.layer(payments, { group: "g", handle, errors: { Transient: "retry", Declined: "dead-letter" } })
+    Consumer.layer(payments, {
+      group: "g",
+      handle,
+      // @ts-expect-error Declined is missing from the mapping
+      errors: { Transient: "retry" }
+    })
+    // @ts-expect-error a handler that can fail needs an errors mapping
+    Consumer.layer(payments, { group: "g", handle })
+    Consumer.layer(payments, {
+      group: "g",
+      handle,
+      // @ts-expect-error an outcome must be retry, dead-letter or ignore
+      errors: { Transient: "retry", Declined: "explode" }
+    })
+    // a handler that cannot fail needs no mapping
+    const layer = Consumer.layer(payments, { group: "g", handle: () => Effect.void })
+    assert.isTrue(Layer.isLayer(layer))
+  })
+})

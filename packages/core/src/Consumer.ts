@@ -65,10 +65,10 @@
  */
 import {
   Cause,
+  DateTime,
   Deferred,
   Duration,
   Effect,
-  Exit,
   Fiber,
   Layer,
   Option,
@@ -79,7 +79,7 @@ import {
   Stream
 } from "effect"
 import * as Broker from "./Broker.ts"
-import * as Envelope from "./Envelope.ts"
+import type * as Envelope from "./Envelope.ts"
 import * as Name from "./Name.ts"
 import type * as Topic from "./Topic.ts"
 
@@ -182,8 +182,62 @@ export interface MessageContext {
   readonly deliveryCount: number
   /** The broker's id of the entry. */
   readonly entryId: string
-  /** The whole decoded envelope. */
-  readonly envelope: Envelope.Envelope<unknown>
+  /** When the message was published (CloudEvents `time`). */
+  readonly time: DateTime.Utc
+  /** The message as the broker delivered it. */
+  readonly encoded: Envelope.Encoded
+}
+
+/** The handler's context: a view over the delivery; `time` is computed on first use. */
+class Context implements MessageContext {
+  readonly delivery: Broker.Delivery
+  readonly names: { readonly group: string; readonly consumer: string }
+  readonly attempt: number
+  constructor(
+    delivery: Broker.Delivery,
+    names: { readonly group: string; readonly consumer: string },
+    attempt: number
+  ) {
+    this.delivery = delivery
+    this.names = names
+    this.attempt = attempt
+  }
+  get encoded(): Envelope.Encoded {
+    return this.delivery.envelope
+  }
+  get group(): string {
+    return this.names.group
+  }
+  get consumer(): string {
+    return this.names.consumer
+  }
+  get deliveryCount(): number {
+    return this.delivery.deliveryCount
+  }
+  get entryId(): string {
+    return this.delivery.entryId
+  }
+  get id(): string {
+    return this.delivery.envelope.id
+  }
+  get topic(): string {
+    return this.delivery.envelope.topic
+  }
+  get type(): string {
+    return this.delivery.envelope.type
+  }
+  get source(): string {
+    return this.delivery.envelope.source
+  }
+  get key(): string | undefined {
+    return this.delivery.envelope.key
+  }
+  get headers(): Readonly<Record<string, string>> {
+    return this.delivery.envelope.headers
+  }
+  get time(): DateTime.Utc {
+    return DateTime.makeUnsafe(Date.parse(this.delivery.envelope.time))
+  }
 }
 
 /**
@@ -335,7 +389,6 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     const group = yield* Name.validate("group", options.group)
     const consumer = yield* Name.validate("consumer", options.consumer ?? defaultConsumerName())
     const broker = yield* Broker.Broker
-    const context = yield* Effect.context<R>()
     const errors = (options.errors ?? {}) as Record<string, OutcomeOf<unknown> | undefined>
     const retry = (options.retry ?? defaultRetry) as Schedule.Schedule<unknown, unknown>
     const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1))
@@ -345,6 +398,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     const maxDeliveries = Math.max(1, Math.floor(options.maxDeliveries ?? 25))
     const shutdownTimeout = options.shutdownTimeout ?? "30 seconds"
     const locks = new KeyLocks()
+    const names = { group, consumer }
 
     const classify = (error: unknown): Outcome => {
       const tag = Predicate.hasProperty(error, "_tag") && typeof error._tag === "string" ? error._tag : undefined
@@ -373,10 +427,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
           delay = result.success[1]
         }
         return Option.some(delay)
-      }).pipe(
-        Effect.catchCause(() => Effect.succeed(Option.none<Duration.Duration>())),
-        Effect.provideContext(context as never)
-      ) as Effect.Effect<Option.Option<Duration.Duration>>
+      }).pipe(Effect.catchCause(() => Effect.succeed(Option.none<Duration.Duration>())))
 
     const decide = (cause: Cause.Cause<E>, attempt: number): Effect.Effect<Decision> => {
       const failure = Cause.findErrorOption(cause)
@@ -402,54 +453,48 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       )
     }
 
-    const handleOne = (delivery: Broker.Delivery): Effect.Effect<void> => {
-      const decoded = Envelope.decodeResult(topic, delivery.envelope)
+    /** Handles one delivery; a success is not acked here but pushed to `acks` (acked per read). */
+    const handleOne = (delivery: Broker.Delivery, acks: Array<Broker.Delivery>): Effect.Effect<void, never, R> => {
+      const encoded = delivery.envelope
+      const decoded = topic.decode(encoded.data)
       if (Result.isFailure(decoded)) {
         // undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
         return delivery
           .deadLetter({ reason: "decode", error: decoded.failure.message, attempts: 0 })
           .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
       }
-      const envelope = decoded.success
+      const payload = decoded.success
       if (delivery.deliveryCount > maxDeliveries) {
         return delivery
           .deadLetter({
             reason: "too-many-deliveries",
             error: `delivered ${delivery.deliveryCount} times without being settled`,
-            attempts: envelope.attempt
+            attempts: encoded.attempt
           })
           .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
       }
-      const makeContext = (attempt: number): MessageContext => ({
-        id: envelope.id,
-        topic: envelope.topic,
-        group,
-        consumer,
-        type: envelope.type,
-        source: envelope.source,
-        key: envelope.key,
-        headers: envelope.headers,
-        attempt,
-        deliveryCount: delivery.deliveryCount,
-        entryId: delivery.entryId,
-        envelope
-      })
       const settle = (effect: Effect.Effect<void, unknown>) =>
         Effect.uninterruptible(effect).pipe(
-          Effect.catch((e) => Effect.logWarning("consumer: settling a delivery failed; it will be redelivered", e))
+          Effect.catch((e) =>
+            Effect.logWarning("consumer: settling a delivery failed; it will be redelivered", e).pipe(
+              Effect.annotateLogs({ topic: topic.name, group, messageId: encoded.id })
+            )
+          )
         )
-      const loop = (attempt: number, inProcess: number): Effect.Effect<void> =>
-        Effect.flatMap(
-          Effect.exit(Effect.provideContext(options.handle(envelope.payload, makeContext(attempt)), context)),
-          (exit) => {
-            if (Exit.isSuccess(exit)) return settle(delivery.ack)
-            if (Cause.hasInterruptsOnly(exit.cause)) return Effect.failCause(exit.cause as Cause.Cause<never>)
-            return Effect.flatMap(decide(exit.cause, attempt), (decision): Effect.Effect<void> => {
+      const loop = (attempt: number, inProcess: number): Effect.Effect<void, never, R> =>
+        Effect.matchCauseEffect(options.handle(payload, new Context(delivery, names, attempt)), {
+          onSuccess: () => {
+            acks.push(delivery)
+            return Effect.void
+          },
+          onFailure: (cause) => {
+            if (Cause.hasInterruptsOnly(cause)) return Effect.failCause(cause as Cause.Cause<never>)
+            return Effect.flatMap(decide(cause, attempt), (decision): Effect.Effect<void, never, R> => {
               switch (decision._tag) {
                 case "Ack":
-                  return Effect.andThen(
-                    Effect.logDebug("consumer: error ignored by classification"),
-                    settle(delivery.ack)
+                  acks.push(delivery)
+                  return Effect.logDebug("consumer: error ignored by classification").pipe(
+                    Effect.annotateLogs({ topic: topic.name, group, messageId: encoded.id })
                   )
                 case "DeadLetter":
                   return settle(
@@ -465,12 +510,47 @@ export const make = <A, I, E extends Tagged = never, R = never>(
               }
             })
           }
-        )
-      const run = loop(Math.max(1, envelope.attempt), 1).pipe(
-        Effect.annotateLogs({ topic: topic.name, group, consumer, messageId: envelope.id })
-      )
-      return perKey ? locks.withLock(envelope.key, run) : run
+        })
+      const run = loop(Math.max(1, encoded.attempt), 1)
+      return perKey ? locks.withLock(encoded.key, run) : run
     }
+
+    /**
+     * Handles one read: every delivery (up to `concurrency` at once), then
+     * one `ackAll` for the successes — also when interrupted, so nothing that
+     * completed is left unacked.
+     */
+    const handleBatch = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
+      Effect.suspend(() => {
+        const acks: Array<Broker.Delivery> = []
+        const flush = Effect.suspend(() =>
+          acks.length === 0
+            ? Effect.void
+            : broker.ackAll(acks).pipe(
+                Effect.catch((e) =>
+                  Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)
+                ),
+                Effect.asVoid
+              )
+        )
+        // up to `concurrency` lanes share one cursor over the read: a slow message holds its lane
+        // only, and a fiber is forked per lane, not per message
+        let next = 0
+        const lane = Effect.whileLoop({
+          while: () => next < batch.length,
+          body: () => handleOne(batch[next++]!, acks),
+          step: () => {}
+        })
+        const lanes = Math.min(concurrency, batch.length)
+        const all =
+          lanes <= 1
+            ? lane
+            : Effect.all(
+                Array.from({ length: lanes }, () => lane),
+                { concurrency: lanes, discard: true }
+              )
+        return Effect.ensuring(all, Effect.uninterruptible(flush))
+      })
 
     const stop = yield* Deferred.make<void>()
     const fiber = yield* broker
@@ -484,8 +564,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       })
       .pipe(
         Stream.interruptWhen(Deferred.await(stop)),
-        Stream.mapEffect(handleOne, { concurrency, unordered: true }),
-        Stream.runDrain,
+        Stream.runForEachArray(handleBatch),
         Effect.tapCause((cause) =>
           Cause.hasInterruptsOnly(cause) ? Effect.void : Effect.logError("consumer stopped", cause)
         ),

@@ -2,7 +2,9 @@
  * `pnpm bench`: every Converge benchmark, each next to its hand-written
  * baseline measured in the same run. Options: `--json`, `--only <name>`.
  */
+
+import * as ConsumerBench from "./consumer.ts"
 import { main } from "./harness.ts"
 import * as Memory from "./memory.ts"
 
-await main([...Memory.benches], process.argv.slice(2))
+await main([...Memory.benches, ...ConsumerBench.benches], process.argv.slice(2))

@@ -320,8 +320,8 @@ const encodeError = (error: unknown): string => {
     const out: Record<string, unknown> = {}
     for (const k of Object.keys(error)) out[k] = (error as Record<string, unknown>)[k]
     if (error instanceof Error) {
-      out.message ??= error.message
-      if (error.name !== "Error") out.name ??= error.name
+      if (error.message !== "") out.message ??= error.message
+      if (error.name !== "Error" && error.name !== out._tag) out.name ??= error.name
     }
     try {
       return JSON.stringify(out)

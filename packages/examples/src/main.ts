@@ -1,9 +1,9 @@
 /**
  * The Converge demo: `pnpm demo`.
  *
- * Runs example 01 (orders → billing and shipping, a transient failure
- * retried, a bad message dead-lettered) on the in-memory broker: no server
- * needed.
+ * Runs example 01 (orders → billing and shipping consumers, a transient
+ * failure retried, a permanent one and an undecodable message
+ * dead-lettered) on the in-memory broker: no server needed.
  */
 import { MemoryBroker } from "@converge/broker-memory"
 import { Publisher } from "@converge/core"
@@ -19,9 +19,7 @@ const main = Effect.gen(function* () {
   const summary = yield* Effect.scoped(program)
   yield* Console.log("\nSummary")
   yield* Console.log(`  published:     ${summary.published.length} orders (ids ${summary.published.join(", ")})`)
-  yield* Console.log(
-    `  billed:        ${summary.billed.map((b) => `${b.orderId} (delivery ${b.deliveryCount})`).join(", ")}`
-  )
+  yield* Console.log(`  billed:        ${summary.billed.map((b) => `${b.orderId} (attempt ${b.attempt})`).join(", ")}`)
   yield* Console.log(`  shipped:       ${summary.shipped.join(", ")}`)
   yield* Console.log(`  dead letters:  ${summary.deadLetters.length}`)
   for (const d of summary.deadLetters) {

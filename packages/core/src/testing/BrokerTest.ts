@@ -72,6 +72,8 @@ export interface Features<R> {
   readonly appendRaw?: ((topic: string, fields: Envelope.Fields) => Effect.Effect<void, unknown, R>) | undefined
   /** Claim idle time used by the claim cases (default 1 second). */
   readonly claimIdle?: Duration.Input | undefined
+  /** Register only these cases (e.g. `["C14"]` for a second run against a special server). */
+  readonly only?: ReadonlyArray<string> | undefined
 }
 
 const Payload = Schema.Struct({ n: Schema.Number, text: Schema.String })
@@ -150,13 +152,19 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
 
   type Body = Effect.Effect<void, unknown, Broker.Broker | R | Scope.Scope>
   const run = (id: string, title: string, body: Body, skip?: string | false) => {
+    if (features.only !== undefined && !features.only.includes(id)) return
     const label = `${id} ${title}`
     if (skip) {
       it.skip(`${label} [skipped: ${skip}]`, () => {})
       return
     }
     const test = live ? it.live : it.effect
-    test(label, () => Effect.provide(body, layer) as Effect.Effect<void, unknown, Scope.Scope>, live ? 60_000 : 30_000)
+    // the case's own scope closes (consumers interrupted) before the layer is torn down
+    test(
+      label,
+      () => Effect.provide(Effect.scoped(body), layer) as Effect.Effect<void, unknown, Scope.Scope>,
+      live ? 60_000 : 30_000
+    )
   }
 
   interface Received {

@@ -1,0 +1,30 @@
+import { BrokerTest } from "@converge/core/testing"
+import { afterAll, beforeAll, describe } from "@effect/vitest"
+import { Effect } from "effect"
+import { brokerLayer, hooks, OwnedRedis } from "./helpers.ts"
+
+// The shared suite against the machine's Redis (127.0.0.1:6379); each case gets its own key prefix.
+BrokerTest.suite("redis-streams", brokerLayer(), {
+  clock: "live",
+  persistent: true,
+  orderedPerKey: false,
+  delayedDelivery: true,
+  claimIdle: "1 second",
+  ...hooks
+})
+
+// C14 needs a server the test can kill -9 and restart: a test-owned redis-server with AOF.
+describe("with a test-owned redis-server (AOF, kill -9, restart)", () => {
+  const owned = new OwnedRedis(6390 + (process.pid % 50))
+  beforeAll(() => owned.start(), 20_000)
+  afterAll(() => owned.stop())
+  BrokerTest.suite("redis-streams (restart)", brokerLayer(owned.url), {
+    clock: "live",
+    persistent: true,
+    orderedPerKey: false,
+    delayedDelivery: true,
+    claimIdle: "1 second",
+    only: ["C14"],
+    restart: Effect.promise(() => owned.restart())
+  })
+})

@@ -1,0 +1,139 @@
+/**
+ * Test wiring for the Redis Streams broker: a NodeRedis client per layer, a
+ * unique key prefix per layer (so tests are isolated), and the keys deleted
+ * when the layer is torn down. Also a test-owned `redis-server` with AOF on
+ * another loopback port, for restart tests.
+ */
+import { type ChildProcess, spawn } from "node:child_process"
+import { randomUUID } from "node:crypto"
+import { mkdtempSync, rmSync } from "node:fs"
+import { tmpdir } from "node:os"
+import { join } from "node:path"
+import type { Envelope } from "@converge/core"
+import { NodeRedis } from "@effect/platform-node"
+import { Context, Effect, Layer } from "effect"
+import * as Redis from "effect/persistence/Redis"
+import { RedisStreamsBroker } from "../src/index.ts"
+
+/** The key prefix of the broker under test. */
+export class Prefix extends Context.Service<Prefix, string>()("test/Prefix") {}
+
+/** Main Redis of the machine. */
+export const mainUrl = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
+
+const deleteKeys = (prefix: string) =>
+  Effect.gen(function* () {
+    const redis = yield* Redis.Redis
+    let cursor = "0"
+    do {
+      const reply = yield* redis.send<[string, Array<string>]>("SCAN", cursor, "MATCH", `${prefix}:*`, "COUNT", "1000")
+      cursor = String(reply[0])
+      if (reply[1].length > 0) yield* redis.send("DEL", ...reply[1])
+    } while (cursor !== "0")
+  })
+
+/** Broker + Redis client + a unique prefix, cleaned up afterwards. */
+export const brokerLayer = (url: string = mainUrl, options?: RedisStreamsBroker.Options) =>
+  Layer.unwrap(
+    Effect.sync(() => {
+      const prefix = `cvtest:${randomUUID().slice(0, 8)}`
+      const cleanup = Layer.effectDiscard(Effect.addFinalizer(() => deleteKeys(prefix).pipe(Effect.ignore)))
+      return Layer.mergeAll(
+        RedisStreamsBroker.layer({ prefix, block: "500 millis", ...options }),
+        Layer.succeed(Prefix, prefix),
+        cleanup
+      ).pipe(Layer.provideMerge(NodeRedis.layer({ url, maxConnections: 40 })))
+    })
+  )
+
+/** Key of a topic's stream. */
+export const streamKey = (prefix: string, topic: string) => `${prefix}:{${topic}}`
+
+/** Suite hooks that act on the stream keys directly. */
+export const hooks = {
+  deleteTopic: (topic: string) =>
+    Effect.gen(function* () {
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      yield* redis.send("DEL", streamKey(prefix, topic))
+    }),
+  trim: (topic: string, maxLen: number) =>
+    Effect.gen(function* () {
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      yield* redis.send("XTRIM", streamKey(prefix, topic), "MAXLEN", String(maxLen))
+    }),
+  appendRaw: (topic: string, fields: Envelope.Fields) =>
+    Effect.gen(function* () {
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      yield* redis.send("XADD", streamKey(prefix, topic), "*", ...Object.entries(fields).flat())
+    })
+}
+
+/** A `redis-server` owned by a test: AOF with fsync always, on its own port; kill -9 and restart it. */
+export class OwnedRedis {
+  readonly port: number
+  readonly dir: string
+  proc: ChildProcess | undefined
+  constructor(port: number) {
+    this.port = port
+    this.dir = mkdtempSync(join(tmpdir(), "converge-redis-"))
+  }
+  get url(): string {
+    return `redis://127.0.0.1:${this.port}`
+  }
+  async start(): Promise<void> {
+    this.proc = spawn(
+      "redis-server",
+      [
+        "--port",
+        String(this.port),
+        "--bind",
+        "127.0.0.1",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+        "--save",
+        "",
+        "--dir",
+        this.dir
+      ],
+      { stdio: "ignore" }
+    )
+    for (let i = 0; i < 100; i++) {
+      if (await this.ping()) return
+      await new Promise((r) => setTimeout(r, 50))
+    }
+    throw new Error(`redis-server on port ${this.port} did not start`)
+  }
+  ping(): Promise<boolean> {
+    return new Promise((resolve) => {
+      const p = spawn("redis-cli", ["-h", "127.0.0.1", "-p", String(this.port), "ping"], {
+        stdio: ["ignore", "pipe", "ignore"]
+      })
+      let out = ""
+      p.stdout?.on("data", (d) => {
+        out += String(d)
+      })
+      p.on("close", () => resolve(out.trim() === "PONG"))
+    })
+  }
+  async kill(): Promise<void> {
+    const proc = this.proc
+    if (proc === undefined || proc.exitCode !== null) return
+    await new Promise<void>((resolve) => {
+      proc.once("exit", () => resolve())
+      proc.kill("SIGKILL")
+    })
+  }
+  async restart(): Promise<void> {
+    await this.kill()
+    await this.start()
+  }
+  async stop(): Promise<void> {
+    await this.kill()
+    rmSync(this.dir, { recursive: true, force: true })
+  }
+}

@@ -85,11 +85,6 @@ const fromRedis =
   (command: string) =>
   (error: Redis.RedisError): BrokerError.BrokerError => {
     const text = String((error.cause as { message?: unknown } | undefined)?.message ?? error.cause)
-    if (/client is closed|ClientClosedError/i.test(text)) {
-      return BrokerError.make(
-        new BrokerError.BrokerClosed({ message: `${command}: the Redis client is closed`, cause: error })
-      )
-    }
     const refused = /^(ERR|WRONGTYPE|NOSCRIPT|BUSYGROUP|NOGROUP|NOPERM|NOAUTH|READONLY|OOM|LOADING|MISCONF)\b/.test(
       text
     )

@@ -19,7 +19,8 @@
  *
  * ## How it works
  *
- * - publish: one `XADD` per message, pipelined; then the confirmation
+ * - publish: one Lua call per topic and batch that `XADD`s every message
+ *   (one round trip; a batch is stored all or none); then the confirmation
  *   (`reply`, or `WAITAOF` for the durable levels).
  * - subscribe: `XGROUP CREATE ... 0 MKSTREAM` (BUSYGROUP ignored) on the topic
  *   and the group's retry stream; a **reserved connection** runs
@@ -139,6 +140,23 @@ redis.call('XADD', KEYS[2], '*', unpack(fields))
 return 1`
   }
 ).withReturnType<number>()
+
+/**
+ * Append a batch to one stream in one round trip (atomic: all or none).
+ * ARGV: for each entry, its field count followed by its fields.
+ */
+const addBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
+  numberOfKeys: 1,
+  lua: `
+local ids = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return ids`
+}).withReturnType<ReadonlyArray<string>>()
 
 /** Move due delayed entries to the group's retry stream (atomic). Returns how many. */
 const moveScript = Redis.script(
@@ -367,14 +385,35 @@ export const make = (
           yield* checkName("topic", m.topic)
           validTopics.add(m.topic)
         }
-        // issued in the same tick, so node-redis pipelines them
-        const ids = yield* Effect.forEach(
-          messages,
-          (m) =>
-            redis
-              .send<string>("XADD", keys(m.topic).stream, "*", ...Object.entries(Envelope.toFields(m)).flat())
-              .pipe(Effect.mapError(fromRedis("XADD"))),
-          { concurrency: "unbounded" }
+        // one atomic script call per topic and batch (one round trip, all or none), topics in parallel
+        const byTopic = new Map<string, Array<number>>()
+        for (let i = 0; i < messages.length; i++) {
+          const at = byTopic.get(messages[i]!.topic)
+          if (at === undefined) byTopic.set(messages[i]!.topic, [i])
+          else at.push(i)
+        }
+        const ids: Array<string> = new Array(messages.length)
+        yield* Effect.forEach(
+          byTopic,
+          ([topic, indexes]) => {
+            const args: Array<string> = []
+            for (const i of indexes) {
+              const fields = Envelope.toFields(messages[i]!)
+              const start = args.length
+              args.push("")
+              for (const name in fields) args.push(name, fields[name]!)
+              args[start] = String(args.length - start - 1)
+            }
+            return redis
+              .eval(addBatchScript)(keys(topic).stream, ...args)
+              .pipe(
+                Effect.mapError(fromRedis("XADD")),
+                Effect.map((added) => {
+                  for (let k = 0; k < indexes.length; k++) ids[indexes[k]!] = String(added[k])
+                })
+              )
+          },
+          { concurrency: "unbounded", discard: true }
         )
         if (confirm !== "reply") {
           const reply = yield* redis

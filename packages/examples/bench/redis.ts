@@ -1,0 +1,336 @@
+/**
+ * Redis Streams benchmarks, at the `Broker` level (encoded envelopes; every
+ * body is `JSON.parse`d on the consuming side, as the baselines do), each next
+ * to a hand-written node-redis baseline in the same run, plus BullMQ on the
+ * same payloads. Needs a Redis at `REDIS_URL` (default 127.0.0.1:6379).
+ */
+import { randomUUID } from "node:crypto"
+import { RedisStreamsBroker } from "@converge/broker-redis-streams"
+import { Broker, Consumer, Envelope, Topic } from "@converge/core"
+import { NodeRedis } from "@effect/platform-node"
+import { Queue, Worker } from "bullmq"
+import { Effect, Layer, Result, type Scope, Stream } from "effect"
+import type * as Redis from "effect/persistence/Redis"
+import { createClient } from "redis"
+import { type Bench, median, type Row, rate, round } from "./harness.ts"
+import { Order, order } from "./payload.ts"
+
+const url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
+const orders = Topic.make("bench-redis", Order, { key: (o) => o.orderId })
+const batch = 100
+
+const encodedMessages = (count: number): Array<Envelope.Encoded> => {
+  const iso = new Date().toISOString()
+  return Array.from({ length: count }, (_, i) => {
+    const r = Envelope.makeEncodedResult(orders, order(i), Date.now(), undefined, iso)
+    if (Result.isFailure(r)) throw r.failure
+    return r.success
+  })
+}
+
+/** Runs an Effect with a fresh broker (unique prefix), the broker's context, and cleans up. */
+const withBroker = <A>(f: (prefix: string) => Effect.Effect<A, unknown, Broker.Broker | Redis.Redis | Scope.Scope>) => {
+  const prefix = `cvbench:${randomUUID().slice(0, 8)}`
+  return Effect.runPromise(
+    f(prefix).pipe(
+      Effect.scoped,
+      Effect.provide(
+        RedisStreamsBroker.layer({ prefix, block: "100 millis" }).pipe(
+          Layer.provideMerge(NodeRedis.layer({ url, maxConnections: 20 }))
+        )
+      )
+    )
+  )
+}
+
+const rawClient = async () => {
+  const client = createClient({ url })
+  client.on("error", () => {})
+  await client.connect()
+  return client
+}
+
+const deleteKeys = async (client: Awaited<ReturnType<typeof rawClient>>, pattern: string) => {
+  for await (const keys of client.scanIterator({ MATCH: pattern, COUNT: 1000 })) {
+    if (keys.length > 0) await client.del(keys)
+  }
+}
+
+// --- publish -----------------------------------------------------------------
+
+const publishConverge = (messages: ReadonlyArray<Envelope.Encoded>) =>
+  withBroker(() =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const start = performance.now()
+      for (let b = 0; b < messages.length; b += batch) yield* broker.publish(messages.slice(b, b + batch))
+      return performance.now() - start
+    })
+  )
+
+const publishRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
+  const client = await rawClient()
+  const key = `cvbench:${randomUUID().slice(0, 8)}:{raw}`
+  try {
+    const start = performance.now()
+    for (let b = 0; b < messages.length; b += batch) {
+      // the same input as the broker (encoded envelopes, the same field layout);
+      // commands issued in one tick are pipelined by node-redis
+      await Promise.all(
+        messages
+          .slice(b, b + batch)
+          .map((m) => client.sendCommand(["XADD", key, "*", ...Object.entries(Envelope.toFields(m)).flat()]))
+      )
+    }
+    return performance.now() - start
+  } finally {
+    await client.del(key)
+    await client.close()
+  }
+}
+
+// --- consume -----------------------------------------------------------------
+
+/** Converge: subscribe, JSON.parse each body, one ackAll per read. */
+const consumeConverge = (messages: ReadonlyArray<Envelope.Encoded>) =>
+  withBroker(() =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
+      let consumed = 0
+      const done = Promise.withResolvers<void>()
+      const start = performance.now()
+      yield* broker.subscribe({ topic: orders.name, group: "g", consumer: "c", batchSize: batch }).pipe(
+        Stream.runForEachArray((ds) =>
+          Effect.suspend(() => {
+            for (const d of ds) JSON.parse(d.envelope.data)
+            consumed += ds.length
+            if (consumed >= messages.length) done.resolve()
+            return broker.ackAll(ds)
+          })
+        ),
+        Effect.forkScoped
+      )
+      yield* Effect.promise(() => done.promise)
+      return performance.now() - start
+    })
+  )
+
+/** Converge's typed path: the consumer runtime decoding every payload with its Schema. */
+const consumeTyped = (messages: ReadonlyArray<Envelope.Encoded>) =>
+  withBroker(() =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
+      let consumed = 0
+      const done = Promise.withResolvers<void>()
+      const start = performance.now()
+      yield* Consumer.make(orders, {
+        group: "g",
+        consumer: "c",
+        batchSize: batch,
+        handle: () =>
+          Effect.sync(() => {
+            if (++consumed === messages.length) done.resolve()
+          })
+      })
+      yield* Effect.promise(() => done.promise)
+      return performance.now() - start
+    })
+  )
+
+const xreadgroupEntries = (reply: unknown): Array<[string, Record<string, string>]> => {
+  const out: Array<[string, Record<string, string>]> = []
+  if (reply === null || typeof reply !== "object") return out
+  for (const entries of Object.values(reply as Record<string, unknown>)) {
+    for (const [id, flat] of entries as Array<[string, Array<string>]>) {
+      const fields: Record<string, string> = {}
+      for (let i = 0; i < flat.length; i += 2) fields[flat[i]!] = flat[i + 1]!
+      out.push([id, fields])
+    }
+  }
+  return out
+}
+
+/** Hand-written: XREADGROUP COUNT n + JSON.parse of each body + XACK, in a loop. */
+const consumeRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
+  const client = await rawClient()
+  const reader = client.duplicate()
+  reader.on("error", () => {})
+  await reader.connect()
+  const key = `cvbench:${randomUUID().slice(0, 8)}:{raw}`
+  try {
+    await client.sendCommand(["XGROUP", "CREATE", key, "g", "0", "MKSTREAM"])
+    const fields = messages.map((m) => Object.entries(Envelope.toFields(m)).flat())
+    for (let b = 0; b < fields.length; b += 1000) {
+      await Promise.all(fields.slice(b, b + 1000).map((f) => client.sendCommand(["XADD", key, "*", ...f])))
+    }
+    let consumed = 0
+    const start = performance.now()
+    while (consumed < messages.length) {
+      const reply = await reader.sendCommand([
+        "XREADGROUP",
+        "GROUP",
+        "g",
+        "c",
+        "COUNT",
+        String(batch),
+        "BLOCK",
+        "100",
+        "STREAMS",
+        key,
+        ">"
+      ])
+      const entries = xreadgroupEntries(reply)
+      if (entries.length === 0) continue
+      for (const [, f] of entries) JSON.parse(f.data!)
+      await client.sendCommand(["XACK", key, "g", ...entries.map(([id]) => id)])
+      consumed += entries.length
+    }
+    return performance.now() - start
+  } finally {
+    await client.del(key)
+    await reader.close()
+    await client.close()
+  }
+}
+
+/** BullMQ: addBulk, then a Worker with concurrency 100 until every job completed. */
+const consumeBullmq = async (count: number) => {
+  const connection = await rawClient()
+  const prefix = `cvbullmq${randomUUID().slice(0, 8)}`
+  const queue = new Queue("bench", { connection, prefix })
+  try {
+    const payloads = Array.from({ length: count }, (_, i) => order(i))
+    for (let b = 0; b < count; b += 1000) {
+      await queue.addBulk(
+        payloads.slice(b, b + 1000).map((data) => ({
+          name: "order",
+          data,
+          opts: { removeOnComplete: true, removeOnFail: true }
+        }))
+      )
+    }
+    let completed = 0
+    const done = Promise.withResolvers<void>()
+    const start = performance.now()
+    const worker = new Worker(
+      "bench",
+      async (job) => {
+        JSON.stringify(job.data)
+        if (++completed === count) done.resolve()
+      },
+      { connection, prefix, concurrency: 100 }
+    )
+    await done.promise
+    const elapsed = performance.now() - start
+    await worker.close()
+    return elapsed
+  } finally {
+    await queue.obliterate({ force: true }).catch(() => {})
+    await queue.close()
+    await deleteKeys(connection, `${prefix}:*`)
+    await connection.close().catch(() => {})
+  }
+}
+
+// --- rows --------------------------------------------------------------------
+
+const runs = 5
+
+const pairs = async (
+  ours: () => Promise<number>,
+  theirs: () => Promise<number>,
+  count: number,
+  theirCount = count
+): Promise<{ msgs: number; base: number; ratio: number }> => {
+  await ours()
+  await theirs()
+  const a: Array<number> = []
+  const b: Array<number> = []
+  const r: Array<number> = []
+  for (let i = 0; i < runs; i++) {
+    const x = rate(count, await ours())
+    const y = rate(theirCount, await theirs())
+    a.push(x)
+    b.push(y)
+    r.push(x / y)
+  }
+  return { msgs: median(a), base: median(b), ratio: median(r) }
+}
+
+const row = (bench: string, baseline: string, m: { msgs: number; base: number; ratio: number }): Row => ({
+  bench,
+  msgs_per_s: round(m.msgs),
+  baseline,
+  baseline_msgs_per_s: round(m.base),
+  ratio: round(m.ratio, 3)
+})
+
+const count = 20_000
+let messagesCache: Array<Envelope.Encoded> | undefined
+const messages = () => {
+  messagesCache ??= encodedMessages(count)
+  return messagesCache
+}
+
+/** The Redis benchmarks. */
+export const benches: ReadonlyArray<Bench> = [
+  {
+    name: "redis/publish",
+    run: async () => [
+      row(
+        "redis/publish",
+        "node-redis pipelined XADD",
+        await pairs(
+          () => publishConverge(messages()),
+          () => publishRaw(messages()),
+          count
+        )
+      )
+    ]
+  },
+  {
+    name: "redis/consume",
+    run: async () => [
+      row(
+        "redis/consume",
+        "node-redis XREADGROUP+XACK loop",
+        await pairs(
+          () => consumeConverge(messages()),
+          () => consumeRaw(messages()),
+          count
+        )
+      )
+    ]
+  },
+  {
+    name: "redis/consume-typed",
+    run: async () => [
+      row(
+        "redis/consume-typed (Consumer, Schema decode)",
+        "node-redis XREADGROUP+XACK loop",
+        await pairs(
+          () => consumeTyped(messages()),
+          () => consumeRaw(messages()),
+          count
+        )
+      )
+    ]
+  },
+  {
+    name: "redis/consume-vs-bullmq",
+    run: async () => [
+      row(
+        "redis/consume (vs BullMQ)",
+        "bullmq addBulk+Worker(concurrency 100)",
+        await pairs(
+          () => consumeConverge(messages()),
+          () => consumeBullmq(5_000),
+          count,
+          5_000
+        )
+      )
+    ]
+  }
+]

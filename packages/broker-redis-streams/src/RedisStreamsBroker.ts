@@ -39,7 +39,7 @@
  * @since 0.1.0
  */
 import { Broker, BrokerError, Envelope, Name } from "@converge/core"
-import { Clock, Config, Duration, Effect, Exit, Layer, Result, Scope, Stream } from "effect"
+import { Clock, Config, Duration, Effect, Exit, Fiber, Layer, Result, Scope, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import * as Replies from "./internal/replies.ts"
 
@@ -462,6 +462,13 @@ export const make = (
           yield* ensureGroups
 
           let history = true
+          const historyFrom = new Map<string, string>()
+          const resetHistory = () => {
+            history = true
+            historyFrom.set(k.stream, "0")
+            historyFrom.set(retry, "0")
+          }
+          resetHistory()
           let nextMoveAt = 0
           let nextClaimAt = 0
           let recreations = 0
@@ -560,17 +567,19 @@ export const make = (
                 }
                 if (out.length > 0) return out
               }
-              const id = history ? "0" : ">"
+              // own pending history first (from where the last history read stopped), then new entries
+              const ids = history ? [historyFrom.get(k.stream)!, historyFrom.get(retry)!] : [">", ">"]
               const args = ["GROUP", sub.group, sub.consumer, "COUNT", count]
               if (!history) args.push("BLOCK", String(Math.min(blockMs, Math.max(1, nextMoveAt - now))))
               const reply = Replies.streamsOf(
                 yield* conn
-                  .send<unknown>("XREADGROUP", ...args, "STREAMS", k.stream, retry, id, id)
+                  .send<unknown>("XREADGROUP", ...args, "STREAMS", k.stream, retry, ...ids)
                   .pipe(Effect.mapError(fromRedis("XREADGROUP")))
               )
               let read = 0
               for (const [stream, entries] of reply) {
                 read += entries.length
+                if (history && entries.length > 0) historyFrom.set(stream, entries[entries.length - 1]!.id)
                 const counts = history ? yield* countsOf(stream, entries) : undefined
                 out.push(...(yield* toDeliveries(stream, entries, counts)))
               }
@@ -601,52 +610,63 @@ export const make = (
             })
           )
 
-          const pull: Effect.Effect<readonly [Broker.Delivery, ...Array<Broker.Delivery>], BrokerError.BrokerError> =
-            Effect.gen(function* () {
-              while (true) {
-                if (closed)
-                  return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
-                if (conn === undefined) {
-                  const scope = yield* Scope.make()
-                  connScope = scope
-                  const reserved = yield* Effect.result(
-                    redis.reserve.pipe(Scope.provide(scope), Effect.mapError(fromRedis("reserve")))
-                  )
-                  if (Result.isFailure(reserved)) {
-                    yield* dropConnection
-                    yield* Effect.logWarning(`redis-streams: ${reserved.failure.message}; retrying`)
-                    yield* Effect.sleep(backoff())
-                    recreations++
-                    continue
-                  }
-                  conn = reserved.success
-                }
-                const result = yield* Effect.result(readOnce(conn))
-                if (Result.isSuccess(result)) {
-                  recreations = 0
-                  if (result.success.length > 0) {
-                    return result.success as unknown as readonly [Broker.Delivery, ...Array<Broker.Delivery>]
-                  }
-                  continue
-                }
-                const error = result.failure
-                if (isNoGroup(error)) {
-                  // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
+          type Batch = readonly [Broker.Delivery, ...Array<Broker.Delivery>]
+          /** Reads until there is a non-empty batch (or a permanent failure). */
+          const fetch: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
+            while (true) {
+              if (closed)
+                return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
+              if (conn === undefined) {
+                const scope = yield* Scope.make()
+                connScope = scope
+                const reserved = yield* Effect.result(
+                  redis.reserve.pipe(Scope.provide(scope), Effect.mapError(fromRedis("reserve")))
+                )
+                if (Result.isFailure(reserved)) {
+                  yield* dropConnection
+                  yield* Effect.logWarning(`redis-streams: ${reserved.failure.message}; retrying`)
                   yield* Effect.sleep(backoff())
                   recreations++
-                  yield* ensureGroups
-                  history = true
-                  yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
                   continue
                 }
-                if (!error.isRetryable) return yield* Effect.fail(error)
-                // the connection dropped: a fresh reserved connection, with backoff
-                yield* Effect.logWarning(`redis-streams: ${error.message}; reconnecting`)
-                yield* dropConnection
+                conn = reserved.success
+              }
+              const result = yield* Effect.result(readOnce(conn))
+              if (Result.isSuccess(result)) {
+                recreations = 0
+                if (result.success.length > 0) {
+                  return result.success as unknown as readonly [Broker.Delivery, ...Array<Broker.Delivery>]
+                }
+                continue
+              }
+              const error = result.failure
+              if (isNoGroup(error)) {
+                // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
                 yield* Effect.sleep(backoff())
                 recreations++
+                yield* ensureGroups
+                resetHistory()
+                yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
+                continue
               }
-            })
+              if (!error.isRetryable) return yield* Effect.fail(error)
+              // the connection dropped: a fresh reserved connection, with backoff
+              yield* Effect.logWarning(`redis-streams: ${error.message}; reconnecting`)
+              yield* dropConnection
+              yield* Effect.sleep(backoff())
+              recreations++
+            }
+          })
+          // Read one batch ahead: while the consumer handles and acks a batch, the next
+          // XREADGROUP is already on the wire (prefetched entries that are never handled stay
+          // pending, and are redelivered like any unacked entry).
+          const streamScope = yield* Effect.scope
+          let ahead: Fiber.Fiber<Batch, BrokerError.BrokerError> | undefined
+          const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
+            const current = ahead === undefined ? yield* fetch : yield* Fiber.join(ahead)
+            ahead = yield* Effect.forkIn(fetch, streamScope)
+            return current
+          })
           return Stream.fromPull(Effect.succeed(pull))
         })
       )

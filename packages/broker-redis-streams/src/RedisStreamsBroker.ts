@@ -410,6 +410,7 @@ export const make = (
                 Effect.mapError(fromRedis("XADD")),
                 Effect.map((added) => {
                   for (let k = 0; k < indexes.length; k++) ids[indexes[k]!] = String(added[k])
+                  return added.length
                 })
               )
           },

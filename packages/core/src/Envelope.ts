@@ -136,6 +136,9 @@ export class PayloadError extends Schema.TaggedError<PayloadError>("@converge/co
   }
 ) {}
 
+const payloadError = (topic: string, messageId: string, direction: "encode" | "decode", message: string) =>
+  Result.fail(new PayloadError({ topic, messageId, direction, message }))
+
 /**
  * Options of {@link make}.
  *
@@ -235,9 +238,7 @@ export const makeEncodedResult = <A, I>(
   const id = options?.id ?? uuidv7(nowMillis)
   const data = topic.encode(payload)
   if (Result.isFailure(data)) {
-    return Result.fail(
-      new PayloadError({ topic: topic.name, messageId: id, direction: "encode", message: data.failure.message })
-    )
+    return payloadError(topic.name, id, "encode", data.failure.message)
   }
   return Result.succeed({
     id,
@@ -293,14 +294,7 @@ export const encodeResult = <A, I>(
 ): Result.Result<Encoded, PayloadError> => {
   const data = topic.encode(envelope.payload)
   if (Result.isFailure(data)) {
-    return Result.fail(
-      new PayloadError({
-        topic: topic.name,
-        messageId: envelope.id,
-        direction: "encode",
-        message: data.failure.message
-      })
-    )
+    return payloadError(topic.name, envelope.id, "encode", data.failure.message)
   }
   return Result.succeed({
     id: envelope.id,
@@ -334,14 +328,7 @@ export const decodeResult = <A, I>(
 ): Result.Result<Envelope<A>, PayloadError | MalformedEnvelope> => {
   const payload = topic.decode(encoded.data)
   if (Result.isFailure(payload)) {
-    return Result.fail(
-      new PayloadError({
-        topic: topic.name,
-        messageId: encoded.id,
-        direction: "decode",
-        message: payload.failure.message
-      })
-    )
+    return payloadError(topic.name, encoded.id, "decode", payload.failure.message)
   }
   const millis = Date.parse(encoded.time)
   if (Number.isNaN(millis)) {

@@ -274,63 +274,50 @@ const messages = () => {
   return messagesCache
 }
 
+/** A benchmark comparing `ours` with `theirs` in alternating runs. */
+const compare = (
+  name: string,
+  label: string,
+  baseline: string,
+  ours: () => Promise<number>,
+  theirs: () => Promise<number>,
+  theirCount = count
+): Bench => ({
+  name,
+  run: async () => [row(label, baseline, await pairs(ours, theirs, count, theirCount))]
+})
+
+const handWrittenLoop = "node-redis XREADGROUP+XACK loop"
+
 /** The Redis benchmarks. */
 export const benches: ReadonlyArray<Bench> = [
-  {
-    name: "redis/publish",
-    run: async () => [
-      row(
-        "redis/publish",
-        "node-redis pipelined XADD",
-        await pairs(
-          () => publishConverge(messages()),
-          () => publishRaw(messages()),
-          count
-        )
-      )
-    ]
-  },
-  {
-    name: "redis/consume",
-    run: async () => [
-      row(
-        "redis/consume",
-        "node-redis XREADGROUP+XACK loop",
-        await pairs(
-          () => consumeConverge(messages()),
-          () => consumeRaw(messages()),
-          count
-        )
-      )
-    ]
-  },
-  {
-    name: "redis/consume-typed",
-    run: async () => [
-      row(
-        "redis/consume-typed (Consumer, Schema decode)",
-        "node-redis XREADGROUP+XACK loop",
-        await pairs(
-          () => consumeTyped(messages()),
-          () => consumeRaw(messages()),
-          count
-        )
-      )
-    ]
-  },
-  {
-    name: "redis/consume-vs-bullmq",
-    run: async () => [
-      row(
-        "redis/consume (vs BullMQ)",
-        "bullmq addBulk+Worker(concurrency 100)",
-        await pairs(
-          () => consumeConverge(messages()),
-          () => consumeBullmq(5_000),
-          count,
-          5_000
-        )
-      )
-    ]
-  }
+  compare(
+    "redis/publish",
+    "redis/publish",
+    "node-redis pipelined XADD",
+    () => publishConverge(messages()),
+    () => publishRaw(messages())
+  ),
+  compare(
+    "redis/consume",
+    "redis/consume",
+    handWrittenLoop,
+    () => consumeConverge(messages()),
+    () => consumeRaw(messages())
+  ),
+  compare(
+    "redis/consume-typed",
+    "redis/consume-typed (Consumer, Schema decode)",
+    handWrittenLoop,
+    () => consumeTyped(messages()),
+    () => consumeRaw(messages())
+  ),
+  compare(
+    "redis/consume-vs-bullmq",
+    "redis/consume (vs BullMQ)",
+    "bullmq addBulk+Worker(concurrency 100)",
+    () => consumeConverge(messages()),
+    () => consumeBullmq(5_000),
+    5_000
+  )
 ]

@@ -75,6 +75,15 @@ export interface Options {
   readonly confirmTimeout?: Duration.Input | undefined
   /** How often subscriptions move due delayed redeliveries (default 100 ms). */
   readonly moveInterval?: Duration.Input | undefined
+  /**
+   * Keep about this many entries per topic stream (default: no trimming).
+   * Trimming never removes an entry still pending in a group, nor one not yet
+   * delivered to a group (`XTRIM MINID` at the oldest such entry), so a slow
+   * group keeps the stream longer. It runs at most every `trimInterval`.
+   */
+  readonly maxLen?: number | undefined
+  /** How often a topic is trimmed while publishing (default 1 second). */
+  readonly trimInterval?: Duration.Input | undefined
 }
 
 const prefixPattern = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$/
@@ -157,6 +166,40 @@ while i <= #ARGV do
 end
 return ids`
 }).withReturnType<ReadonlyArray<string>>()
+
+/**
+ * Trim a stream to about `maxLen` entries, never removing an entry that is
+ * pending in a group or not yet delivered to one: `XTRIM MINID` at the oldest
+ * of (the oldest entry `maxLen` keeps, each group's oldest pending entry, each
+ * group's last delivered entry). Returns how many entries were removed.
+ */
+const trimScript = Redis.script((stream: string, maxLen: number) => [stream, maxLen], {
+  numberOfKeys: 1,
+  lua: `
+local maxLen = tonumber(ARGV[1])
+if redis.call('XLEN', KEYS[1]) <= maxLen then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function older(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local kept = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', maxLen)
+local bound = kept[#kept][1]
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local limit = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    limit = redis.call('XPENDING', KEYS[1], info['name'])[2]
+  end
+  if older(limit, bound) then bound = limit end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', bound)`
+}).withReturnType<number>()
 
 /** Move due delayed entries to the group's retry stream (atomic). Returns how many. */
 const moveScript = Redis.script(
@@ -335,6 +378,25 @@ export const make = (
     const confirm = options?.confirm ?? "reply"
     const replicas = options?.replicas ?? 1
     const confirmTimeout = Duration.toMillis(options?.confirmTimeout ?? "1 second")
+    const maxLen = options?.maxLen
+    if (maxLen !== undefined && (!Number.isInteger(maxLen) || maxLen < 1)) {
+      return yield* fail(
+        new BrokerError.InvalidArgument({ argument: "maxLen", message: "maxLen must be an integer >= 1" })
+      )
+    }
+    const trimEvery = Duration.toMillis(options?.trimInterval ?? "1 second")
+    const nextTrimAt = new Map<string, number>()
+    /** Trims a topic when due; a failed trim is logged, never a failed publish. */
+    const trimIfDue = (topic: string, now: number) => {
+      if (maxLen === undefined || now < (nextTrimAt.get(topic) ?? 0)) return Effect.void
+      nextTrimAt.set(topic, now + trimEvery)
+      return redis
+        .eval(trimScript)(keys(topic).stream, maxLen)
+        .pipe(
+          Effect.catch((e) => Effect.logWarning(`redis-streams: trimming ${topic} failed`, e)),
+          Effect.asVoid
+        )
+    }
 
     const keys = (topic: string): Keys => {
       const base = `${prefix}:{${topic}}`
@@ -407,6 +469,7 @@ export const make = (
             return redis
               .eval(addBatchScript)(keys(topic).stream, ...args)
               .pipe(
+                Effect.tap(() => Effect.flatMap(Clock.currentTimeMillis, (now) => trimIfDue(topic, now))),
                 Effect.mapError(fromRedis("XADD")),
                 Effect.map((added) => {
                   for (let k = 0; k < indexes.length; k++) ids[indexes[k]!] = String(added[k])

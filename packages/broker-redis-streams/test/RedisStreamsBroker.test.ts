@@ -208,6 +208,32 @@ describe("RedisStreamsBroker", () => {
     }).pipe(Effect.provide(brokerLayer()))
   )
 
+  it.live("trimming (maxLen) never removes entries pending in a group or not yet delivered", () =>
+    Effect.gen(function* () {
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      const context = yield* Layer.build(RedisStreamsBroker.layer({ prefix, maxLen: 10, trimInterval: 0 }))
+      const broker = Context.get(context, Broker.Broker)
+      const length = Effect.map(redis.send<number>("XLEN", streamKey(prefix, "orders")), Number)
+      yield* broker.publish(BrokerTest.messages("orders", 5))
+      const held = yield* Stream.runCollect(
+        Stream.take(broker.subscribe({ topic: "orders", group: "g", consumer: "c", batchSize: 5 }), 5)
+      )
+      for (let i = 0; i < 5; i++) yield* broker.publish(BrokerTest.messages("orders", 10, { from: 5 + i * 10 }))
+      assert.strictEqual(yield* length, 55, "nothing trimmed: the 5 held entries are pending, the rest undelivered")
+      yield* broker.ackAll(held)
+      const rest = yield* Stream.runCollect(
+        Stream.take(broker.subscribe({ topic: "orders", group: "g", consumer: "c", batchSize: 100 }), 50)
+      )
+      assert.strictEqual(rest.length, 50, "every undelivered entry was still there")
+      yield* broker.ackAll(rest)
+      yield* broker.publish(BrokerTest.messages("orders", 1, { from: 55 }))
+      assert.strictEqual(yield* length, 10, "trimmed to maxLen once nothing needs the old entries")
+      const bad = yield* Effect.flip(Layer.build(RedisStreamsBroker.layer({ prefix, maxLen: 0 })).pipe(Effect.scoped))
+      assert.strictEqual(bad.reason._tag, "InvalidArgument")
+    }).pipe(Effect.provide(brokerLayer()))
+  )
+
   it.live("invalid prefix and names are rejected with typed errors", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(

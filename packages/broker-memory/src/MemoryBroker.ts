@@ -47,8 +47,8 @@ export interface Options {
    */
   readonly fsyncInterval?: Duration.Input | undefined
   /**
-   * Keep about this many entries per topic (trimmed in steps of up to 10%,
-   * like Redis `MAXLEN ~`). Trimming never removes an entry that is still
+   * Keep about this many entries per topic (trimmed in steps of 100 to 1000
+   * entries or 10%, like Redis `MAXLEN ~`). Trimming never removes an entry that is still
    * pending, or not yet read, in any group. Default: unbounded.
    */
   readonly retention?: number | undefined
@@ -252,7 +252,10 @@ class Core {
   constructor(options: Options | undefined) {
     this.ordered = options?.orderedPerKey ?? false
     this.retention = options?.retention ?? Number.POSITIVE_INFINITY
-    this.retentionSlack = Number.isFinite(this.retention) ? Math.min(1000, Math.ceil(this.retention / 10)) : 0
+    // trim at most every 100..1000 appends: the scan of what groups still need is amortised
+    this.retentionSlack = Number.isFinite(this.retention)
+      ? Math.max(100, Math.min(1000, Math.ceil(this.retention / 10)))
+      : 0
     this.fsyncEnabled = options?.fsyncInterval !== undefined
     this.rng = (options?.seed ?? 1) >>> 0 || 1
   }

@@ -4,7 +4,7 @@ import { Broker, BrokerError, Consumer, DeadLetter, Publisher, Topic } from "@co
 import { BrokerTest } from "@converge/core/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
-import { Cause, Context, Effect, Layer, Ref, Schema, Stream } from "effect"
+import { Cause, ConfigProvider, Context, Effect, Layer, Ref, Schema, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { RedisStreamsBroker } from "../src/index.ts"
 import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
@@ -258,6 +258,32 @@ describe("RedisStreamsBroker", () => {
           "a typed CommandFailed naming WAITAOF"
         )
       }
+    }).pipe(Effect.provide(brokerLayer()))
+  )
+
+  it.live("layerConfig reads the prefix and the confirmation level from configuration", () =>
+    Effect.gen(function* () {
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      const context = yield* Layer.build(
+        RedisStreamsBroker.layerConfig.pipe(
+          Layer.provide(
+            ConfigProvider.layer(
+              ConfigProvider.fromUnknown({ CONVERGE_REDIS_PREFIX: `${prefix}:cfg`, CONVERGE_REDIS_CONFIRM: "reply" })
+            )
+          )
+        )
+      )
+      yield* Context.get(context, Broker.Broker).publish(BrokerTest.messages("orders", 2))
+      assert.strictEqual(Number(yield* redis.send<number>("XLEN", streamKey(`${prefix}:cfg`, "orders"))), 2)
+      const bad = yield* Effect.flip(
+        Layer.build(
+          RedisStreamsBroker.layerConfig.pipe(
+            Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ CONVERGE_REDIS_CONFIRM: "maybe" })))
+          )
+        ).pipe(Effect.scoped)
+      )
+      assert.include(String(bad), "CONVERGE_REDIS_CONFIRM")
     }).pipe(Effect.provide(brokerLayer()))
   )
 

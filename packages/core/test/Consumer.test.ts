@@ -532,6 +532,28 @@ describe("Consumer", () => {
     }).pipe(Effect.provide(Live()))
   )
 
+  it.effect("Consumer.layer runs in the background while the layer lives, and stops with it", () =>
+    Effect.gen(function* () {
+      const seen = yield* Ref.make<Array<string>>([])
+      const billing = Consumer.layer(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (p) => Ref.update(seen, (xs) => [...xs, p.id])
+      })
+      yield* Effect.scoped(
+        Effect.gen(function* () {
+          yield* Layer.build(billing)
+          yield* Publisher.publishAll(payments, [pay(1), pay(2)])
+          yield* until(Effect.map(Ref.get(seen), (xs) => xs.length >= 2))
+        })
+      )
+      yield* Publisher.publish(payments, pay(3))
+      yield* TestClock.adjust("1 minute")
+      yield* yieldMany
+      assert.deepStrictEqual(yield* Ref.get(seen), ["p-1", "p-2"], "nothing is handled once the layer is gone")
+    }).pipe(Effect.provide(Live()))
+  )
+
   it.effect("invalid group or consumer names fail at construction", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(Consumer.make(payments, { group: "bad group", handle: () => Effect.void }))

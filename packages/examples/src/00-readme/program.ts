@@ -1,31 +1,30 @@
 /**
- * Example 00 — the README's "A taste", verbatim (the test runs it, so the
+ * Example 00 — the README's "A taste" (the same code plus doc comments; the test runs it, so the
  * README never shows code that does not run).
  */
 import { MemoryBroker } from "@converge/broker-memory"
-import { Broker, Envelope, Publisher, Topic } from "@converge/core"
-import { Effect, Layer, Schema, Stream } from "effect"
+import { Consumer, Publisher, Topic } from "@converge/core"
+import { Data, Effect, Layer, Schedule, Schema } from "effect"
 
 const OrderPlaced = Schema.Struct({ orderId: Schema.String, amountCents: Schema.Int })
-const orders = Topic.make("orders", OrderPlaced, { key: (o) => o.orderId })
+/** The orders topic. */
+export const orders = Topic.make("orders", OrderPlaced, { key: (o) => o.orderId })
+class PaymentDeclined extends Data.TaggedError("PaymentDeclined")<{ readonly orderId: string }> {}
 
-/** Publishes one order and bills it. */
+/** Starts a billing consumer, then publishes two orders. */
 export const program = Effect.gen(function* () {
+  yield* Consumer.make(orders, {
+    group: "billing",
+    handle: (order, ctx) =>
+      order.amountCents > 0
+        ? Effect.log(`billed ${order.orderId} (message ${ctx.id}, attempt ${ctx.attempt})`)
+        : Effect.fail(new PaymentDeclined({ orderId: order.orderId })),
+    errors: { PaymentDeclined: "dead-letter" }, // leave a tag out: compile error
+    retry: Schedule.exponential("100 millis").pipe(Schedule.upTo({ times: 5 }))
+  })
   yield* Publisher.publish(orders, { orderId: "o-1", amountCents: 1250 })
-  const broker = yield* Broker.Broker
-  yield* broker.subscribe({ topic: "orders", group: "billing", consumer: "billing-1" }).pipe(
-    Stream.take(1),
-    Stream.runForEach((delivery) =>
-      // ack on success, nack on failure, nothing on interruption: from the exit
-      Broker.process(
-        delivery,
-        Effect.fromResult(Envelope.decodeResult(orders, delivery.envelope)).pipe(
-          Effect.flatMap((order) => Effect.log(`bill ${order.payload.orderId}`))
-        )
-      )
-    )
-  )
+  yield* Publisher.publish(orders, { orderId: "o-2", amountCents: 0 })
 })
 
-/** The layers of the README example. */
+/** The layers: the in-memory broker here; `RedisStreamsBroker.layer` in production. */
 export const layer = Publisher.layer().pipe(Layer.provideMerge(MemoryBroker.layer()))

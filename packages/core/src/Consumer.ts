@@ -59,7 +59,9 @@
  * Closing the consumer's scope stops taking new deliveries, lets in-flight
  * handlers finish for up to `shutdownTimeout`, then interrupts them; an
  * interrupted handler's message stays pending (never acked) and is delivered
- * again later.
+ * again later. A subscription that fails for a retryable reason is opened
+ * again with backoff (100 ms doubling, at most 5 s); a permanent failure
+ * (an invalid name, a closed broker) stops the consumer with an error log.
  *
  * @since 0.1.0
  */
@@ -306,6 +308,11 @@ export type Options<A, E, R> = BaseOptions<A, E, R> &
 export const defaultRetry: Schedule.Schedule<unknown, unknown> = Schedule.exponential("100 millis", 2).pipe(
   Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30)))),
   Schedule.upTo({ times: 10 })
+)
+
+/** Backoff between subscription attempts after a retryable failure: 100 ms doubling, at most 5 s. */
+const resubscribeBackoff = Schedule.exponential("100 millis", 2).pipe(
+  Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(5))))
 )
 
 const defaultConsumerName = (): string =>
@@ -565,6 +572,14 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       .pipe(
         Stream.interruptWhen(Deferred.await(stop)),
         Stream.runForEachArray(handleBatch),
+        // a subscription that fails for a retryable reason (a lost connection, a killed consumer)
+        // is opened again with backoff; its unsettled messages come back as this consumer's history
+        Effect.tapError((e) =>
+          Effect.logWarning("consumer: subscription failed; subscribing again", e).pipe(
+            Effect.annotateLogs({ topic: topic.name, group, consumer })
+          )
+        ),
+        Effect.retry({ schedule: resubscribeBackoff, while: (e) => e.isRetryable }),
         Effect.tapCause((cause) =>
           Cause.hasInterruptsOnly(cause) ? Effect.void : Effect.logError("consumer stopped", cause)
         ),

@@ -554,6 +554,35 @@ describe("Consumer", () => {
     }).pipe(Effect.provide(Live()))
   )
 
+  it.effect("a killed subscription is opened again; the unacked message comes back with delivery count 2", () =>
+    Effect.gen(function* () {
+      const seen = yield* Ref.make<Array<number>>([])
+      const gate = yield* Deferred.make<void>()
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        handle: (_, ctx) =>
+          Ref.update(seen, (xs) => [...xs, ctx.deliveryCount]).pipe(
+            Effect.andThen(ctx.deliveryCount === 1 ? Deferred.await(gate) : Effect.void)
+          )
+      })
+      yield* Publisher.publish(payments, pay(1))
+      yield* until(Effect.map(Ref.get(seen), (xs) => xs.length >= 1))
+      assert.strictEqual(
+        yield* MemoryBroker.MemoryBroker.use((m) => m.faults.killConsumer("payments", "billing", "c1")),
+        1
+      )
+      yield* Deferred.succeed(gate, undefined) // the killed handler finishes, but its ack is refused
+      yield* until(
+        Effect.map(Ref.get(seen), (xs) => xs.length >= 2),
+        50
+      )
+      assert.deepStrictEqual(yield* Ref.get(seen), [1, 2])
+      yield* yieldMany
+      assert.deepStrictEqual(yield* pending, [], "acked after the second delivery")
+    }).pipe(Effect.provide(Live()))
+  )
+
   it.effect("invalid group or consumer names fail at construction", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(Consumer.make(payments, { group: "bad group", handle: () => Effect.void }))

@@ -84,6 +84,21 @@ export interface Options {
   readonly maxLen?: number | undefined
   /** How often a topic is trimmed while publishing (default 1 second). */
   readonly trimInterval?: Duration.Input | undefined
+  /**
+   * Split every topic into this many partition streams by a hash of the
+   * message key (default 1). Publishers and consumers of a topic must agree.
+   */
+  readonly partitions?: number | undefined
+  /**
+   * Per-key order (default false): each partition is consumed by one consumer
+   * of a group at a time (a lease, renewed while the consumer lives), and a
+   * key whose message is in flight or backing off is parked: its later
+   * messages wait. Partitions are shared fairly among the group's live
+   * consumers.
+   */
+  readonly orderedPerKey?: boolean | undefined
+  /** How long a partition lease lasts without renewal (default 5 seconds). */
+  readonly leaseTime?: Duration.Input | undefined
 }
 
 const prefixPattern = /^[A-Za-z0-9][A-Za-z0-9._:-]{0,99}$/
@@ -245,9 +260,14 @@ class RedisDelivery implements Broker.Delivery {
   readonly stream: string
   readonly fields: Record<string, string>
   readonly impl: Impl
+  readonly part: Part
+  readonly fromRetry: boolean
+  /** Told about a settlement (per-key parking of ordered subscriptions). */
+  onSettled: ((delivery: RedisDelivery, outcome: "done" | "delayed") => void) | undefined
   constructor(
     impl: Impl,
     sub: Broker.SubscribeOptions,
+    part: Part,
     stream: string,
     entryId: string,
     fields: Record<string, string>,
@@ -255,6 +275,9 @@ class RedisDelivery implements Broker.Delivery {
     deliveryCount: number
   ) {
     this.impl = impl
+    this.part = part
+    this.fromRetry = stream === part.retry
+    this.onSettled = undefined
     this.topic = sub.topic
     this.group = sub.group
     this.consumer = sub.consumer
@@ -264,13 +287,22 @@ class RedisDelivery implements Broker.Delivery {
     this.envelope = envelope
     this.deliveryCount = deliveryCount
   }
+  /** Reports the settlement, once the broker confirmed it. */
+  settled(outcome: "done" | "delayed"): void {
+    this.onSettled?.(this, outcome)
+  }
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.flatMap(
       Effect.mapError(this.impl.redis.send<number>("XACK", this.stream, this.group, this.entryId), fromRedis("XACK")),
-      (n) =>
-        n === 1
-          ? Effect.void
-          : fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+      (n) => {
+        if (n !== 1) {
+          return fail(
+            new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" })
+          )
+        }
+        this.settled("done")
+        return Effect.void
+      }
     )
   }
   nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
@@ -284,12 +316,11 @@ class RedisDelivery implements Broker.Delivery {
       fields[internalFields.deliveries] = String(this.deliveryCount)
       fields[internalFields.origin] = this.entryId
       const member = JSON.stringify(Object.entries(fields).flat())
-      const keys = this.impl.keys(this.topic)
       return Effect.flatMap(
         Effect.mapError(
           this.impl.redis.eval(nackScript)(
             this.stream,
-            keys.delayed(this.group),
+            this.part.delayed,
             this.group,
             this.entryId,
             now + Math.max(0, Duration.toMillis(delay)),
@@ -299,7 +330,7 @@ class RedisDelivery implements Broker.Delivery {
         ),
         (n) =>
           n === 1
-            ? Effect.void
+            ? Effect.sync(() => this.settled("delayed"))
             : fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
       )
     })
@@ -335,7 +366,7 @@ class RedisDelivery implements Broker.Delivery {
         ),
         (n) =>
           n === 1
-            ? Effect.void
+            ? Effect.sync(() => this.settled("done"))
             : fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
       )
     })
@@ -343,10 +374,29 @@ class RedisDelivery implements Broker.Delivery {
 }
 
 interface Keys {
-  readonly stream: string
   readonly dlq: string
-  readonly retry: (group: string) => string
-  readonly delayed: (group: string) => string
+  readonly partition: (group: string, index: number) => Part
+  readonly members: (group: string) => string
+  readonly partitionOf: (message: Envelope.Encoded) => number
+}
+
+/** The keys of one partition of a topic, for one group. */
+interface Part {
+  readonly index: number
+  readonly stream: string
+  readonly retry: string
+  readonly delayed: string
+  readonly lease: string
+}
+
+/** FNV-1a, 32 bits: a stable hash of the ordering key. */
+const fnv1a = (text: string): number => {
+  let h = 0x811c9dc5
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i)
+    h = Math.imul(h, 0x01000193)
+  }
+  return h >>> 0
 }
 
 interface Impl {
@@ -378,6 +428,17 @@ export const make = (
     const confirm = options?.confirm ?? "reply"
     const replicas = options?.replicas ?? 1
     const confirmTimeout = Duration.toMillis(options?.confirmTimeout ?? "1 second")
+    const partitions = options?.partitions ?? 1
+    if (!Number.isInteger(partitions) || partitions < 1 || partitions > 1024) {
+      return yield* fail(
+        new BrokerError.InvalidArgument({
+          argument: "partitions",
+          message: "partitions must be an integer from 1 to 1024"
+        })
+      )
+    }
+    const ordered = options?.orderedPerKey ?? false
+    const leaseMs = Math.max(100, Duration.toMillis(options?.leaseTime ?? "5 seconds"))
     const maxLen = options?.maxLen
     if (maxLen !== undefined && (!Number.isInteger(maxLen) || maxLen < 1)) {
       return yield* fail(
@@ -390,21 +451,29 @@ export const make = (
     const trimIfDue = (topic: string, now: number) => {
       if (maxLen === undefined || now < (nextTrimAt.get(topic) ?? 0)) return Effect.void
       nextTrimAt.set(topic, now + trimEvery)
-      return redis
-        .eval(trimScript)(keys(topic).stream, maxLen)
-        .pipe(
-          Effect.catch((e) => Effect.logWarning(`redis-streams: trimming ${topic} failed`, e)),
-          Effect.asVoid
-        )
+      const k = keys(topic)
+      return Effect.forEach(
+        Array.from({ length: partitions }, (_, i) => k.partition("", i).stream),
+        (stream) => redis.eval(trimScript)(stream, maxLen),
+        { discard: true }
+      ).pipe(Effect.catch((e) => Effect.logWarning(`redis-streams: trimming ${topic} failed`, e)))
     }
 
     const keys = (topic: string): Keys => {
       const base = `${prefix}:{${topic}}`
+      const one = partitions === 1
       return {
-        stream: base,
         dlq: `${base}:dlq`,
-        retry: (group) => `${base}:retry:${group}`,
-        delayed: (group) => `${base}:delayed:${group}`
+        members: (group) => `${base}:members:${group}`,
+        // one partition keeps the plain key names (compatible with a single-stream layout)
+        partition: (group, index) => ({
+          index,
+          stream: one ? base : `${base}:p${index}`,
+          retry: one ? `${base}:retry:${group}` : `${base}:retry:${group}:p${index}`,
+          delayed: one ? `${base}:delayed:${group}` : `${base}:delayed:${group}:p${index}`,
+          lease: `${base}:lease:${group}:p${index}`
+        }),
+        partitionOf: (m) => (one ? 0 : fnv1a(m.key ?? m.id) % partitions)
       }
     }
     const impl: Impl = { redis, keys }
@@ -448,16 +517,19 @@ export const make = (
           validTopics.add(m.topic)
         }
         // one atomic script call per topic and batch (one round trip, all or none), topics in parallel
-        const byTopic = new Map<string, Array<number>>()
+        const byStream = new Map<string, { topic: string; indexes: Array<number> }>()
         for (let i = 0; i < messages.length; i++) {
-          const at = byTopic.get(messages[i]!.topic)
-          if (at === undefined) byTopic.set(messages[i]!.topic, [i])
-          else at.push(i)
+          const m = messages[i]!
+          const k = keys(m.topic)
+          const stream = k.partition("", k.partitionOf(m)).stream
+          const at = byStream.get(stream)
+          if (at === undefined) byStream.set(stream, { topic: m.topic, indexes: [i] })
+          else at.indexes.push(i)
         }
         const ids: Array<string> = new Array(messages.length)
         yield* Effect.forEach(
-          byTopic,
-          ([topic, indexes]) => {
+          byStream,
+          ([stream, { topic, indexes }]) => {
             const args: Array<string> = []
             for (const i of indexes) {
               const fields = Envelope.toFields(messages[i]!)
@@ -467,7 +539,7 @@ export const make = (
               args[start] = String(args.length - start - 1)
             }
             return redis
-              .eval(addBatchScript)(keys(topic).stream, ...args)
+              .eval(addBatchScript)(stream, ...args)
               .pipe(
                 Effect.tap(() => Effect.flatMap(Clock.currentTimeMillis, (now) => trimIfDue(topic, now))),
                 Effect.mapError(fromRedis("XADD")),
@@ -517,25 +589,148 @@ export const make = (
           yield* checkName("group", sub.group)
           yield* checkName("consumer", sub.consumer)
           const k = keys(sub.topic)
-          const retry = k.retry(sub.group)
-          const delayed = k.delayed(sub.group)
+          const all = Array.from({ length: partitions }, (_, i) => k.partition(sub.group, i))
           const count = String(Math.max(1, Math.floor(sub.batchSize ?? 100)))
           const claimIdle = Math.max(1, Duration.toMillis(sub.claimIdle ?? "30 seconds"))
           const onEvent = sub.onEvent ?? Broker.logEvent
-          const ensureGroups = Effect.andThen(createGroup(k.stream, sub.group), createGroup(retry, sub.group))
-          yield* ensureGroups
+          const ensureGroups = (parts: ReadonlyArray<Part>) =>
+            Effect.forEach(
+              parts,
+              (p) => Effect.andThen(createGroup(p.stream, sub.group), createGroup(p.retry, sub.group)),
+              {
+                discard: true
+              }
+            )
 
-          let history = true
-          const historyFrom = new Map<string, string>()
-          const resetHistory = () => {
-            history = true
-            historyFrom.set(k.stream, "0")
-            historyFrom.set(retry, "0")
+          // Partitions this subscription reads: all of them, or (ordered) the ones it holds a lease on.
+          const owned = new Map<number, Part>()
+          const history = new Map<string, string>() // stream -> id to resume the own-pending read from
+          const own = (p: Part) => {
+            owned.set(p.index, p)
+            history.set(p.retry, "0")
+            history.set(p.stream, "0")
           }
-          resetHistory()
+          const resetHistory = () => {
+            for (const p of owned.values()) own(p)
+          }
+          if (!ordered) {
+            yield* ensureGroups(all)
+            for (const p of all) own(p)
+          }
+
+          // --- per-key parking (ordered): one message of a key in flight or backing off at a time
+          const blocked = new Map<string, string>() // key -> entry id in flight, or "delayed"
+          const parked = new Map<string, Array<RedisDelivery>>()
+          const released: Array<Broker.Delivery> = []
+          const inFlight = new Map<number, number>() // partition -> deliveries out and not settled
+          let wakeReleased: (() => void) | undefined
+          const onSettled = (d: RedisDelivery, outcome: "done" | "delayed") => {
+            inFlight.set(d.part.index, Math.max(0, (inFlight.get(d.part.index) ?? 0) - 1))
+            const key = d.envelope.key
+            if (key === undefined || blocked.get(key) !== d.entryId) return
+            if (outcome === "delayed") {
+              blocked.set(key, "delayed")
+              return
+            }
+            const queue = parked.get(key)
+            const next = queue?.shift()
+            if (queue !== undefined && queue.length === 0) parked.delete(key)
+            if (next === undefined) {
+              blocked.delete(key)
+              return
+            }
+            blocked.set(key, next.entryId)
+            inFlight.set(next.part.index, (inFlight.get(next.part.index) ?? 0) + 1)
+            released.push(next)
+            wakeReleased?.()
+          }
+          /** True when the delivery may go out now; otherwise it is parked behind its key. */
+          const admit = (d: RedisDelivery): boolean => {
+            if (!ordered) return true
+            d.onSettled = onSettled
+            const key = d.envelope.key
+            const b = key === undefined ? undefined : blocked.get(key)
+            if (key !== undefined && b !== undefined && b !== d.entryId && !(b === "delayed" && d.fromRetry)) {
+              const queue = parked.get(key)
+              if (queue === undefined) parked.set(key, [d])
+              else if (!queue.some((q) => q.entryId === d.entryId)) queue.push(d)
+              return false
+            }
+            if (key !== undefined) blocked.set(key, d.entryId)
+            inFlight.set(d.part.index, (inFlight.get(d.part.index) ?? 0) + 1)
+            return true
+          }
+
           let nextMoveAt = 0
           let nextClaimAt = 0
+          let nextLeaseAt = 0
           let recreations = 0
+
+          // --- leases (ordered): each partition read by one consumer of the group at a time
+          const renewScript = Redis.script((lease: string, me: string, ms: number) => [lease, me, ms], {
+            numberOfKeys: 1,
+            lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0`
+          }).withReturnType<number>()
+          const releaseScript = Redis.script((lease: string, me: string) => [lease, me], {
+            numberOfKeys: 1,
+            lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`
+          }).withReturnType<number>()
+          /** Keys whose head waits in a partition's delayed set (after a takeover). */
+          const delayedKeys = (p: Part) =>
+            Effect.map(redis.send<ReadonlyArray<string>>("ZRANGE", p.delayed, "0", "-1"), (members) => {
+              for (const member of members) {
+                const flat = JSON.parse(String(member)) as Array<string>
+                const at = flat.indexOf(Envelope.FieldNames.subject)
+                if (at >= 0 && at % 2 === 0 && flat[at + 1] !== undefined) blocked.set(flat[at + 1]!, "delayed")
+              }
+            })
+          const rebalance = (now: number) =>
+            Effect.gen(function* () {
+              const members = k.members(sub.group)
+              yield* redis.send("ZADD", members, String(now), sub.consumer)
+              yield* redis.send("ZREMRANGEBYSCORE", members, "-inf", String(now - leaseMs))
+              const live = Math.max(1, Number(yield* redis.send<number>("ZCARD", members)))
+              const share = Math.ceil(partitions / live)
+              for (const p of Array.from(owned.values())) {
+                if ((yield* redis.eval(renewScript)(p.lease, sub.consumer, leaseMs)) !== 1) owned.delete(p.index)
+              }
+              // give back what is beyond the fair share, once nothing of it is in flight
+              for (const p of Array.from(owned.values())) {
+                if (owned.size <= share) break
+                if ((inFlight.get(p.index) ?? 0) > 0) continue
+                if ([...parked.values()].some((q) => q.some((d) => d.part.index === p.index))) continue
+                yield* redis.eval(releaseScript)(p.lease, sub.consumer)
+                owned.delete(p.index)
+              }
+              for (const p of all) {
+                if (owned.size >= share) break
+                if (owned.has(p.index)) continue
+                const got = yield* redis.send<string | null>("SET", p.lease, sub.consumer, "NX", "PX", String(leaseMs))
+                if (got === null) continue
+                // taking over: the previous owner's pending entries become ours, in order, and keys
+                // whose head backs off in the delayed set stay parked
+                yield* ensureGroups([p])
+                for (const stream of [p.retry, p.stream]) {
+                  // JUSTID: the delivery count grows once, when our history read delivers them
+                  const pending = yield* redis.send<unknown>("XPENDING", stream, sub.group, "-", "+", "10000")
+                  const others = (Array.isArray(pending) ? pending : [])
+                    .filter((row): row is Array<unknown> => Array.isArray(row) && String(row[1]) !== sub.consumer)
+                    .map((row) => String(row[0]))
+                  if (others.length > 0) {
+                    yield* redis.send("XCLAIM", stream, sub.group, sub.consumer, "0", ...others, "JUSTID")
+                  }
+                }
+                yield* delayedKeys(p)
+                own(p)
+              }
+            }).pipe(Effect.mapError((e) => (BrokerError.isBrokerError(e) ? e : fromRedis("lease")(e))))
+          if (ordered) {
+            yield* Effect.addFinalizer(() =>
+              Effect.forEach(owned.values(), (p) => redis.eval(releaseScript)(p.lease, sub.consumer), {
+                discard: true
+              }).pipe(Effect.andThen(redis.send("ZREM", k.members(sub.group), sub.consumer)), Effect.ignore)
+            )
+          }
 
           /** Delivery counts of entries read from history or claimed (one XPENDING per stream). */
           const countsOf = (stream: string, entries: ReadonlyArray<Replies.StreamEntry>) =>
@@ -555,10 +750,11 @@ export const make = (
 
           /** Turns entries into deliveries; malformed ones are dead-lettered, deleted ones reported. */
           const toDeliveries = (
+            part: Part,
             stream: string,
             entries: ReadonlyArray<Replies.StreamEntry>,
             counts: Map<string, number> | undefined
-          ) =>
+          ): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
             Effect.gen(function* () {
               const out: Array<Broker.Delivery> = []
               const lost: Array<string> = []
@@ -571,7 +767,16 @@ export const make = (
                 const count = base + (counts?.get(entry.id) ?? 1)
                 const read = Envelope.fromFields(entry.fields)
                 if (Result.isFailure(read)) {
-                  const malformed = new RedisDelivery(impl, sub, stream, entry.id, entry.fields, placeholder, count)
+                  const malformed = new RedisDelivery(
+                    impl,
+                    sub,
+                    part,
+                    stream,
+                    entry.id,
+                    entry.fields,
+                    placeholder,
+                    count
+                  )
                   yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
                   yield* onEvent({
                     _tag: "Malformed",
@@ -581,7 +786,8 @@ export const make = (
                   })
                   continue
                 }
-                out.push(new RedisDelivery(impl, sub, stream, entry.id, entry.fields, read.success, count))
+                const d = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, read.success, count)
+                if (admit(d)) out.push(d)
               }
               if (lost.length > 0) {
                 // deleted while pending (a trim): report them, then drop them from the PEL
@@ -591,63 +797,85 @@ export const make = (
               return out
             })
 
-          const readOnce = (conn: Redis.Connection) =>
+          const readOnce = (conn: Redis.Connection): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
             Effect.gen(function* () {
               const now = yield* Clock.currentTimeMillis
               const out: Array<Broker.Delivery> = []
+              if (ordered && now >= nextLeaseAt) {
+                nextLeaseAt = now + Math.max(50, Math.floor(leaseMs / 3))
+                yield* rebalance(now)
+              }
+              const parts = Array.from(owned.values())
+              if (parts.length === 0) {
+                // no partition to read (ordered, the others hold them): wait for the next rebalance
+                yield* Effect.sleep(Math.max(1, nextLeaseAt - now))
+                return out
+              }
               if (now >= nextMoveAt) {
                 nextMoveAt = now + moveEvery
-                yield* redis
-                  .eval(moveScript)(delayed, retry, now, 1000)
-                  .pipe(Effect.mapError(fromRedis("move delayed")))
+                for (const p of parts) {
+                  yield* redis
+                    .eval(moveScript)(p.delayed, p.retry, now, 1000)
+                    .pipe(Effect.mapError(fromRedis("move delayed")))
+                }
               }
               if (now >= nextClaimAt) {
                 nextClaimAt = now + Math.max(50, Math.floor(claimIdle / 2))
-                for (const stream of [k.stream, retry]) {
-                  const reply = Replies.autoclaimOf(
-                    yield* redis
-                      .send<unknown>(
-                        "XAUTOCLAIM",
-                        stream,
-                        sub.group,
-                        sub.consumer,
-                        String(claimIdle),
-                        "0-0",
-                        "COUNT",
-                        count
-                      )
-                      .pipe(Effect.mapError(fromRedis("XAUTOCLAIM")))
-                  )
-                  if (reply.deleted.length > 0) {
-                    yield* onEvent({
-                      _tag: "LostInBroker",
-                      topic: sub.topic,
-                      group: sub.group,
-                      entryIds: reply.deleted
-                    })
+                for (const p of parts) {
+                  for (const stream of [p.retry, p.stream]) {
+                    const reply = Replies.autoclaimOf(
+                      yield* redis
+                        .send<unknown>(
+                          "XAUTOCLAIM",
+                          stream,
+                          sub.group,
+                          sub.consumer,
+                          String(claimIdle),
+                          "0-0",
+                          "COUNT",
+                          count
+                        )
+                        .pipe(Effect.mapError(fromRedis("XAUTOCLAIM")))
+                    )
+                    if (reply.deleted.length > 0) {
+                      yield* onEvent({
+                        _tag: "LostInBroker",
+                        topic: sub.topic,
+                        group: sub.group,
+                        entryIds: reply.deleted
+                      })
+                    }
+                    const counts = yield* countsOf(stream, reply.claimed)
+                    out.push(...(yield* toDeliveries(p, stream, reply.claimed, counts)))
                   }
-                  const counts = yield* countsOf(stream, reply.claimed)
-                  out.push(...(yield* toDeliveries(stream, reply.claimed, counts)))
                 }
                 if (out.length > 0) return out
               }
-              // own pending history first (from where the last history read stopped), then new entries
-              const ids = history ? [historyFrom.get(k.stream)!, historyFrom.get(retry)!] : [">", ">"]
+              // own pending history first (from where the last history read stopped), then new
+              // entries; retry streams first, since a redelivery is the head of its key
+              const streams: Array<[Part, string]> = []
+              for (const p of parts) streams.push([p, p.retry], [p, p.stream])
+              const inHistory = streams.some(([, stream]) => history.has(stream))
+              const ids = streams.map(([, stream]) => (inHistory ? (history.get(stream) ?? ">") : ">"))
               const args = ["GROUP", sub.group, sub.consumer, "COUNT", count]
-              if (!history) args.push("BLOCK", String(Math.min(blockMs, Math.max(1, nextMoveAt - now))))
+              if (!inHistory) {
+                const wait = Math.min(blockMs, nextMoveAt - now, ordered ? nextLeaseAt - now : blockMs)
+                args.push("BLOCK", String(Math.max(1, wait)))
+              }
               const reply = Replies.streamsOf(
                 yield* conn
-                  .send<unknown>("XREADGROUP", ...args, "STREAMS", k.stream, retry, ...ids)
+                  .send<unknown>("XREADGROUP", ...args, "STREAMS", ...streams.map(([, s]) => s), ...ids)
                   .pipe(Effect.mapError(fromRedis("XREADGROUP")))
               )
-              let read = 0
-              for (const [stream, entries] of reply) {
-                read += entries.length
-                if (history && entries.length > 0) historyFrom.set(stream, entries[entries.length - 1]!.id)
-                const counts = history ? yield* countsOf(stream, entries) : undefined
-                out.push(...(yield* toDeliveries(stream, entries, counts)))
+              for (const [part, stream] of streams) {
+                const entries = reply.get(stream) ?? []
+                if (inHistory && history.has(stream)) {
+                  if (entries.length === 0) history.delete(stream)
+                  else history.set(stream, entries[entries.length - 1]!.id)
+                }
+                const counts = inHistory ? yield* countsOf(stream, entries) : undefined
+                out.push(...(yield* toDeliveries(part, stream, entries, counts)))
               }
-              if (history && read === 0) history = false
               return out
             })
 
@@ -708,7 +936,7 @@ export const make = (
                 // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
                 yield* Effect.sleep(backoff())
                 recreations++
-                yield* ensureGroups
+                yield* ensureGroups(Array.from(owned.values()))
                 resetHistory()
                 yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
                 continue
@@ -726,10 +954,27 @@ export const make = (
           // pending, and are redelivered like any unacked entry).
           const streamScope = yield* Effect.scope
           let ahead: Fiber.Fiber<Batch, BrokerError.BrokerError> | undefined
+          const takeReleased = (): Batch => released.splice(0, released.length) as unknown as Batch
           const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
-            const current = ahead === undefined ? yield* fetch : yield* Fiber.join(ahead)
+            if (released.length > 0) return takeReleased()
+            if (ahead === undefined) ahead = yield* Effect.forkIn(fetch, streamScope)
+            const reading = ahead
+            // ordered: a settlement can release a parked message while a read is blocked
+            const current = ordered
+              ? yield* Effect.raceFirst(
+                  Effect.map(Fiber.join(reading), (batch) => ({ batch })),
+                  Effect.callback<{ readonly batch: undefined }>((resume) => {
+                    wakeReleased = () => resume(Effect.succeed({ batch: undefined }))
+                    if (released.length > 0) wakeReleased()
+                    return Effect.sync(() => {
+                      wakeReleased = undefined
+                    })
+                  })
+                )
+              : { batch: yield* Fiber.join(reading) }
+            if (current.batch === undefined) return takeReleased()
             ahead = yield* Effect.forkIn(fetch, streamScope)
-            return current
+            return current.batch
           })
           return Stream.fromPull(Effect.succeed(pull))
         })

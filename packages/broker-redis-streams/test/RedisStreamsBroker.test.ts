@@ -4,7 +4,7 @@ import { Broker, BrokerError, Consumer, DeadLetter, Publisher, Topic } from "@co
 import { BrokerTest } from "@converge/core/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
-import { Cause, ConfigProvider, Context, Effect, Layer, Ref, Schema, Stream } from "effect"
+import { Cause, ConfigProvider, Context, Effect, Fiber, Layer, Ref, Schema, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { RedisStreamsBroker } from "../src/index.ts"
 import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
@@ -285,6 +285,55 @@ describe("RedisStreamsBroker", () => {
       )
       assert.include(String(bad), "CONVERGE_REDIS_CONFIRM")
     }).pipe(Effect.provide(brokerLayer()))
+  )
+
+  it.live(
+    "ordered partitions: shared between live consumers, taken over when one leaves, per-key order kept",
+    () =>
+      Effect.gen(function* () {
+        const prefix = yield* Prefix
+        const context = yield* Layer.build(
+          RedisStreamsBroker.layer({ prefix, orderedPerKey: true, partitions: 4, leaseTime: "1 second" })
+        )
+        const broker = Context.get(context, Broker.Broker)
+        const applied = yield* Ref.make<Array<{ consumer: string; key: string; n: number }>>([])
+        const start = (consumer: string) =>
+          broker.subscribe({ topic: "orders", group: "g", consumer }).pipe(
+            Stream.runForEach((d) =>
+              Ref.update(applied, (xs) => [
+                ...xs,
+                { consumer, key: d.envelope.key!, n: (JSON.parse(d.envelope.data) as { n: number }).n }
+              ]).pipe(Effect.andThen(d.ack))
+            ),
+            Effect.forkScoped
+          )
+        yield* start("a")
+        const b = yield* start("b")
+        yield* Effect.sleep("1500 millis") // both registered; the partitions are shared
+        yield* broker.publish(BrokerTest.messages("orders", 200, { keyOf: (n) => `k${n % 10}` }))
+        yield* until(Effect.map(Ref.get(applied), (xs) => xs.length >= 200))
+        const first = yield* Ref.get(applied)
+        assert.sameMembers([...new Set(first.map((x) => x.consumer))], ["a", "b"], "both consumers got partitions")
+        yield* Fiber.interrupt(b)
+        yield* broker.publish(BrokerTest.messages("orders", 100, { from: 200, keyOf: (n) => `k${n % 10}` }))
+        yield* until(
+          Effect.map(Ref.get(applied), (xs) => xs.length >= 300),
+          20_000
+        )
+        const all = yield* Ref.get(applied)
+        assert.isTrue(
+          all.slice(200).every((x) => x.consumer === "a"),
+          "after b left, a took over its partitions"
+        )
+        for (let k = 0; k < 10; k++) {
+          assert.deepStrictEqual(
+            all.filter((x) => x.key === `k${k}`).map((x) => x.n),
+            Array.from({ length: 30 }, (_, i) => i * 10 + k),
+            `key k${k} in publish order`
+          )
+        }
+      }).pipe(Effect.provide(brokerLayer())),
+    60_000
   )
 
   it.live("invalid prefix and names are rejected with typed errors", () =>

@@ -451,12 +451,9 @@ export const make = (
     const trimIfDue = (topic: string, now: number) => {
       if (maxLen === undefined || now < (nextTrimAt.get(topic) ?? 0)) return Effect.void
       nextTrimAt.set(topic, now + trimEvery)
-      const k = keys(topic)
-      return Effect.forEach(
-        Array.from({ length: partitions }, (_, i) => k.partition("", i).stream),
-        (stream) => redis.eval(trimScript)(stream, maxLen),
-        { discard: true }
-      ).pipe(Effect.catch((e) => Effect.logWarning(`redis-streams: trimming ${topic} failed`, e)))
+      return Effect.forEach(partitionStreams(topic), (stream) => redis.eval(trimScript)(stream, maxLen), {
+        discard: true
+      }).pipe(Effect.catch((e) => Effect.logWarning(`redis-streams: trimming ${topic} failed`, e)))
     }
 
     const keys = (topic: string): Keys => {
@@ -501,6 +498,17 @@ export const make = (
       Effect.catch((e) => Effect.logDebug("could not read maxmemory-policy (CONFIG may be disabled)", e))
     )
 
+    /** The partition stream keys of a topic (computed once per topic, not per message). */
+    const streamCache = new Map<string, ReadonlyArray<string>>()
+    const partitionStreams = (topic: string): ReadonlyArray<string> => {
+      let streams = streamCache.get(topic)
+      if (streams === undefined) {
+        const k = keys(topic)
+        streams = Array.from({ length: partitions }, (_, i) => k.partition("", i).stream)
+        streamCache.set(topic, streams)
+      }
+      return streams
+    }
     const validTopics = new Set<string>()
     const checkName = (kind: Name.NameKind, value: string) => {
       const ok = Name.check(kind, value)
@@ -520,8 +528,7 @@ export const make = (
         const byStream = new Map<string, { topic: string; indexes: Array<number> }>()
         for (let i = 0; i < messages.length; i++) {
           const m = messages[i]!
-          const k = keys(m.topic)
-          const stream = k.partition("", k.partitionOf(m)).stream
+          const stream = partitionStreams(m.topic)[partitions === 1 ? 0 : keys(m.topic).partitionOf(m)]!
           const at = byStream.get(stream)
           if (at === undefined) byStream.set(stream, { topic: m.topic, indexes: [i] })
           else at.indexes.push(i)

@@ -989,7 +989,7 @@ export const make = (
 
     const ackAll = (deliveries: ReadonlyArray<Broker.Delivery>) =>
       Effect.gen(function* () {
-        const byStream = new Map<string, { group: string; ids: Array<string> }>()
+        const byStream = new Map<string, { group: string; stream: string; batch: Array<RedisDelivery> }>()
         for (const d of deliveries) {
           if (!(d instanceof RedisDelivery) || d.impl !== impl) {
             return yield* fail(
@@ -998,13 +998,16 @@ export const make = (
           }
           const key = `${d.group}\u0000${d.stream}`
           const entry = byStream.get(key)
-          if (entry === undefined) byStream.set(key, { group: d.group, ids: [d.entryId] })
-          else entry.ids.push(d.entryId)
+          if (entry === undefined) byStream.set(key, { group: d.group, stream: d.stream, batch: [d] })
+          else entry.batch.push(d)
         }
         let acked = 0
-        for (const [key, { group, ids }] of byStream) {
-          const stream = key.slice(key.indexOf("\u0000") + 1)
-          acked += yield* redis.send<number>("XACK", stream, group, ...ids).pipe(Effect.mapError(fromRedis("XACK")))
+        for (const { group, stream, batch } of byStream.values()) {
+          acked += yield* redis
+            .send<number>("XACK", stream, group, ...batch.map((d) => d.entryId))
+            .pipe(Effect.mapError(fromRedis("XACK")))
+          // ordered subscriptions release the keys of what was acked (a no-op for a stale delivery)
+          for (const d of batch) d.settled("done")
         }
         return acked
       })

@@ -4,13 +4,15 @@ import { Broker, BrokerError, Consumer, DeadLetter, Publisher, Topic } from "@co
 import { BrokerTest } from "@converge/core/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
-import { Cause, ConfigProvider, Context, Effect, Fiber, Layer, Ref, Schema, Stream } from "effect"
+import { Cause, ConfigProvider, Context, Data, Effect, Fiber, Layer, Ref, Schedule, Schema, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { RedisStreamsBroker } from "../src/index.ts"
 import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
 
 const Order = Schema.Struct({ orderId: Schema.String, cents: Schema.Int })
 const orders = Topic.make("orders", Order, { key: (o) => o.orderId })
+
+class Transient extends Data.TaggedError("Transient")<{}> {}
 
 /** Waits until `cond` holds (real time), failing after `ms`. */
 const until = <E, R>(cond: Effect.Effect<boolean, E, R>, ms = 15_000) =>
@@ -330,6 +332,53 @@ describe("RedisStreamsBroker", () => {
             all.filter((x) => x.key === `k${k}`).map((x) => x.n),
             Array.from({ length: 30 }, (_, i) => i * 10 + k),
             `key k${k} in publish order`
+          )
+        }
+      }).pipe(Effect.provide(brokerLayer())),
+    60_000
+  )
+
+  it.live(
+    "ordered: the Consumer runtime (batch acks) keeps per-key order across retries",
+    () =>
+      Effect.gen(function* () {
+        const prefix = yield* Prefix
+        const context = yield* Layer.build(
+          Publisher.layer().pipe(
+            Layer.provideMerge(RedisStreamsBroker.layer({ prefix, orderedPerKey: true, partitions: 2 }))
+          )
+        )
+        const applied = yield* Ref.make<Record<string, Array<number>>>({})
+        yield* Consumer.make(orders, {
+          group: "billing",
+          consumer: "b1",
+          concurrency: 8,
+          ordering: "per-key",
+          handle: (order, ctx) => {
+            const n = order.cents
+            // every 4th message fails its first attempt and backs off through the broker
+            if (n % 4 === 0 && ctx.attempt === 1) return Effect.fail(new Transient())
+            return Ref.update(applied, (m) => ({ ...m, [order.orderId]: [...(m[order.orderId] ?? []), n] }))
+          },
+          errors: { Transient: "retry" },
+          retry: Schedule.spaced("50 millis"),
+          inProcessDelayLimit: 0
+        }).pipe(Effect.provide(context))
+        yield* Publisher.publishAll(
+          orders,
+          Array.from({ length: 120 }, (_, n) => ({ orderId: `o-${n % 6}`, cents: n }))
+        ).pipe(Effect.provide(context))
+        const total = Effect.map(Ref.get(applied), (m) => Object.values(m).reduce((a, xs) => a + xs.length, 0))
+        yield* until(
+          Effect.map(total, (n) => n >= 120),
+          30_000
+        )
+        const byKey = yield* Ref.get(applied)
+        for (let k = 0; k < 6; k++) {
+          assert.deepStrictEqual(
+            byKey[`o-${k}`],
+            Array.from({ length: 20 }, (_, i) => i * 6 + k),
+            `key o-${k} applied in publish order`
           )
         }
       }).pipe(Effect.provide(brokerLayer())),

@@ -377,7 +377,6 @@ interface Keys {
   readonly dlq: string
   readonly partition: (group: string, index: number) => Part
   readonly members: (group: string) => string
-  readonly partitionOf: (message: Envelope.Encoded) => number
 }
 
 /** The keys of one partition of a topic, for one group. */
@@ -469,8 +468,7 @@ export const make = (
           retry: one ? `${base}:retry:${group}` : `${base}:retry:${group}:p${index}`,
           delayed: one ? `${base}:delayed:${group}` : `${base}:delayed:${group}:p${index}`,
           lease: `${base}:lease:${group}:p${index}`
-        }),
-        partitionOf: (m) => (one ? 0 : fnv1a(m.key ?? m.id) % partitions)
+        })
       }
     }
     const impl: Impl = { redis, keys }
@@ -528,7 +526,8 @@ export const make = (
         const byStream = new Map<string, { topic: string; indexes: Array<number> }>()
         for (let i = 0; i < messages.length; i++) {
           const m = messages[i]!
-          const stream = partitionStreams(m.topic)[partitions === 1 ? 0 : keys(m.topic).partitionOf(m)]!
+          // the key's partition (a message without a key spreads by its id)
+          const stream = partitionStreams(m.topic)[partitions === 1 ? 0 : fnv1a(m.key ?? m.id) % partitions]!
           const at = byStream.get(stream)
           if (at === undefined) byStream.set(stream, { topic: m.topic, indexes: [i] })
           else at.indexes.push(i)

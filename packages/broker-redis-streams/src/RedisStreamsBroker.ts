@@ -291,18 +291,18 @@ class RedisDelivery implements Broker.Delivery {
   settled(outcome: "done" | "delayed"): void {
     this.onSettled?.(this, outcome)
   }
+  /** A settling command's reply: 1 settles the delivery; 0 means the entry was no longer pending. */
+  confirm(n: number, outcome: "done" | "delayed"): Effect.Effect<void, BrokerError.BrokerError> {
+    if (n !== 1) {
+      return fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+    }
+    this.settled(outcome)
+    return Effect.void
+  }
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.flatMap(
       Effect.mapError(this.impl.redis.send<number>("XACK", this.stream, this.group, this.entryId), fromRedis("XACK")),
-      (n) => {
-        if (n !== 1) {
-          return fail(
-            new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" })
-          )
-        }
-        this.settled("done")
-        return Effect.void
-      }
+      (n) => this.confirm(n, "done")
     )
   }
   nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
@@ -328,10 +328,7 @@ class RedisDelivery implements Broker.Delivery {
           ),
           fromRedis("nack")
         ),
-        (n) =>
-          n === 1
-            ? Effect.sync(() => this.settled("delayed"))
-            : fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+        (n) => this.confirm(n, "delayed")
       )
     })
   }
@@ -364,10 +361,7 @@ class RedisDelivery implements Broker.Delivery {
           ),
           fromRedis("dead-letter")
         ),
-        (n) =>
-          n === 1
-            ? Effect.sync(() => this.settled("done"))
-            : fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+        (n) => this.confirm(n, "done")
       )
     })
   }

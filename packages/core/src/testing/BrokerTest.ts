@@ -241,9 +241,17 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
           "every envelope arrives equal to what was published, in order"
         )
         for (const d of got) assert.strictEqual(d.deliveryCount, 1)
+        // closing ends the stream (the interruption completes, finalizers ran), and the closed
+        // subscription takes nothing more: a message published afterwards goes to the next consumer
         yield* Fiber.interrupt(r.fiber)
-        const exit = yield* Fiber.await(r.fiber)
-        assert.isTrue(Exit.hasInterrupts(exit) || Exit.isSuccess(exit), "closing ends the stream")
+        yield* publish(messages(topic, 1, { from: 100 }))
+        const next = yield* consume({ topic, group: "g", consumer: "c2" })
+        yield* eventually(countOf(next), (n) => n >= 1, "the message published after the close")
+        assert.deepStrictEqual(
+          (yield* payloadsOf(next)).map((p) => p.n),
+          [100]
+        )
+        assert.strictEqual(yield* countOf(r), 100, "the closed subscription received nothing more")
       })
     )
 

@@ -9,6 +9,9 @@
  * - topics, groups, consumers: ASCII letters, digits, `.`, `_`, `-`; they start
  *   with a letter or digit; 1 to 200 characters. No `:`, `{`, `}`, spaces or
  *   control characters (those are key separators or Redis Cluster hash tags).
+ * - SQL schema names (where the outbox and inbox tables live): lowercase ASCII
+ *   letters, digits and `_`, starting with a letter or `_`, 1 to 40 characters,
+ *   so they never need quoting.
  * - header names: lowercase ASCII letters and digits, 1 to 20 characters (the
  *   CloudEvents extension-attribute rule, so every header maps losslessly to a
  *   CloudEvents attribute and to a broker field), and not one of the reserved
@@ -23,7 +26,7 @@ import { Effect, Result, Schema } from "effect"
  *
  * @since 0.1.0
  */
-export type NameKind = "topic" | "group" | "consumer" | "header"
+export type NameKind = "topic" | "group" | "consumer" | "header" | "schema"
 
 /**
  * A name was rejected. `message` says which rule it broke.
@@ -31,7 +34,7 @@ export type NameKind = "topic" | "group" | "consumer" | "header"
  * @since 0.1.0
  */
 export class InvalidName extends Schema.TaggedError<InvalidName>("@converge/core/Name/InvalidName")("InvalidName", {
-  kind: Schema.Literals(["topic", "group", "consumer", "header"]),
+  kind: Schema.Literals(["topic", "group", "consumer", "header", "schema"]),
   name: Schema.String,
   rule: Schema.String
 }) {
@@ -57,6 +60,15 @@ export const maxHeaderLength = 20
 
 const namePattern = /^[A-Za-z0-9][A-Za-z0-9._-]*$/
 const headerPattern = /^[a-z0-9]+$/
+const schemaPattern = /^[a-z_][a-z0-9_]*$/
+
+/**
+ * The longest SQL schema name accepted (it also names the relay's
+ * `LISTEN` channel, which Postgres limits to 63 bytes).
+ *
+ * @since 0.1.0
+ */
+export const maxSchemaLength = 40
 
 /**
  * Attribute names that a header may not take: the CloudEvents context
@@ -92,6 +104,13 @@ export const check = (kind: NameKind, name: string): Result.Result<string, Inval
     if (name.length > maxHeaderLength) return fail(`must be at most ${maxHeaderLength} characters`)
     if (!headerPattern.test(name)) return fail("may contain only lowercase ASCII letters and digits (a-z, 0-9)")
     if (reservedHeaderNames.has(name)) return fail("is a reserved attribute name")
+    return Result.succeed(name)
+  }
+  if (kind === "schema") {
+    if (name.length > maxSchemaLength) return fail(`must be at most ${maxSchemaLength} characters`)
+    if (!schemaPattern.test(name)) {
+      return fail("must start with a lowercase letter or '_' and contain only lowercase ASCII letters, digits and '_'")
+    }
     return Result.succeed(name)
   }
   if (name.length > maxLength) return fail(`must be at most ${maxLength} characters`)

@@ -6,3 +6,5 @@
 
 /** The broker conformance suite (C01–C25). */
 export * as BrokerTest from "./BrokerTest.ts"
+/** The outbox store suite (O01–O09). */
+export * as OutboxStoreTest from "./OutboxStoreTest.ts"

@@ -1,0 +1,247 @@
+/**
+ * `Inbox` — exactly-once effects over at-least-once delivery (stage 5).
+ *
+ * Delivery is at-least-once: a message can arrive twice (a lost ack, a
+ * consumer that died after committing, a relay that died after publishing).
+ * The inbox makes the **effect** exactly-once: `Inbox.once` inserts
+ * `(consumer, message id)` into the `inbox` table in the **same transaction**
+ * as the handler's writes. A second delivery finds the row and is skipped
+ * (and then acked); if the transaction rolls back, the row goes with it and
+ * the retry runs the handler again. Two deliveries racing each other are
+ * serialised by the primary key: the second waits for the first to commit,
+ * then skips.
+ *
+ * ```ts
+ * Consumer.make(Orders, {
+ *   group: "billing",
+ *   handle: Inbox.handler((order, ctx) =>
+ *     Effect.gen(function* () {
+ *       const sql = yield* SqlClient.SqlClient
+ *       yield* sql`INSERT INTO invoices ${sql.insert({ order_id: order.id })}` // same transaction
+ *       yield* Outbox.publish(InvoiceCreated, { orderId: order.id })           // and this too
+ *     })
+ *   )
+ * })
+ * ```
+ *
+ * Retention: inbox rows are deleted after `retention` (default 30 days). A
+ * duplicate arriving later than that would run again, so keep it longer than
+ * any redelivery or replay horizon: the broker's claim and retry delays, the
+ * longest outage after which a relay republishes, and how long messages may
+ * wait in a dead-letter queue before a replay (a replayed message that never
+ * succeeded has no inbox row, and runs; one that did succeed is skipped).
+ *
+ * @since 0.1.0
+ */
+import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
+import type { SqlError } from "effect/sql/SqlError"
+import type { MessageContext } from "./Consumer.ts"
+import * as Name from "./Name.ts"
+import { Transaction } from "./Outbox.ts"
+import { SqlStore } from "./SqlStore.ts"
+
+/**
+ * The message was already processed by this consumer: its inbox row exists
+ * (committed by an earlier transaction). Raised by {@link claim}; `once`
+ * turns it into a skip.
+ *
+ * @since 0.1.0
+ */
+export class AlreadyProcessed extends Schema.TaggedError<AlreadyProcessed>("@converge/core/Inbox/AlreadyProcessed")(
+  "AlreadyProcessed",
+  { consumer: Schema.String, messageId: Schema.String }
+) {
+  /** Names the consumer and the message. */
+  override get message(): string {
+    return `message ${this.messageId} was already processed by ${this.consumer}`
+  }
+}
+
+/**
+ * Options of {@link layer}.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  /** Keep inbox rows this long (default 30 days). See the module docs before lowering it. */
+  readonly retention?: Duration.Input | undefined
+  /** Run the retention cleanup this often (default 10 minutes; `0` disables the background cleanup). */
+  readonly cleanupInterval?: Duration.Input | undefined
+}
+
+/**
+ * The inbox service.
+ *
+ * @since 0.1.0
+ */
+export class Inbox extends Context.Service<
+  Inbox,
+  {
+    /**
+     * Records `(consumer, messageId)` in the current transaction; fails with
+     * {@link AlreadyProcessed} when it is there (roll the transaction back).
+     */
+    readonly claim: (consumer: string, messageId: string) => Effect.Effect<void, AlreadyProcessed | SqlError, Transaction>
+    /**
+     * Runs `effect` in a transaction that first claims the message: returns
+     * `Option.some(result)` after commit, or `Option.none()` without running
+     * `effect` when the message was already processed.
+     */
+    readonly once: <A, E, R>(
+      consumer: string,
+      messageId: string,
+      effect: Effect.Effect<A, E, R>
+    ) => Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>>
+    /** Whether the consumer has processed the message (its row is there). */
+    readonly isProcessed: (consumer: string, messageId: string) => Effect.Effect<boolean, SqlError>
+    /** Deletes rows older than the retention; returns how many. */
+    readonly cleanup: Effect.Effect<number, SqlError>
+  }
+>()("@converge/core/Inbox") {}
+
+/**
+ * The default inbox retention.
+ *
+ * @since 0.1.0
+ */
+export const defaultRetention: Duration.Duration = Duration.days(30)
+
+/**
+ * Builds the inbox over the `SqlStore` in context.
+ *
+ * @since 0.1.0
+ */
+export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, SqlStore> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const { sql } = store
+    const table = store.table("inbox")
+    const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? defaultRetention))
+    const insertSql = `INSERT INTO ${table} (consumer, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1 AS claimed`
+
+    /** Inserts the row in the current transaction; `false` when it is already there. */
+    const tryClaim = (consumer: string, messageId: string): Effect.Effect<boolean, SqlError, Transaction> =>
+      Effect.gen(function* () {
+        yield* Transaction
+        const open = yield* Effect.serviceOption(sql.transactionService)
+        if (Option.isNone(open)) {
+          return yield* Effect.die(new Error("Inbox.claim ran outside a SQL transaction of the store's client"))
+        }
+        const now = yield* Clock.currentTimeMillis
+        const rows = yield* sql.unsafe(insertSql, [consumer, messageId, new Date(now).toISOString()]).withoutTransform
+        return rows.length > 0
+      })
+
+    const claim = (consumer: string, messageId: string) =>
+      Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
+        claimed ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
+      )
+
+    const once = <A, E, R>(
+      consumer: string,
+      messageId: string,
+      effect: Effect.Effect<A, E, R>
+    ): Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>> =>
+      sql.withTransaction(
+        Effect.provideService(
+          Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
+            claimed
+              ? Effect.map(effect, Option.some)
+              : Effect.as(
+                  Effect.logDebug(`converge: skipped duplicate ${messageId} for ${consumer} (inbox)`),
+                  Option.none<A>()
+                )
+          ),
+          Transaction,
+          Transaction.of({ state: { afterCommitRegistered: false } })
+        )
+      )
+
+    const isProcessed = (consumer: string, messageId: string) =>
+      Effect.map(
+        sql.unsafe(`SELECT 1 FROM ${table} WHERE consumer = $1 AND message_id = $2`, [consumer, messageId])
+          .withoutTransform,
+        (rows) => rows.length > 0
+      )
+
+    const cleanup = Effect.gen(function* () {
+      const now = yield* Clock.currentTimeMillis
+      const cutoff = new Date(now - retention).toISOString()
+      let total = 0
+      while (true) {
+        const rows = yield* sql.unsafe<{ readonly n: number }>(
+          `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE processed_at < $1 LIMIT 10000) RETURNING 1)
+           SELECT count(*)::int AS n FROM gone`,
+          [cutoff]
+        ).withoutTransform
+        const n = Number(rows[0]?.n ?? 0)
+        total += n
+        if (n < 10000) return total
+      }
+    })
+
+    return Inbox.of({ claim, once, isProcessed, cleanup })
+  })
+
+/**
+ * The inbox as a Layer (requires `SqlStore`); runs the retention cleanup in
+ * the background.
+ *
+ * @since 0.1.0
+ */
+export const layer = (options?: Options): Layer.Layer<Inbox, never, SqlStore> =>
+  Layer.effect(
+    Inbox,
+    Effect.gen(function* () {
+      const inbox = yield* make(options)
+      const interval = Duration.fromInputUnsafe(options?.cleanupInterval ?? "10 minutes")
+      if (Duration.toMillis(interval) > 0) {
+        yield* Effect.forkScoped(
+          inbox.cleanup.pipe(
+            Effect.catchCause((cause) => Effect.as(Effect.logWarning("converge: inbox cleanup failed", cause), 0)),
+            Effect.delay(interval),
+            Effect.forever
+          )
+        )
+      }
+      return inbox
+    })
+  )
+
+/**
+ * Runs `effect` once per `(consumer, messageId)` with the `Inbox` in context;
+ * see {@link Inbox}. `consumer` is validated as a group name.
+ *
+ * @since 0.1.0
+ */
+export const once = <A, E, R>(
+  consumer: string,
+  messageId: string,
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<Option.Option<A>, E | SqlError | Name.InvalidName, Inbox | Exclude<R, Transaction>> =>
+  Effect.flatMap(Name.validate("group", consumer), () => Inbox.use((inbox) => inbox.once(consumer, messageId, effect)))
+
+/**
+ * Wraps a consumer handler so that it runs in a transaction with an inbox
+ * claim keyed by the consumer group and the message id: the handler's SQL
+ * writes (and any `Outbox.publish`) commit together with the claim, and a
+ * duplicate delivery is skipped (the consumer then acks it).
+ *
+ * @since 0.1.0
+ */
+export const handler =
+  <A, E, R>(handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>) =>
+  (message: A, context: MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
+    Inbox.use((inbox) => Effect.asVoid(inbox.once(context.group, context.id, handle(message, context))))
+
+/**
+ * Records `(consumer, messageId)` in the current transaction with the
+ * `Inbox` in context; fails with {@link AlreadyProcessed} on a duplicate.
+ *
+ * @since 0.1.0
+ */
+export const claim = (
+  consumer: string,
+  messageId: string
+): Effect.Effect<void, AlreadyProcessed | SqlError, Inbox | Transaction> =>
+  Inbox.use((inbox) => inbox.claim(consumer, messageId))

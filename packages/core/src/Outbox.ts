@@ -1,0 +1,236 @@
+/**
+ * `Outbox` — publish together with your business writes (stage 1).
+ *
+ * `Outbox.publish` inserts the encoded message into the outbox table **inside
+ * the caller's SQL transaction**: if the transaction rolls back, nothing is
+ * published; if it commits, the message is stored and `OutboxRelay` moves it
+ * to the broker. Its type requires {@link Transaction}, which only
+ * {@link transaction} (and `Inbox.once`) provide, so publishing outside a
+ * transaction does not compile:
+ *
+ * ```ts
+ * const placeOrder = (order: Order) =>
+ *   Outbox.transaction(
+ *     Effect.gen(function* () {
+ *       const sql = yield* SqlClient.SqlClient
+ *       yield* sql`INSERT INTO orders ${sql.insert({ id: order.id, total: order.total })}`
+ *       yield* Outbox.publish(OrderPlaced, order) // same transaction
+ *     })
+ *   )
+ * ```
+ *
+ * After the commit, the relay of this process is woken at once
+ * (`afterCommit`); relays of other processes by `LISTEN/NOTIFY`, or by their
+ * poll.
+ *
+ * @since 0.1.0
+ */
+import { Clock, Context, Effect, Layer, Option, Result } from "effect"
+import type { SqlError } from "effect/sql/SqlError"
+import * as Envelope from "./Envelope.ts"
+import type { InvalidName } from "./Name.ts"
+import { partitionOf, SqlStore } from "./SqlStore.ts"
+import type * as Topic from "./Topic.ts"
+
+/**
+ * Proof that the code runs inside a SQL transaction opened by
+ * {@link transaction} (or `Inbox.once`). `Outbox.publish` requires it.
+ *
+ * @since 0.1.0
+ */
+export class Transaction extends Context.Service<Transaction, { readonly state: { afterCommitRegistered: boolean } }>()(
+  "@converge/core/Outbox/Transaction"
+) {}
+
+/**
+ * Runs `effect` in a SQL transaction of the store's client (a savepoint when
+ * one is already open) and provides {@link Transaction}, so it may call
+ * `Outbox.publish`. A failure or defect rolls everything back, messages
+ * included.
+ *
+ * @since 0.1.0
+ */
+export const transaction = <A, E, R>(
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<A, E | SqlError, Exclude<R, Transaction> | SqlStore> =>
+  SqlStore.use((store) =>
+    store.sql.withTransaction(
+      Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
+    )
+  )
+
+/**
+ * What a successful outbox publish returns.
+ *
+ * @since 0.1.0
+ */
+export interface Receipt {
+  /** The message id (UUIDv7 unless given). */
+  readonly id: string
+  /** The outbox row's sequence number. */
+  readonly seq: string
+}
+
+/**
+ * Every way an outbox publish can fail.
+ *
+ * @since 0.1.0
+ */
+export type PublishError = SqlError | Envelope.PayloadError | Envelope.MalformedEnvelope | InvalidName
+
+/**
+ * Options of {@link layer}.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  /** CloudEvents `source` of every message (default `urn:converge`). */
+  readonly source?: string | undefined
+}
+
+/**
+ * The outbox service.
+ *
+ * @since 0.1.0
+ */
+export class Outbox extends Context.Service<
+  Outbox,
+  {
+    /** Inserts one message into the outbox, in the current transaction. */
+    readonly publish: <A, I>(
+      topic: Topic.Topic<A, I>,
+      payload: A,
+      options?: Envelope.MakeOptions
+    ) => Effect.Effect<Receipt, PublishError, Transaction>
+    /** Inserts many messages of one topic, in order, in the current transaction (one statement per 2 000). */
+    readonly publishAll: <A, I>(
+      topic: Topic.Topic<A, I>,
+      payloads: Iterable<A>,
+      options?: Envelope.MakeOptions
+    ) => Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction>
+  }
+>()("@converge/core/Outbox") {}
+
+const columns = "partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at"
+const columnCount = 11
+const chunkRows = 2000
+
+/**
+ * Builds the outbox over the `SqlStore` in context.
+ *
+ * @since 0.1.0
+ */
+export const make = (options?: Options): Effect.Effect<Outbox["Service"], never, SqlStore> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const { sql, partitions } = store
+    const table = store.table("outbox")
+    const placeholders: Array<string> = []
+    const rowsSql = (n: number) => {
+      for (let i = placeholders.length; i < n; i++) {
+        const b = i * columnCount
+        placeholders.push(
+          `($${b + 1},$${b + 2},$${b + 3},$${b + 4},$${b + 5},$${b + 6},$${b + 7},$${b + 8},$${b + 9},$${b + 10},$${b + 11})`
+        )
+      }
+      return placeholders.slice(0, n).join(",")
+    }
+    const nudge = Effect.sync(store.nudge)
+    const guard = Transaction.use((tx) =>
+      Effect.flatMap(Effect.serviceOption(sql.transactionService), (open) => {
+        if (Option.isNone(open)) {
+          return Effect.die(
+            new Error(
+              "Outbox.publish ran outside a SQL transaction of the store's client: wrap it in Outbox.transaction (the Transaction service was provided by hand)"
+            )
+          )
+        }
+        if (tx.state.afterCommitRegistered) return Effect.void
+        tx.state.afterCommitRegistered = true
+        return sql.afterCommit(nudge)
+      })
+    )
+    const publishAll = <A, I>(
+      topic: Topic.Topic<A, I>,
+      payloads: Iterable<A>,
+      makeOptions?: Envelope.MakeOptions
+    ): Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction> =>
+      Effect.gen(function* () {
+        yield* guard
+        const now = yield* Clock.currentTimeMillis
+        const timeIso = new Date(now).toISOString()
+        const source = options?.source
+        const opts =
+          source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
+        const encoded: Array<Envelope.Encoded> = []
+        for (const payload of payloads) {
+          const enc = Envelope.makeEncodedResult(topic, payload, now, opts, timeIso)
+          if (Result.isFailure(enc)) return yield* enc.failure
+          encoded.push(enc.success)
+        }
+        const receipts: Array<Receipt> = []
+        for (let start = 0; start < encoded.length; start += chunkRows) {
+          const chunk = encoded.slice(start, start + chunkRows)
+          const params: Array<unknown> = []
+          for (const e of chunk) {
+            params.push(
+              partitionOf(e.key ?? e.id, partitions),
+              e.id,
+              e.topic,
+              e.type,
+              e.source,
+              e.key ?? null,
+              e.time,
+              e.attempt,
+              JSON.stringify(e.headers),
+              e.data,
+              timeIso
+            )
+          }
+          const rows = yield* sql.unsafe<{ readonly seq: string }>(
+            `INSERT INTO ${table} (${columns}) VALUES ${rowsSql(chunk.length)} RETURNING seq::text AS seq`,
+            params
+          )
+          for (let i = 0; i < chunk.length; i++) receipts.push({ id: chunk[i]!.id, seq: rows[i]!.seq })
+        }
+        return receipts
+      })
+    return Outbox.of({
+      publishAll,
+      publish: (topic, payload, makeOptions) =>
+        Effect.map(publishAll(topic, [payload], makeOptions), (receipts) => receipts[0]!)
+    })
+  })
+
+/**
+ * The outbox as a Layer (requires `SqlStore`).
+ *
+ * @since 0.1.0
+ */
+export const layer = (options?: Options): Layer.Layer<Outbox, never, SqlStore> => Layer.effect(Outbox, make(options))
+
+/**
+ * Inserts one message into the outbox with the `Outbox` in context, inside
+ * the current {@link transaction}.
+ *
+ * @since 0.1.0
+ */
+export const publish = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payload: A,
+  options?: Envelope.MakeOptions
+): Effect.Effect<Receipt, PublishError, Outbox | Transaction> =>
+  Outbox.use((o) => o.publish(topic, payload, options))
+
+/**
+ * Inserts many messages of one topic, in order, inside the current
+ * {@link transaction}.
+ *
+ * @since 0.1.0
+ */
+export const publishAll = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payloads: Iterable<A>,
+  options?: Envelope.MakeOptions
+): Effect.Effect<ReadonlyArray<Receipt>, PublishError, Outbox | Transaction> =>
+  Outbox.use((o) => o.publishAll(topic, payloads, options))

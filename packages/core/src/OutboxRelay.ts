@@ -1,0 +1,467 @@
+/**
+ * `OutboxRelay` — moves committed outbox rows to the `Broker`.
+ *
+ * A background Layer. Each cycle, in one `READ COMMITTED` transaction:
+ *
+ * 1. takes transaction-scoped advisory locks on the outbox partitions it can
+ *    get (`pg_try_advisory_xact_lock`), so one relay at a time works a
+ *    partition: several relay processes are safe and never reorder a key;
+ *    a relay that dies (even by SIGKILL) releases its locks with its
+ *    connection;
+ * 2. reads up to `batchSize` unpublished rows of those partitions **whose
+ *    transaction id is below the snapshot's `xmin`** (`tx <
+ *    pg_snapshot_xmin(pg_current_snapshot())`), in `(tx, seq)` order. Every
+ *    transaction below `xmin` has ended, so no row can later appear before
+ *    the ones read: a row committed after a row with a higher sequence
+ *    number is relayed, never skipped, and a key's messages leave in the
+ *    order of their transactions. A long-running transaction anywhere in
+ *    the cluster delays the rows written after it began, it never loses
+ *    them;
+ * 3. publishes them through the `Broker` as one batch and waits for its
+ *    confirmation (the broker's configured level);
+ * 4. marks them published (`published_at`) and commits. A crash between 3
+ *    and 4 rolls the marks back: the rows are published again (at-least-once;
+ *    the consumer's inbox keeps the effect single).
+ *
+ * A row that cannot be published — malformed, or refused by the broker with
+ * a permanent error — is moved to `outbox_dead` with its reason, in the same
+ * transaction, and the relay goes on. Retryable broker or database errors
+ * roll the cycle back and retry it on the `retry` schedule.
+ *
+ * Wake-ups: `Outbox.publish` in this process nudges the relay after commit;
+ * with a `PgClient` in context, a `LISTEN` on the store's channel wakes it
+ * for commits of other processes (the outbox table's trigger sends `NOTIFY`);
+ * and it polls every `pollInterval` in any case. Where `LISTEN` does not work
+ * (PGlite), set `listen: false`: nudge and poll keep it moving.
+ *
+ * Published rows are deleted after `retention`.
+ *
+ * @since 0.1.0
+ */
+import { PgClient } from "@effect/sql-pg"
+import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, Schedule, Schema } from "effect"
+import { SqlClient } from "effect/sql"
+import type { SqlError } from "effect/sql/SqlError"
+import { Broker } from "./Broker.ts"
+import * as BrokerError from "./BrokerError.ts"
+import type * as Envelope from "./Envelope.ts"
+import * as Name from "./Name.ts"
+import { SqlStore } from "./SqlStore.ts"
+
+/**
+ * Options of {@link layer}.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  /** Rows per cycle (one broker batch; default 500). */
+  readonly batchSize?: number | undefined
+  /** Poll for rows at least this often (default 1 second). */
+  readonly pollInterval?: Duration.Input | undefined
+  /** `LISTEN` for commits of other processes when a `PgClient` is in context (default `true`). */
+  readonly listen?: boolean | undefined
+  /** Relay workers in this process (default 1); each takes a share of the partitions per cycle. */
+  readonly concurrency?: number | undefined
+  /** Delay between failed cycles (default: exponential from 100 ms, capped at 5 s). */
+  readonly retry?: Schedule.Schedule<unknown, unknown> | undefined
+  /** A broker publish taking longer than this fails the cycle (default 30 seconds). */
+  readonly publishTimeout?: Duration.Input | undefined
+  /** Keep published rows this long before deleting them (default 1 hour; 0 deletes them at once). */
+  readonly retention?: Duration.Input | undefined
+  /** Run the retention cleanup this often (default 1 minute). */
+  readonly cleanupInterval?: Duration.Input | undefined
+}
+
+/**
+ * What a relay cycle did.
+ *
+ * @since 0.1.0
+ */
+export interface CycleResult {
+  /** Partitions this cycle held. */
+  readonly partitions: number
+  /** Rows published and marked. */
+  readonly published: number
+  /** Rows moved to `outbox_dead`. */
+  readonly dead: number
+}
+
+/**
+ * The outbox backlog: rows not yet published.
+ *
+ * @since 0.1.0
+ */
+export interface Lag {
+  readonly unpublished: number
+  /** Age of the oldest unpublished row, by the clock of this process (0 when there is none). */
+  readonly oldestMillis: number
+}
+
+/**
+ * The relay service.
+ *
+ * @since 0.1.0
+ */
+export class OutboxRelay extends Context.Service<
+  OutboxRelay,
+  {
+    /** Wakes the relay now. */
+    readonly nudge: Effect.Effect<void>
+    /** Runs cycles until no row is ready (or the partitions are held elsewhere); returns the rows published. */
+    readonly drain: Effect.Effect<number, SqlError | BrokerError.BrokerError>
+    /** One cycle. */
+    readonly cycle: Effect.Effect<CycleResult, SqlError | BrokerError.BrokerError>
+    /** Deletes published rows older than the retention; returns how many. */
+    readonly cleanup: Effect.Effect<number, SqlError>
+    /** The backlog. */
+    readonly lag: Effect.Effect<Lag, SqlError>
+  }
+>()("@converge/core/OutboxRelay") {}
+
+/**
+ * A row in `outbox_dead`.
+ *
+ * @since 0.1.0
+ */
+export interface DeadRow {
+  readonly seq: string
+  readonly messageId: string
+  readonly topic: string
+  readonly reason: string
+  readonly error: string
+}
+
+/**
+ * Why a row was moved to `outbox_dead`.
+ *
+ * @since 0.1.0
+ */
+export const DeadReason = {
+  /** The row does not form a valid envelope (a column of the wrong form, an invalid topic name). */
+  malformed: "malformed",
+  /** The broker refused the message with a permanent error. */
+  rejected: "rejected"
+} as const
+
+class RowMalformed extends Schema.TaggedError<RowMalformed>("@converge/core/OutboxRelay/RowMalformed")(
+  "RowMalformed",
+  { message: Schema.String }
+) {}
+
+interface Row {
+  readonly seq: string
+  readonly message_id: string
+  readonly topic: string
+  readonly type: string
+  readonly source: string
+  readonly key: string | null
+  readonly time: unknown
+  readonly attempt: number
+  readonly headers: unknown
+  readonly data: string
+}
+
+const toEncoded = (row: Row): Result.Result<Envelope.Encoded, RowMalformed> => {
+  const topic = Name.check("topic", row.topic)
+  if (Result.isFailure(topic)) return Result.fail(new RowMalformed({ message: topic.failure.message }))
+  const time =
+    row.time instanceof Date ? row.time : typeof row.time === "string" ? new Date(row.time) : new Date(Number.NaN)
+  if (Number.isNaN(time.getTime())) return Result.fail(new RowMalformed({ message: "time is not a timestamp" }))
+  const headers = typeof row.headers === "string" ? safeParse(row.headers) : row.headers
+  if (typeof headers !== "object" || headers === null || Array.isArray(headers)) {
+    return Result.fail(new RowMalformed({ message: "headers is not a JSON object" }))
+  }
+  for (const [name, value] of Object.entries(headers)) {
+    if (typeof value !== "string") {
+      return Result.fail(new RowMalformed({ message: `header ${name} is not a string` }))
+    }
+    const checked = Name.check("header", name)
+    if (Result.isFailure(checked)) return Result.fail(new RowMalformed({ message: checked.failure.message }))
+  }
+  if (!row.message_id || !row.type || !row.source) {
+    return Result.fail(new RowMalformed({ message: "message_id, type and source must be non-empty" }))
+  }
+  const attempt = Number(row.attempt)
+  if (!Number.isInteger(attempt) || attempt < 1) {
+    return Result.fail(new RowMalformed({ message: "attempt must be an integer >= 1" }))
+  }
+  return Result.succeed({
+    id: row.message_id,
+    topic: row.topic,
+    type: row.type,
+    source: row.source,
+    key: row.key ?? undefined,
+    time: time.toISOString(),
+    attempt,
+    headers: headers as Record<string, string>,
+    data: row.data
+  })
+}
+
+const safeParse = (text: string): unknown => {
+  try {
+    return JSON.parse(text)
+  } catch {
+    return undefined
+  }
+}
+
+/**
+ * Builds the relay over the `SqlStore` and `Broker` in context, without
+ * starting it (see {@link run} and {@link layer}).
+ *
+ * @since 0.1.0
+ */
+export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], never, SqlStore | Broker> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const broker = yield* Broker
+    const { sql, partitions, lockSpace } = store
+    const outbox = store.table("outbox")
+    const dead = store.table("outbox_dead")
+    const batchSize = options?.batchSize ?? 500
+    const concurrency = Math.max(1, Math.min(options?.concurrency ?? 1, partitions))
+    const share = Math.ceil(partitions / concurrency)
+    const publishTimeout = Duration.fromInputUnsafe(options?.publishTimeout ?? "30 seconds")
+    const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? "1 hour"))
+    let rotation = 0
+
+    const lockSql = `SELECT p FROM (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
+      WHERE pg_try_advisory_xact_lock($3::int, p) LIMIT $4::int`
+    const readSql = (held: ReadonlyArray<number>) =>
+      `SELECT seq::text AS seq, message_id, topic, type, source, key, time, attempt, headers, data FROM ${outbox}
+       WHERE published_at IS NULL AND tx < pg_snapshot_xmin(pg_current_snapshot())
+       ${held.length === partitions ? "" : `AND partition IN (${held.join(",")})`}
+       ORDER BY tx, seq LIMIT $1::int`
+    const markSql =
+      retention === 0
+        ? `DELETE FROM ${outbox} WHERE seq = ANY($1::bigint[])`
+        : `UPDATE ${outbox} SET published_at = $2 WHERE seq = ANY($1::bigint[])`
+    const deadSql = `WITH moved AS (DELETE FROM ${outbox} WHERE seq = $1::bigint RETURNING *)
+      INSERT INTO ${dead} (seq, tx, partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at, reason, error, moved_at)
+      SELECT seq, tx, partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at, $2, $3, $4 FROM moved`
+
+    const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
+      broker.publish(messages).pipe(
+        Effect.timeoutOrElse({
+          duration: publishTimeout,
+          orElse: () =>
+            Effect.fail(
+              BrokerError.make(
+                new BrokerError.NotConfirmed({
+                  message: `broker publish not confirmed within ${Duration.format(publishTimeout)}`
+                })
+              )
+            )
+        })
+      )
+
+    const cycleIn = (maxPartitions: number): Effect.Effect<CycleResult, SqlError | BrokerError.BrokerError> =>
+      sql
+        .withTransaction(
+          Effect.gen(function* () {
+            const offset = rotation
+            rotation = (rotation + maxPartitions) % partitions
+            const locked = yield* sql.unsafe<{ readonly p: number }>(lockSql, [
+              offset,
+              partitions,
+              lockSpace,
+              maxPartitions
+            ])
+            if (locked.length === 0) return { partitions: 0, published: 0, dead: 0 }
+            const held = locked.map((r) => Number(r.p))
+            const rows = yield* sql.unsafe<Row>(readSql(held), [batchSize]).withoutTransform
+            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0 }
+            const now = yield* Clock.currentTimeMillis
+            const nowIso = new Date(now).toISOString()
+            const good: Array<{ readonly seq: string; readonly message: Envelope.Encoded }> = []
+            const poison: Array<{ readonly seq: string; readonly reason: string; readonly error: string }> = []
+            for (const row of rows) {
+              const enc = toEncoded(row)
+              if (Result.isSuccess(enc)) good.push({ seq: row.seq, message: enc.success })
+              else poison.push({ seq: row.seq, reason: DeadReason.malformed, error: enc.failure.message })
+            }
+            const published: Array<string> = []
+            if (good.length > 0) {
+              const batch = yield* Effect.result(publish(good.map((g) => g.message)))
+              if (Result.isSuccess(batch)) {
+                for (const g of good) published.push(g.seq)
+              } else if (batch.failure.isRetryable) {
+                return yield* batch.failure
+              } else {
+                // A permanent refusal: find the rows the broker refuses, one by one, in order.
+                for (const g of good) {
+                  const one = yield* Effect.result(publish([g.message]))
+                  if (Result.isSuccess(one)) published.push(g.seq)
+                  else if (one.failure.isRetryable) return yield* one.failure
+                  else poison.push({ seq: g.seq, reason: DeadReason.rejected, error: one.failure.message })
+                }
+              }
+            }
+            if (published.length > 0) {
+              yield* sql.unsafe(markSql, retention === 0 ? [`{${published.join(",")}}`] : [`{${published.join(",")}}`, nowIso])
+            }
+            for (const p of poison) {
+              yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])
+              yield* Effect.logWarning(`converge: outbox row ${p.seq} moved to ${dead} (${p.reason}): ${p.error}`)
+            }
+            return { partitions: held.length, published: published.length, dead: poison.length }
+          })
+        )
+        .pipe(Effect.provideService(SqlClient.BeginTransaction, "BEGIN ISOLATION LEVEL READ COMMITTED"))
+
+    const drainWorker = (maxPartitions: number): Effect.Effect<number, SqlError | BrokerError.BrokerError> =>
+      Effect.gen(function* () {
+        let total = 0
+        while (true) {
+          const r = yield* cycleIn(maxPartitions)
+          total += r.published + r.dead
+          if (r.published + r.dead < batchSize) return total
+        }
+      })
+
+    const drain: Effect.Effect<number, SqlError | BrokerError.BrokerError> =
+      concurrency === 1
+        ? drainWorker(partitions)
+        : Effect.map(
+            Effect.all(Array.from({ length: concurrency }, () => drainWorker(share)), { concurrency: "unbounded" }),
+            (counts) => counts.reduce((a, b) => a + b, 0)
+          )
+
+    const cleanup = Effect.gen(function* () {
+      const now = yield* Clock.currentTimeMillis
+      const cutoff = new Date(now - retention).toISOString()
+      let total = 0
+      while (true) {
+        const rows = yield* sql.unsafe<{ readonly n: number }>(
+          `WITH gone AS (DELETE FROM ${outbox} WHERE seq IN (SELECT seq FROM ${outbox} WHERE published_at IS NOT NULL AND published_at < $1 LIMIT 10000) RETURNING 1)
+           SELECT count(*)::int AS n FROM gone`,
+          [cutoff]
+        )
+        const n = Number(rows[0]?.n ?? 0)
+        total += n
+        if (n < 10000) return total
+      }
+    })
+
+    const lag = Effect.gen(function* () {
+      const rows = yield* sql.unsafe<{ readonly n: number; readonly oldest: unknown }>(
+        `SELECT count(*)::int AS n, min(created_at) AS oldest FROM ${outbox} WHERE published_at IS NULL`
+      )
+      const now = yield* Clock.currentTimeMillis
+      const oldest = rows[0]?.oldest
+      const oldestMillis = oldest instanceof Date ? Math.max(0, now - oldest.getTime()) : 0
+      return { unpublished: Number(rows[0]?.n ?? 0), oldestMillis }
+    })
+
+    return OutboxRelay.of({
+      nudge: Effect.sync(store.nudge),
+      drain,
+      cycle: cycleIn(partitions),
+      cleanup,
+      lag
+    })
+  })
+
+
+/**
+ * Runs a relay until interrupted: drains on every wake-up (nudge, `NOTIFY`,
+ * poll), retries failed cycles on the `retry` schedule, cleans up by
+ * retention. Never fails: errors are logged and retried.
+ *
+ * @since 0.1.0
+ */
+export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const relay = yield* make(options)
+    const pollInterval = Duration.fromInputUnsafe(options?.pollInterval ?? "1 second")
+    const cleanupInterval = Duration.fromInputUnsafe(options?.cleanupInterval ?? "1 minute")
+    const retry: Schedule.Schedule<unknown, unknown> =
+options?.retry ?? cappedExponential("100 millis", "5 seconds")
+
+    if (options?.listen !== false) {
+      const pg = yield* Effect.serviceOption(PgClient.PgClient)
+      if (Option.isSome(pg)) yield* Effect.forkScoped(listen(pg.value, store))
+    }
+    yield* Effect.forkScoped(
+      relay.cleanup.pipe(
+        Effect.tap((n) => (n > 0 ? Effect.logDebug(`converge: outbox cleanup deleted ${n} published rows`) : Effect.void)),
+        Effect.catchCause((cause) => Effect.logWarning("converge: outbox cleanup failed; retrying later", cause)),
+        Effect.delay(cleanupInterval),
+        Effect.forever
+      )
+    )
+    const loop = relay.drain.pipe(
+      Effect.tapCause((cause) => Effect.logWarning("converge: outbox relay cycle failed; retrying", cause)),
+      Effect.retry(retry),
+      Effect.ignore,
+      Effect.andThen(Effect.raceFirst(store.awaitNudge, Effect.sleep(pollInterval))),
+      Effect.forever
+    )
+    return yield* loop
+  }).pipe(Effect.scoped)
+
+const cappedExponential = (base: Duration.Input, cap: Duration.Input): Schedule.Schedule<unknown, unknown> => {
+  const max = Duration.fromInputUnsafe(cap)
+  return Schedule.exponential(base, 2).pipe(
+    Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, max)))
+  )
+}
+
+const listen = (pg: PgClient.PgClient, store: SqlStore["Service"]): Effect.Effect<void> =>
+  Effect.scoped(
+    Effect.gen(function* () {
+      const queue = yield* pg.listen(store.channel).pipe(Effect.timeout("10 seconds"))
+      yield* Effect.logDebug(`converge: outbox relay listening on ${store.channel}`)
+      store.nudge()
+      while (true) {
+        yield* Queue.take(queue)
+        store.nudge()
+      }
+    })
+  ).pipe(
+    Effect.tapCause((cause) =>
+      Effect.logWarning("converge: outbox LISTEN failed; relying on the poll, listening again later", cause)
+    ),
+    Effect.retry(cappedExponential("500 millis", "30 seconds")),
+    Effect.ignore
+  )
+
+/**
+ * The relay as a background Layer: runs {@link run} in the layer's scope and
+ * provides the {@link OutboxRelay} service (for `nudge`, `drain`, `lag`).
+ *
+ * @since 0.1.0
+ */
+export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlStore | Broker> =>
+  Layer.effect(
+    OutboxRelay,
+    Effect.gen(function* () {
+      const relay = yield* make(options)
+      const fiber = yield* Effect.forkScoped(run(options))
+      yield* Effect.addFinalizer(() => Fiber.interrupt(fiber))
+      return relay
+    })
+  )
+
+/**
+ * Lists the rows the relay moved aside (newest first).
+ *
+ * @since 0.1.0
+ */
+export const deadRows = (limit = 100): Effect.Effect<ReadonlyArray<DeadRow>, SqlError, SqlStore> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const rows = yield* store.sql.unsafe<{
+      readonly seq: string
+      readonly message_id: string
+      readonly topic: string
+      readonly reason: string
+      readonly error: string
+    }>(
+      `SELECT seq::text AS seq, message_id, topic, reason, error FROM ${store.table("outbox_dead")} ORDER BY moved_at DESC, seq DESC LIMIT $1::int`,
+      [limit]
+    )
+    return rows.map((r) => ({ seq: r.seq, messageId: r.message_id, topic: r.topic, reason: r.reason, error: r.error }))
+  })

@@ -1,0 +1,289 @@
+/**
+ * `SqlStore` — where the outbox and the inbox live: one Postgres schema, its
+ * migrations, and the settings every process that shares it must agree on.
+ *
+ * ```ts
+ * const Store = SqlStore.layer({ schema: "converge", partitions: 16 }) // needs SqlClient
+ * const Live = Layer.mergeAll(Outbox.layer(), Inbox.layer(), OutboxRelay.layer()).pipe(
+ *   Layer.provideMerge(Store),
+ *   Layer.provide(PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL!) }))
+ * )
+ * ```
+ *
+ * The layer runs the migrations (unless `migrate: false`), serialised across
+ * processes by an advisory lock, and checks that the stored partition count
+ * is the one configured: publishers and relays must hash keys the same way,
+ * or two relays could reorder a key.
+ *
+ * Tables (all in the configured schema):
+ *
+ * | table | holds |
+ * | --- | --- |
+ * | `migrations` | applied migration versions |
+ * | `settings` | `partitions` (fixed at the first migration) |
+ * | `outbox` | messages written by `Outbox.publish`; `published_at` is set once the broker confirmed |
+ * | `outbox_dead` | rows the relay could not publish (poison), with `reason` and `error` |
+ * | `inbox` | `(consumer, message_id)` of every message whose effect committed |
+ *
+ * @since 0.1.0
+ */
+import { Context, Effect, Latch, Layer, Schema } from "effect"
+import { SqlClient } from "effect/sql"
+import type { SqlError } from "effect/sql/SqlError"
+import * as Name from "./Name.ts"
+
+/**
+ * The store's settings disagree with the database, or the database is not
+ * usable as a store. `message` says what to change.
+ *
+ * @since 0.1.0
+ */
+export class StoreMismatch extends Schema.TaggedError<StoreMismatch>("@converge/core/SqlStore/StoreMismatch")(
+  "StoreMismatch",
+  { message: Schema.String }
+) {}
+
+/**
+ * Options of {@link layer}.
+ *
+ * @since 0.1.0
+ */
+export interface Options {
+  /** The Postgres schema of the tables (default `converge`); see `Name` for the rules. */
+  readonly schema?: string | undefined
+  /**
+   * How many partitions the outbox hashes keys into (default 16). Each
+   * partition is relayed by one relay at a time, so this bounds how many
+   * relays work in parallel. Fixed when the schema is first migrated.
+   */
+  readonly partitions?: number | undefined
+  /** Run the migrations when the layer is built (default `true`). */
+  readonly migrate?: boolean | undefined
+}
+
+/**
+ * The store service: the SQL client, the schema and the shared wake-up
+ * signal between `Outbox` (which nudges after commit) and `OutboxRelay`.
+ *
+ * @since 0.1.0
+ */
+export class SqlStore extends Context.Service<
+  SqlStore,
+  {
+    readonly sql: SqlClient.SqlClient
+    readonly schema: string
+    readonly partitions: number
+    /** `<schema>.<name>`: a qualified table name (the schema is validated, never quoted). */
+    readonly table: (name: string) => string
+    /** The `LISTEN`/`NOTIFY` channel the outbox trigger signals on commit. */
+    readonly channel: string
+    /** Key of the advisory locks of this store (partitions use it as the first half). */
+    readonly lockSpace: number
+    /** Wakes the relays of this process (in-process, after a commit). */
+    readonly nudge: () => void
+    /** Completes at the next {@link nudge} (or at once if one happened since the last wait). */
+    readonly awaitNudge: Effect.Effect<void>
+  }
+>()("@converge/core/SqlStore") {}
+
+/**
+ * The default schema name.
+ *
+ * @since 0.1.0
+ */
+export const defaultSchema = "converge"
+
+/**
+ * The default partition count.
+ *
+ * @since 0.1.0
+ */
+export const defaultPartitions = 16
+
+/** 32-bit FNV-1a, as a signed int (an advisory lock key half). */
+export const fnv1a32 = (text: string): number => {
+  let h = 0x811c9dc5
+  for (let i = 0; i < text.length; i++) {
+    h ^= text.charCodeAt(i)
+    h = Math.imul(h, 0x01000193)
+  }
+  return h | 0
+}
+
+/**
+ * The partition of a message: FNV-1a of its key (of its id when it has no
+ * key) modulo the partition count. Publishers and relays agree on it.
+ *
+ * @since 0.1.0
+ */
+export const partitionOf = (key: string, partitions: number): number =>
+  partitions === 1 ? 0 : (fnv1a32(key) >>> 0) % partitions
+
+const migrations = (
+  s: string,
+  channel: string
+): ReadonlyArray<{ readonly name: string; readonly statements: ReadonlyArray<string> }> => [
+  {
+    name: "outbox, outbox_dead, inbox",
+    statements: [
+      `CREATE TABLE ${s}.settings (
+  name text PRIMARY KEY,
+  value text NOT NULL
+)`,
+      `CREATE TABLE ${s}.outbox (
+  seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  tx xid8 NOT NULL DEFAULT pg_current_xact_id(),
+  partition int NOT NULL,
+  message_id text NOT NULL,
+  topic text NOT NULL,
+  type text NOT NULL,
+  source text NOT NULL,
+  key text,
+  time timestamptz NOT NULL,
+  attempt int NOT NULL DEFAULT 1,
+  headers jsonb NOT NULL DEFAULT '{}'::jsonb,
+  data text NOT NULL,
+  created_at timestamptz NOT NULL,
+  published_at timestamptz
+)`,
+      `CREATE INDEX outbox_unpublished ON ${s}.outbox (tx, seq) WHERE published_at IS NULL`,
+      `CREATE INDEX outbox_published_at ON ${s}.outbox (published_at) WHERE published_at IS NOT NULL`,
+      `CREATE TABLE ${s}.outbox_dead (
+  seq bigint PRIMARY KEY,
+  tx xid8 NOT NULL,
+  partition int NOT NULL,
+  message_id text NOT NULL,
+  topic text NOT NULL,
+  type text NOT NULL,
+  source text NOT NULL,
+  key text,
+  time timestamptz NOT NULL,
+  attempt int NOT NULL,
+  headers jsonb NOT NULL,
+  data text NOT NULL,
+  created_at timestamptz NOT NULL,
+  reason text NOT NULL,
+  error text NOT NULL,
+  moved_at timestamptz NOT NULL
+)`,
+      `CREATE TABLE ${s}.inbox (
+  consumer text NOT NULL,
+  message_id text NOT NULL,
+  processed_at timestamptz NOT NULL,
+  PRIMARY KEY (consumer, message_id)
+)`,
+      `CREATE INDEX inbox_processed_at ON ${s}.inbox (processed_at)`,
+      `CREATE FUNCTION ${s}.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('${channel}', '');
+  RETURN NULL;
+END
+$$`,
+      `CREATE TRIGGER outbox_notify AFTER INSERT ON ${s}.outbox
+  FOR EACH STATEMENT EXECUTE FUNCTION ${s}.outbox_notify()`
+    ]
+  }
+]
+
+/**
+ * Creates the schema and applies the migrations it lacks, in one
+ * transaction, serialised across processes by an advisory lock. Safe to run
+ * from every process at start-up. Returns the versions it applied.
+ *
+ * @since 0.1.0
+ */
+export const migrate = (
+  schema: string = defaultSchema
+): Effect.Effect<ReadonlyArray<number>, SqlError | Name.InvalidName, SqlClient.SqlClient> =>
+  Effect.gen(function* () {
+    const s = yield* Name.validate("schema", schema)
+    const sql = yield* SqlClient.SqlClient
+    return yield* sql.withTransaction(
+      Effect.gen(function* () {
+        yield* sql.unsafe(`SELECT pg_advisory_xact_lock($1::int, 0)`, [fnv1a32(`converge-migrate:${s}`)])
+        yield* sql.unsafe(`CREATE SCHEMA IF NOT EXISTS ${s}`)
+        yield* sql.unsafe(
+          `CREATE TABLE IF NOT EXISTS ${s}.migrations (version int PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())`
+        )
+        const rows = yield* sql.unsafe<{ readonly version: number }>(`SELECT version FROM ${s}.migrations`)
+        const done = new Set(rows.map((r) => Number(r.version)))
+        const applied: Array<number> = []
+        const all = migrations(s, channelOf(s))
+        for (let i = 0; i < all.length; i++) {
+          const version = i + 1
+          if (done.has(version)) continue
+          const m = all[i]!
+          for (const statement of m.statements) yield* sql.unsafe(statement).raw
+          yield* sql.unsafe(`INSERT INTO ${s}.migrations (version, name) VALUES ($1, $2)`, [version, m.name])
+          applied.push(version)
+        }
+        if (applied.length > 0) yield* Effect.logInfo(`converge: migrated schema ${s} to version ${all.length}`)
+        return applied
+      })
+    )
+  })
+
+const channelOf = (schema: string) => `converge_outbox_${schema}`
+
+/**
+ * Builds the store over the `SqlClient` in context: validates the options,
+ * migrates (by default) and checks the partition count.
+ *
+ * @since 0.1.0
+ */
+export const make = (
+  options?: Options
+): Effect.Effect<SqlStore["Service"], SqlError | Name.InvalidName | StoreMismatch, SqlClient.SqlClient> =>
+  Effect.gen(function* () {
+    const schema = yield* Name.validate("schema", options?.schema ?? defaultSchema)
+    const partitions = options?.partitions ?? defaultPartitions
+    if (!Number.isInteger(partitions) || partitions < 1 || partitions > 4096) {
+      return yield* new StoreMismatch({ message: `partitions must be an integer from 1 to 4096, got ${partitions}` })
+    }
+    const sql = yield* SqlClient.SqlClient
+    if (options?.migrate !== false) yield* migrate(schema)
+    const settings = yield* sql
+      .unsafe<{ readonly value: string }>(
+        `INSERT INTO ${schema}.settings (name, value) VALUES ('partitions', $1)
+         ON CONFLICT (name) DO UPDATE SET value = ${schema}.settings.value RETURNING value`,
+        [String(partitions)]
+      )
+      .pipe(
+        Effect.catchReason("SqlError", "SqlSyntaxError", () =>
+          Effect.fail(
+            new StoreMismatch({
+              message: `schema ${schema} has no Converge tables: run SqlStore.migrate or build the layer with migrate: true`
+            })
+          )
+        )
+      )
+    const stored = Number(settings[0]?.value)
+    if (stored !== partitions) {
+      return yield* new StoreMismatch({
+        message: `schema ${schema} was created with ${stored} outbox partitions, but this process is configured with ${partitions}; every publisher and relay must use the same count`
+      })
+    }
+    const latch = Latch.makeUnsafe(false)
+    return SqlStore.of({
+      sql,
+      schema,
+      partitions,
+      table: (name) => `${schema}.${name}`,
+      channel: channelOf(schema),
+      lockSpace: fnv1a32(`converge-outbox:${schema}`),
+      nudge: () => {
+        latch.openUnsafe()
+      },
+      awaitNudge: Effect.andThen(latch.await, latch.close)
+    })
+  })
+
+/**
+ * The store as a Layer over `SqlClient` (from `@effect/sql-pg`'s `PgClient.layer`).
+ *
+ * @since 0.1.0
+ */
+export const layer = (
+  options?: Options
+): Layer.Layer<SqlStore, SqlError | Name.InvalidName | StoreMismatch, SqlClient.SqlClient> =>
+  Layer.effect(SqlStore, make(options))

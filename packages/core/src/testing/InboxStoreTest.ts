@@ -1,0 +1,186 @@
+/**
+ * `InboxStoreTest` — the inbox store suite (RELIABILITY.md): the first claim
+ * commits the effect and the claim together; a duplicate claim in a second
+ * transaction is refused and its effects roll back; a rolled-back claim
+ * leaves no trace; concurrent claims run the effect once; consumers are
+ * independent; messages published by the handler share its transaction;
+ * cleanup respects retention.
+ *
+ * ```ts
+ * InboxStoreTest.suite("postgres", PgClient.layer({ url }), { concurrentTransactions: true, listen: true })
+ * ```
+ *
+ * @since 0.1.0
+ */
+import { assert, describe, layer } from "@effect/vitest"
+import { Deferred, Effect, Fiber, type Layer, Option, type Scope } from "effect"
+import type { SqlClient } from "effect/sql"
+import * as Inbox from "../Inbox.ts"
+import * as Outbox from "../Outbox.ts"
+import * as SqlStore from "../SqlStore.ts"
+import { count, type Features, freshStore, items } from "./StoreHarness.ts"
+
+export type { Features } from "./StoreHarness.ts"
+
+/**
+ * Registers the inbox store suite (cases I01–I07).
+ *
+ * @since 0.1.0
+ */
+export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
+  const selected = (id: string) => features.only === undefined || features.only.includes(id)
+  layer(sqlLayer, { excludeTestServices: true, timeout: "60 seconds" })(`InboxStoreTest ${name}`, (it) => {
+    const test = (
+      id: string,
+      title: string,
+      needs: { concurrent?: boolean },
+      body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>
+    ) => {
+      if (!selected(id)) return
+      if (needs.concurrent && !features.concurrentTransactions) {
+        it.effect.skip(`${id} ${title} — skipped: the backend runs one transaction at a time`, () => Effect.void)
+        return
+      }
+      it.effect(`${id} ${title}`, () => Effect.scoped(body()), 60_000)
+    }
+
+    const setup = (options?: Inbox.Options) =>
+      Effect.gen(function* () {
+        const store = yield* freshStore({ partitions: 1 })
+        const inbox = yield* Inbox.make(options).pipe(Effect.provideService(SqlStore.SqlStore, store))
+        const effects = store.table("effects")
+        /** The handler's business write. */
+        const write = (consumer: string, id: string, note = "") =>
+          store.sql.unsafe(`INSERT INTO ${effects} (consumer, message_id, note) VALUES ($1, $2, $3)`, [consumer, id, note])
+            .raw
+        const effectRows = (id: string) =>
+          count(`SELECT count(*)::int AS n FROM ${effects} WHERE message_id = $1`, [id])
+        const inboxRows = (id: string) =>
+          count(`SELECT count(*)::int AS n FROM ${store.table("inbox")} WHERE message_id = $1`, [id])
+        const provide = <A, E2, R>(effect: Effect.Effect<A, E2, R>) =>
+          Effect.provideService(effect, SqlStore.SqlStore, store)
+        return { store, inbox, write, effectRows, inboxRows, provide }
+      })
+
+    describe("inbox", () => {
+      test("I01", "the first claim commits the handler's writes and the inbox row together", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows, inboxRows } = yield* setup()
+          const result = yield* inbox.once("billing", "m-1", Effect.as(write("billing", "m-1"), "done"))
+          assert.deepStrictEqual(result, Option.some("done"))
+          assert.strictEqual(yield* effectRows("m-1"), 1)
+          assert.strictEqual(yield* inboxRows("m-1"), 1)
+          assert.isTrue(yield* inbox.isProcessed("billing", "m-1"))
+          const again = yield* inbox.once("billing", "m-1", Effect.as(write("billing", "m-1"), "done"))
+          assert.deepStrictEqual(again, Option.none(), "a duplicate is skipped")
+          assert.strictEqual(yield* effectRows("m-1"), 1, "the effect stays single")
+        })
+      )
+
+      test("I02", "a duplicate claim in a second transaction is refused and its effects roll back", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows, provide } = yield* setup()
+          yield* inbox.once("billing", "m-2", write("billing", "m-2", "first"))
+          const refused = yield* provide(
+            Outbox.transaction(
+              Effect.gen(function* () {
+                yield* write("billing", "m-2", "second") // the handler wrote before claiming
+                yield* inbox.claim("billing", "m-2")
+              })
+            )
+          ).pipe(Effect.flip)
+          assert.strictEqual(refused._tag, "AlreadyProcessed")
+          assert.match(refused.message, /m-2 was already processed by billing/)
+          assert.strictEqual(yield* effectRows("m-2"), 1, "the second transaction's write rolled back")
+        })
+      )
+
+      test("I03", "a rolled-back claim leaves no trace: the retry runs the handler again", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows, inboxRows } = yield* setup()
+          const failed = yield* inbox
+            .once("billing", "m-3", Effect.andThen(write("billing", "m-3"), Effect.fail("transient" as const)))
+            .pipe(Effect.flip)
+          assert.strictEqual(failed, "transient")
+          assert.strictEqual(yield* effectRows("m-3"), 0)
+          assert.strictEqual(yield* inboxRows("m-3"), 0)
+          const retried = yield* inbox.once("billing", "m-3", Effect.as(write("billing", "m-3"), 1))
+          assert.deepStrictEqual(retried, Option.some(1))
+          assert.strictEqual(yield* effectRows("m-3"), 1)
+        })
+      )
+
+      test("I04", "two deliveries racing: the effect runs once, the second waits and skips", { concurrent: true }, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows } = yield* setup()
+          const claimed = yield* Deferred.make<void>()
+          const release = yield* Deferred.make<void>()
+          const first = yield* Effect.forkScoped(
+            inbox.once(
+              "billing",
+              "m-4",
+              Effect.gen(function* () {
+                yield* write("billing", "m-4", "first")
+                yield* Deferred.succeed(claimed, undefined)
+                yield* Deferred.await(release)
+                return "first"
+              })
+            )
+          )
+          yield* Deferred.await(claimed)
+          const second = yield* Effect.forkScoped(
+            inbox.once("billing", "m-4", Effect.as(write("billing", "m-4", "second"), "second"))
+          )
+          yield* Effect.sleep("200 millis")
+          assert.isUndefined(second.pollUnsafe(), "the second claim waits for the first transaction")
+          yield* Deferred.succeed(release, undefined)
+          assert.deepStrictEqual(yield* Fiber.join(first), Option.some("first"))
+          assert.deepStrictEqual(yield* Fiber.join(second), Option.none())
+          assert.strictEqual(yield* effectRows("m-4"), 1)
+        })
+      )
+
+      test("I05", "consumers (groups) are independent: each processes the message once", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows } = yield* setup()
+          yield* inbox.once("billing", "m-5", write("billing", "m-5"))
+          yield* inbox.once("shipping", "m-5", write("shipping", "m-5"))
+          yield* inbox.once("shipping", "m-5", write("shipping", "m-5"))
+          assert.strictEqual(yield* effectRows("m-5"), 2)
+        })
+      )
+
+      test("I06", "messages published by the handler commit or roll back with its transaction", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, store, provide } = yield* setup()
+          const outbox = yield* provide(Outbox.make())
+          const outboxRows = count(`SELECT count(*)::int AS n FROM ${store.table("outbox")}`)
+          yield* inbox
+            .once(
+              "billing",
+              "m-6",
+              Effect.andThen(outbox.publish(items, { key: "a", n: 1 }), Effect.fail("handler failed" as const))
+            )
+            .pipe(Effect.flip)
+          assert.strictEqual(yield* outboxRows, 0)
+          yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
+          yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
+          assert.strictEqual(yield* outboxRows, 1, "published once, with the first successful claim")
+        })
+      )
+
+      test("I07", "cleanup deletes inbox rows older than the retention, and nothing else", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, inboxRows } = yield* setup({ retention: "300 millis", cleanupInterval: 0 })
+          yield* inbox.once("billing", "old", write("billing", "old"))
+          assert.strictEqual(yield* inbox.cleanup, 0, "younger than the retention")
+          yield* Effect.sleep("400 millis")
+          yield* inbox.once("billing", "new", write("billing", "new"))
+          assert.strictEqual(yield* inbox.cleanup, 1)
+          assert.strictEqual(yield* inboxRows("old"), 0)
+          assert.strictEqual(yield* inboxRows("new"), 1)
+        })
+      )
+    })
+  })
+}

@@ -8,8 +8,8 @@ import { spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "@converge/core"
-import { assert, describe, it } from "@effect/vitest"
 import { PgClient } from "@effect/sql-pg"
+import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { brokerLayer, mainUrl, Prefix } from "./helpers.ts"
@@ -101,9 +101,7 @@ describe("Outbox relay on Redis", () => {
         assert.strictEqual(Number((yield* unpublished)[0]!.n), 0)
       }).pipe(
         Effect.scoped,
-        Effect.provide(
-          Layer.mergeAll(brokerLayer(), PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 6 }))
-        )
+        Effect.provide(Layer.mergeAll(brokerLayer(), PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 6 })))
       ),
     60_000
   )

@@ -81,7 +81,10 @@ export class Inbox extends Context.Service<
      * Records `(consumer, messageId)` in the current transaction; fails with
      * {@link AlreadyProcessed} when it is there (roll the transaction back).
      */
-    readonly claim: (consumer: string, messageId: string) => Effect.Effect<void, AlreadyProcessed | SqlError, Transaction>
+    readonly claim: (
+      consumer: string,
+      messageId: string
+    ) => Effect.Effect<void, AlreadyProcessed | SqlError, Transaction>
     /**
      * Runs `effect` in a transaction that first claims the message: returns
      * `Option.some(result)` after commit, or `Option.none()` without running

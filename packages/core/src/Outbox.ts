@@ -219,8 +219,7 @@ export const publish = <A, I>(
   topic: Topic.Topic<A, I>,
   payload: A,
   options?: Envelope.MakeOptions
-): Effect.Effect<Receipt, PublishError, Outbox | Transaction> =>
-  Outbox.use((o) => o.publish(topic, payload, options))
+): Effect.Effect<Receipt, PublishError, Outbox | Transaction> => Outbox.use((o) => o.publish(topic, payload, options))
 
 /**
  * Inserts many messages of one topic, in order, inside the current

@@ -143,10 +143,9 @@ export const DeadReason = {
   rejected: "rejected"
 } as const
 
-class RowMalformed extends Schema.TaggedError<RowMalformed>("@converge/core/OutboxRelay/RowMalformed")(
-  "RowMalformed",
-  { message: Schema.String }
-) {}
+class RowMalformed extends Schema.TaggedError<RowMalformed>("@converge/core/OutboxRelay/RowMalformed")("RowMalformed", {
+  message: Schema.String
+}) {}
 
 interface Row {
   readonly seq: string
@@ -299,7 +298,10 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
               }
             }
             if (published.length > 0) {
-              yield* sql.unsafe(markSql, retention === 0 ? [`{${published.join(",")}}`] : [`{${published.join(",")}}`, nowIso])
+              yield* sql.unsafe(
+                markSql,
+                retention === 0 ? [`{${published.join(",")}}`] : [`{${published.join(",")}}`, nowIso]
+              )
             }
             for (const p of poison) {
               yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])
@@ -324,7 +326,10 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
       concurrency === 1
         ? drainWorker(partitions)
         : Effect.map(
-            Effect.all(Array.from({ length: concurrency }, () => drainWorker(share)), { concurrency: "unbounded" }),
+            Effect.all(
+              Array.from({ length: concurrency }, () => drainWorker(share)),
+              { concurrency: "unbounded" }
+            ),
             (counts) => counts.reduce((a, b) => a + b, 0)
           )
 
@@ -363,7 +368,6 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     })
   })
 
-
 /**
  * Runs a relay until interrupted: drains on every wake-up (nudge, `NOTIFY`,
  * poll), retries failed cycles on the `retry` schedule, cleans up by
@@ -377,8 +381,7 @@ export const run = (options?: Options): Effect.Effect<never, never, SqlStore | B
     const relay = yield* make(options)
     const pollInterval = Duration.fromInputUnsafe(options?.pollInterval ?? "1 second")
     const cleanupInterval = Duration.fromInputUnsafe(options?.cleanupInterval ?? "1 minute")
-    const retry: Schedule.Schedule<unknown, unknown> =
-options?.retry ?? cappedExponential("100 millis", "5 seconds")
+    const retry: Schedule.Schedule<unknown, unknown> = options?.retry ?? cappedExponential("100 millis", "5 seconds")
 
     if (options?.listen !== false) {
       const pg = yield* Effect.serviceOption(PgClient.PgClient)
@@ -386,7 +389,9 @@ options?.retry ?? cappedExponential("100 millis", "5 seconds")
     }
     yield* Effect.forkScoped(
       relay.cleanup.pipe(
-        Effect.tap((n) => (n > 0 ? Effect.logDebug(`converge: outbox cleanup deleted ${n} published rows`) : Effect.void)),
+        Effect.tap((n) =>
+          n > 0 ? Effect.logDebug(`converge: outbox cleanup deleted ${n} published rows`) : Effect.void
+        ),
         Effect.catchCause((cause) => Effect.logWarning("converge: outbox cleanup failed; retrying later", cause)),
         Effect.delay(cleanupInterval),
         Effect.forever

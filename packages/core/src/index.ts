@@ -15,16 +15,16 @@ export * as BrokerError from "./BrokerError.ts"
 export * as Consumer from "./Consumer.ts"
 /** The dead-letter queue: list, show, replay, purge. */
 export * as DeadLetter from "./DeadLetter.ts"
+/** The message model, its wire forms and the CloudEvents mapping. */
+export * as Envelope from "./Envelope.ts"
 /** Exactly-once effects: the idempotent inbox, in the handler's transaction. */
 export * as Inbox from "./Inbox.ts"
+/** Name validation for topics, groups, consumers and headers. */
+export * as Name from "./Name.ts"
 /** The transactional outbox: publish in the caller's SQL transaction. */
 export * as Outbox from "./Outbox.ts"
 /** The relay that moves committed outbox rows to the broker. */
 export * as OutboxRelay from "./OutboxRelay.ts"
-/** The message model, its wire forms and the CloudEvents mapping. */
-export * as Envelope from "./Envelope.ts"
-/** Name validation for topics, groups, consumers and headers. */
-export * as Name from "./Name.ts"
 /** Typed, direct publishing. */
 export * as Publisher from "./Publisher.ts"
 /** The Postgres schema of the outbox and inbox: tables, migrations, settings. */

@@ -1,6 +1,6 @@
 import { MemoryBroker } from "@converge/broker-memory"
-import { assert, describe, layer } from "@effect/vitest"
 import { PgClient } from "@effect/sql-pg"
+import { assert, describe, layer } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
@@ -16,13 +16,15 @@ const Store = SqlStore.layer({ schema, partitions: 4 })
 const Live = Layer.mergeAll(Outbox.layer(), Inbox.layer(), OutboxRelay.layer({ pollInterval: "200 millis" })).pipe(
   Layer.provideMerge(Store),
   Layer.provideMerge(MemoryBroker.layer({ orderedPerKey: true })),
-  Layer.provideMerge(Layer.effectDiscard(
-    Effect.gen(function* () {
-      const sql = yield* SqlClient.SqlClient
-      yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
-      yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-    })
-  )),
+  Layer.provideMerge(
+    Layer.effectDiscard(
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
+        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+      })
+    )
+  ),
   Layer.provideMerge(Pg)
 )
 
@@ -34,63 +36,73 @@ export const outsideTransaction = (o: Schema.Schema.Type<typeof Order>) =>
     return program
   })
 export const insideTransaction = (o: Schema.Schema.Type<typeof Order>) => {
-  const program: Effect.Effect<Outbox.Receipt, Outbox.PublishError | import("effect/sql/SqlError").SqlError, Outbox.Outbox | SqlStore.SqlStore> =
-    Outbox.transaction(Outbox.publish(orders, o))
+  const program: Effect.Effect<
+    Outbox.Receipt,
+    Outbox.PublishError | import("effect/sql/SqlError").SqlError,
+    Outbox.Outbox | SqlStore.SqlStore
+  > = Outbox.transaction(Outbox.publish(orders, o))
   return program
 }
 
-layer(Live, { excludeTestServices: true, timeout: "30 seconds" })("Outbox → broker → Consumer with Inbox (Postgres)", (it) => {
-  describe("end to end", () => {
-    it.effect("business rows and messages commit together; the consumer's effect is single under redelivery", () =>
-      Effect.gen(function* () {
-        const sql = yield* SqlClient.SqlClient
-        yield* sql.unsafe(`CREATE TABLE ${schema}.orders (id text PRIMARY KEY, cents int NOT NULL)`).raw
-        yield* sql.unsafe(`CREATE TABLE ${schema}.ledger (order_id text NOT NULL, cents int NOT NULL)`).raw
-        const place = (o: Schema.Schema.Type<typeof Order>) =>
-          Outbox.transaction(
-            Effect.gen(function* () {
-              yield* sql.unsafe(`INSERT INTO ${schema}.orders (id, cents) VALUES ($1, $2)`, [o.id, o.cents]).raw
-              if (o.cents < 0) return yield* Effect.fail("negative amount" as const)
-              yield* Outbox.publish(orders, o)
+layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
+  "Outbox → broker → Consumer with Inbox (Postgres)",
+  (it) => {
+    describe("end to end", () => {
+      it.effect("business rows and messages commit together; the consumer's effect is single under redelivery", () =>
+        Effect.gen(function* () {
+          const sql = yield* SqlClient.SqlClient
+          yield* sql.unsafe(`CREATE TABLE ${schema}.orders (id text PRIMARY KEY, cents int NOT NULL)`).raw
+          yield* sql.unsafe(`CREATE TABLE ${schema}.ledger (order_id text NOT NULL, cents int NOT NULL)`).raw
+          const place = (o: Schema.Schema.Type<typeof Order>) =>
+            Outbox.transaction(
+              Effect.gen(function* () {
+                yield* sql.unsafe(`INSERT INTO ${schema}.orders (id, cents) VALUES ($1, $2)`, [o.id, o.cents]).raw
+                if (o.cents < 0) return yield* Effect.fail("negative amount" as const)
+                yield* Outbox.publish(orders, o)
+              })
+            )
+          let deliveries = 0
+          const broker = yield* MemoryBroker.MemoryBroker
+          yield* broker.faults.duplicateNext("orders", 5)
+          yield* Effect.forkScoped(
+            Consumer.make(orders, {
+              group: "ledger",
+              handle: (order, ctx) =>
+                Effect.andThen(
+                  Effect.sync(() => deliveries++),
+                  Inbox.handler((o: Schema.Schema.Type<typeof Order>) =>
+                    Effect.asVoid(
+                      sql.unsafe(`INSERT INTO ${schema}.ledger (order_id, cents) VALUES ($1, $2)`, [o.id, o.cents]).raw
+                    )
+                  )(order, ctx)
+                )
             })
           )
-        let deliveries = 0
-        const broker = yield* MemoryBroker.MemoryBroker
-        yield* broker.faults.duplicateNext("orders", 5)
-        yield* Effect.forkScoped(
-          Consumer.make(orders, {
-            group: "ledger",
-            handle: (order, ctx) =>
-              Effect.andThen(
-                Effect.sync(() => deliveries++),
-                Inbox.handler((o: Schema.Schema.Type<typeof Order>) =>
-                  Effect.asVoid(
-                    sql.unsafe(`INSERT INTO ${schema}.ledger (order_id, cents) VALUES ($1, $2)`, [o.id, o.cents]).raw
-                  )
-                )(order, ctx)
-              )
-          })
-        )
-        for (let i = 0; i < 20; i++) yield* place({ id: `o-${i}`, account: `a-${i % 3}`, cents: 100 + i })
-        const refused = yield* place({ id: "o-bad", account: "a-0", cents: -1 }).pipe(Effect.flip)
-        assert.strictEqual(refused, "negative amount")
-        const ledgerCount = Effect.map(
-          sql.unsafe<{ n: number }>(`SELECT count(*)::int AS n FROM ${schema}.ledger`).withoutTransform,
-          (r) => Number(r[0]!.n)
-        )
-        for (let i = 0; i < 250 && (yield* ledgerCount) < 20; i++) yield* Effect.sleep("20 millis")
-        yield* Effect.sleep("300 millis") // let duplicates arrive
-        const rows = yield* sql.unsafe<{ order_id: string; n: number }>(
-          `SELECT order_id, count(*)::int AS n FROM ${schema}.ledger GROUP BY order_id ORDER BY order_id`
-        ).withoutTransform
-        assert.strictEqual(rows.length, 20, "every committed order reached the ledger, the rolled-back one did not")
-        assert.isTrue(rows.every((r) => Number(r.n) === 1), "exactly one ledger row per message despite duplicates")
-        assert.isAbove(deliveries, 20, "the broker delivered duplicates, which the inbox skipped")
-        const orderRows = yield* sql.unsafe<{ n: number }>(`SELECT count(*)::int AS n FROM ${schema}.orders`).withoutTransform
-        assert.strictEqual(Number(orderRows[0]!.n), 20)
-        const lag = yield* OutboxRelay.OutboxRelay.use((r) => r.lag)
-        assert.strictEqual(lag.unpublished, 0)
-      })
-    )
-  })
-})
+          for (let i = 0; i < 20; i++) yield* place({ id: `o-${i}`, account: `a-${i % 3}`, cents: 100 + i })
+          const refused = yield* place({ id: "o-bad", account: "a-0", cents: -1 }).pipe(Effect.flip)
+          assert.strictEqual(refused, "negative amount")
+          const ledgerCount = Effect.map(
+            sql.unsafe<{ n: number }>(`SELECT count(*)::int AS n FROM ${schema}.ledger`).withoutTransform,
+            (r) => Number(r[0]!.n)
+          )
+          for (let i = 0; i < 250 && (yield* ledgerCount) < 20; i++) yield* Effect.sleep("20 millis")
+          yield* Effect.sleep("300 millis") // let duplicates arrive
+          const rows = yield* sql.unsafe<{ order_id: string; n: number }>(
+            `SELECT order_id, count(*)::int AS n FROM ${schema}.ledger GROUP BY order_id ORDER BY order_id`
+          ).withoutTransform
+          assert.strictEqual(rows.length, 20, "every committed order reached the ledger, the rolled-back one did not")
+          assert.isTrue(
+            rows.every((r) => Number(r.n) === 1),
+            "exactly one ledger row per message despite duplicates"
+          )
+          assert.isAbove(deliveries, 20, "the broker delivered duplicates, which the inbox skipped")
+          const orderRows = yield* sql.unsafe<{ n: number }>(`SELECT count(*)::int AS n FROM ${schema}.orders`)
+            .withoutTransform
+          assert.strictEqual(Number(orderRows[0]!.n), 20)
+          const lag = yield* OutboxRelay.OutboxRelay.use((r) => r.lag)
+          assert.strictEqual(lag.unpublished, 0)
+        })
+      )
+    })
+  }
+)

@@ -5,8 +5,8 @@
  * an inbox applies them. Nothing committed is lost; every effect is single.
  */
 import { MemoryBroker } from "@converge/broker-memory"
-import { assert, describe, it } from "@effect/vitest"
 import { PgClient } from "@effect/sql-pg"
+import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Layer, Redacted, Schedule, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
@@ -27,7 +27,11 @@ describe("Outbox under a Postgres restart", () => {
           maxConnections: 6,
           connectTimeout: "2 seconds"
         })
-        const Live = Layer.mergeAll(Outbox.layer(), Inbox.layer(), OutboxRelay.layer({ pollInterval: "100 millis" })).pipe(
+        const Live = Layer.mergeAll(
+          Outbox.layer(),
+          Inbox.layer(),
+          OutboxRelay.layer({ pollInterval: "100 millis" })
+        ).pipe(
           Layer.provideMerge(SqlStore.layer({ partitions: 4 })),
           Layer.provideMerge(MemoryBroker.layer({ orderedPerKey: true })),
           Layer.provideMerge(Pg)
@@ -59,8 +63,9 @@ describe("Outbox under a Postgres restart", () => {
             )
           )
           const effects = Effect.map(
-            sql.unsafe<{ n: number; d: number }>(`SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM effects`)
-              .withoutTransform,
+            sql.unsafe<{ n: number; d: number }>(
+              `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM effects`
+            ).withoutTransform,
             (r) => ({ n: Number(r[0]!.n), d: Number(r[0]!.d) })
           )
           // Crash the server once the pipeline is busy.

@@ -3,8 +3,10 @@
  *
  * Runs example 01 (orders → billing and shipping consumers, a transient
  * failure retried, a permanent one and an undecodable message
- * dead-lettered) on the in-memory broker: no server needed. With
- * `REDIS_URL` set, the same program runs on the Redis Streams broker.
+ * dead-lettered) and example 02 (transactional outbox, relay, idempotent
+ * inbox) on the in-memory broker and an embedded Postgres (PGlite): no
+ * server needed. `REDIS_URL` switches to the Redis Streams broker,
+ * `DATABASE_URL` to a Postgres server.
  */
 import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
@@ -12,7 +14,10 @@ import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { Publisher } from "@converge/core"
 import { NodeRedis, NodeRuntime } from "@effect/platform-node"
 import { Console, Effect, Layer } from "effect"
+import { SqlClient } from "effect/sql"
 import { program } from "./01-orders/program.ts"
+import * as Outboxes from "./02-outbox/program.ts"
+import { databaseKind, databaseLayer } from "./embedded.ts"
 
 // REDIS_URL switches to the Redis Streams broker (each run uses keys of its own prefix)
 const redisUrl = process.env.REDIS_URL
@@ -35,6 +40,31 @@ const main = Effect.gen(function* () {
   for (const d of summary.deadLetters) {
     yield* Console.log(`    - group ${d.group}: ${d.reason}: ${d.error.split("\n").join(" ")}`)
   }
+
+  const embedded = databaseKind() === "embedded"
+  const schema = embedded ? "shop" : `converge_demo_${randomUUID().replaceAll("-", "").slice(0, 8)}`
+  yield* Console.log(
+    `\nExample 02: outbox → relay → inbox on ${embedded ? "an embedded Postgres (PGlite, in memory)" : `the Postgres of DATABASE_URL (schema ${schema}, dropped at the end)`}\n`
+  )
+  const outbox = yield* Effect.scoped(
+    Effect.gen(function* () {
+      const sql = yield* SqlClient.SqlClient
+      if (!embedded)
+        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+      return yield* Effect.scoped(Outboxes.program).pipe(
+        Effect.provide(Outboxes.storeLayer({ schema, listen: !embedded }))
+      )
+    })
+  ).pipe(Effect.provide(databaseLayer()))
+  yield* Console.log("\nSummary")
+  yield* Console.log(
+    `  committed:     ${outbox.committed.join(", ")} (rejected and rolled back: ${outbox.rejected.join(", ")})`
+  )
+  yield* Console.log(
+    `  billing:       ${outbox.billingDeliveries} deliveries, ${outbox.invoices.length} invoices (${outbox.invoices.map((i) => i.invoiceId).join(", ")}): the duplicate was skipped by the inbox`
+  )
+  yield* Console.log(`  mailer:        emailed ${outbox.emailed.join(", ")}`)
+  yield* Console.log(`  outbox:        ${outbox.outboxRows} rows, ${outbox.unpublished} waiting for the relay`)
 })
 
 NodeRuntime.runMain(main.pipe(Effect.provide(AppLive)))

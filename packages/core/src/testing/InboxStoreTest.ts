@@ -51,8 +51,11 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         const effects = store.table("effects")
         /** The handler's business write. */
         const write = (consumer: string, id: string, note = "") =>
-          store.sql.unsafe(`INSERT INTO ${effects} (consumer, message_id, note) VALUES ($1, $2, $3)`, [consumer, id, note])
-            .raw
+          store.sql.unsafe(`INSERT INTO ${effects} (consumer, message_id, note) VALUES ($1, $2, $3)`, [
+            consumer,
+            id,
+            note
+          ]).raw
         const effectRows = (id: string) =>
           count(`SELECT count(*)::int AS n FROM ${effects} WHERE message_id = $1`, [id])
         const inboxRows = (id: string) =>

@@ -35,7 +35,12 @@ const payloadOf = (data: string) => JSON.parse(data) as { readonly key: string; 
 export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
   const selected = (id: string) => features.only === undefined || features.only.includes(id)
   layer(sqlLayer, { excludeTestServices: true, timeout: "60 seconds" })(`OutboxStoreTest ${name}`, (it) => {
-    const test = (id: string, title: string, needs: { concurrent?: boolean; listen?: boolean }, body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>) => {
+    const test = (
+      id: string,
+      title: string,
+      needs: { concurrent?: boolean; listen?: boolean },
+      body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>
+    ) => {
       if (!selected(id)) return
       if (needs.concurrent && !features.concurrentTransactions) {
         it.effect.skip(`${id} ${title} — skipped: the backend runs one transaction at a time`, () => Effect.void)
@@ -58,7 +63,14 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         const outbox = yield* provide(Outbox.make())
         const relay = yield* provide(OutboxRelay.make(options?.relay))
         const publish = (key: string, ns: ReadonlyArray<number>) =>
-          provide(Outbox.transaction(outbox.publishAll(items, ns.map((n) => ({ key, n })))))
+          provide(
+            Outbox.transaction(
+              outbox.publishAll(
+                items,
+                ns.map((n) => ({ key, n }))
+              )
+            )
+          )
         const t = (name: string) => store.table(name)
         return { store, recorder, outbox, relay, publish, provide, t }
       })
@@ -70,7 +82,10 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           const failed = yield* provide(
             Outbox.transaction(
               Effect.gen(function* () {
-                yield* outbox.publishAll(items, [{ key: "a", n: 1 }, { key: "a", n: 2 }])
+                yield* outbox.publishAll(items, [
+                  { key: "a", n: 1 },
+                  { key: "a", n: 2 }
+                ])
                 return yield* Effect.fail("business rule broken" as const)
               })
             )
@@ -192,35 +207,39 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         })
       )
 
-      test("O05", "a long transaction delays the rows written after it began, never loses them", { concurrent: true }, () =>
-        Effect.gen(function* () {
-          const { recorder, relay, publish, outbox, provide } = yield* setup({ partitions: 2 })
-          const began = yield* Deferred.make<void>()
-          const release = yield* Deferred.make<void>()
-          const long = yield* Effect.forkScoped(
-            provide(
-              Outbox.transaction(
-                Effect.gen(function* () {
-                  yield* outbox.publish(items, { key: "long", n: 0 })
-                  yield* Deferred.succeed(began, undefined)
-                  yield* Deferred.await(release)
-                })
+      test(
+        "O05",
+        "a long transaction delays the rows written after it began, never loses them",
+        { concurrent: true },
+        () =>
+          Effect.gen(function* () {
+            const { recorder, relay, publish, outbox, provide } = yield* setup({ partitions: 2 })
+            const began = yield* Deferred.make<void>()
+            const release = yield* Deferred.make<void>()
+            const long = yield* Effect.forkScoped(
+              provide(
+                Outbox.transaction(
+                  Effect.gen(function* () {
+                    yield* outbox.publish(items, { key: "long", n: 0 })
+                    yield* Deferred.succeed(began, undefined)
+                    yield* Deferred.await(release)
+                  })
+                )
               )
             )
-          )
-          yield* Deferred.await(began)
-          for (let i = 1; i <= 5; i++) yield* publish(`k${i}`, [i])
-          assert.strictEqual(yield* relay.drain, 0, "delayed while the long transaction is open")
-          yield* Effect.sleep("200 millis")
-          assert.strictEqual(yield* relay.drain, 0, "still delayed")
-          yield* Deferred.succeed(release, undefined)
-          yield* Fiber.join(long)
-          assert.strictEqual(yield* relay.drain, 6)
-          assert.deepStrictEqual(
-            recorder.published.map((m) => payloadOf(m.data).n),
-            [0, 1, 2, 3, 4, 5]
-          )
-        })
+            yield* Deferred.await(began)
+            for (let i = 1; i <= 5; i++) yield* publish(`k${i}`, [i])
+            assert.strictEqual(yield* relay.drain, 0, "delayed while the long transaction is open")
+            yield* Effect.sleep("200 millis")
+            assert.strictEqual(yield* relay.drain, 0, "still delayed")
+            yield* Deferred.succeed(release, undefined)
+            yield* Fiber.join(long)
+            assert.strictEqual(yield* relay.drain, 6)
+            assert.deepStrictEqual(
+              recorder.published.map((m) => payloadOf(m.data).n),
+              [0, 1, 2, 3, 4, 5]
+            )
+          })
       )
 
       test("O06", "cleanup deletes published rows older than the retention, and nothing else", {}, () =>
@@ -272,7 +291,10 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           )
           assert.match(dead.find((d) => d.reason === "malformed")!.error, /Invalid topic name/)
           assert.match(dead.find((d) => d.reason === "rejected")!.error, /simulated refusal/)
-          assert.strictEqual(yield* count(`SELECT count(*)::int AS n FROM ${t("outbox")} WHERE published_at IS NULL`), 0)
+          assert.strictEqual(
+            yield* count(`SELECT count(*)::int AS n FROM ${t("outbox")} WHERE published_at IS NULL`),
+            0
+          )
           yield* publish("a", [4])
           assert.strictEqual(yield* relay.drain, 1, "the relay goes on")
         })

@@ -65,7 +65,10 @@ export interface RecordingBroker {
  *
  * @since 0.1.0
  */
-export const recordingBroker = (): { readonly recorder: RecordingBroker; readonly layer: Layer.Layer<Broker.Broker> } => {
+export const recordingBroker = (): {
+  readonly recorder: RecordingBroker
+  readonly layer: Layer.Layer<Broker.Broker>
+} => {
   const recorder: RecordingBroker = { published: [], failNext: 0, refuse: new Set() }
   const unsupported = Effect.die(new Error("the store suites' broker only publishes"))
   const layer = Layer.succeed(
@@ -80,7 +83,9 @@ export const recordingBroker = (): { readonly recorder: RecordingBroker; readonl
           const refused = messages.find((m) => recorder.refuse.has(m.id))
           if (refused !== undefined) {
             return Effect.fail(
-              BrokerError.make(new BrokerError.InvalidArgument({ message: `simulated refusal of ${refused.id}`, argument: "message" }))
+              BrokerError.make(
+                new BrokerError.InvalidArgument({ message: `simulated refusal of ${refused.id}`, argument: "message" })
+              )
             )
           }
           for (const m of messages) recorder.published.push(m)
@@ -110,17 +115,11 @@ export const freshSchema = (): string => `converge_t_${randomUUID().replaceAll("
  */
 export const freshStore = (
   options?: Omit<SqlStore.Options, "schema">
-): Effect.Effect<
-  SqlStore.SqlStore["Service"],
-  unknown,
-  SqlClient.SqlClient | Scope.Scope
-> =>
+): Effect.Effect<SqlStore.SqlStore["Service"], unknown, SqlClient.SqlClient | Scope.Scope> =>
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
     const schema = freshSchema()
-    yield* Effect.addFinalizer(() =>
-      sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw.pipe(Effect.ignore)
-    )
+    yield* Effect.addFinalizer(() => sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw.pipe(Effect.ignore))
     const store = yield* SqlStore.make({ ...options, schema })
     yield* sql.unsafe(
       `CREATE TABLE ${schema}.effects (consumer text NOT NULL, message_id text NOT NULL, note text NOT NULL DEFAULT '')`

@@ -57,7 +57,13 @@ export class OwnedPostgres {
     this.run("initdb", ["-D", join(this.dir, "data"), "-U", "postgres", "-A", "trust", "--no-sync"])
   }
   start(): void {
-    this.ctl("-o", `-p ${this.port} -k ${this.dir} -c listen_addresses=127.0.0.1 -c fsync=on`, "-l", join(this.dir, "log"), "start")
+    this.ctl(
+      "-o",
+      `-p ${this.port} -k ${this.dir} -c listen_addresses=127.0.0.1 -c fsync=on`,
+      "-l",
+      join(this.dir, "log"),
+      "start"
+    )
   }
   /** Stops the server without a shutdown checkpoint (like a crash; recovery replays the WAL) and starts it again. */
   crashRestart(): void {

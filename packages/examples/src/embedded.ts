@@ -1,0 +1,70 @@
+/**
+ * An embedded Postgres for the demo and the examples' tests: PGlite (Postgres
+ * compiled to WebAssembly, in this process, in memory) behind
+ * `@electric-sql/pglite-socket`, so `@effect/sql-pg` talks to it over a
+ * loopback socket exactly as to a server. No server to install.
+ *
+ * Limits, and why the outbox still works: PGlite is one backend, so the pool
+ * has one connection (transactions run one at a time), and `LISTEN/NOTIFY`
+ * does not work through the socket — the relay runs with `listen: false` and
+ * is woken by the in-process nudge after each commit, or by its poll.
+ *
+ * `DATABASE_URL` switches to a real server (see {@link databaseLayer}).
+ */
+import { createServer } from "node:net"
+import { PgClient } from "@effect/sql-pg"
+import { PGlite } from "@electric-sql/pglite"
+import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
+import { Effect, Layer, Redacted } from "effect"
+import type { SqlError } from "effect/sql/SqlError"
+
+/** A free loopback port (the OS picks it). */
+const freePort = Effect.promise(
+  () =>
+    new Promise<number>((resolve, reject) => {
+      const server = createServer()
+      server.once("error", reject)
+      server.listen(0, "127.0.0.1", () => {
+        const address = server.address()
+        const port = typeof address === "object" && address !== null ? address.port : 0
+        server.close(() => resolve(port))
+      })
+    })
+)
+
+/**
+ * `PgClient` (and `SqlClient`) over an in-memory PGlite, started for the
+ * layer's lifetime (about 2.5 s to start).
+ */
+export const pgliteLayer: Layer.Layer<PgClient.PgClient | import("effect/sql").SqlClient.SqlClient, SqlError> =
+  Layer.unwrap(
+    Effect.gen(function* () {
+      const db = yield* Effect.acquireRelease(
+        Effect.promise(() => PGlite.create()),
+        (db) => Effect.promise(() => db.close())
+      )
+      const port = yield* freePort
+      yield* Effect.acquireRelease(
+        Effect.promise(async () => {
+          const server = new PGLiteSocketServer({ db, host: "127.0.0.1", port, maxConnections: 1 })
+          await server.start()
+          return server
+        }),
+        (server) => Effect.promise(() => server.stop())
+      )
+      return PgClient.layer({
+        url: Redacted.make(`postgres://postgres:postgres@127.0.0.1:${port}/postgres`),
+        maxConnections: 1
+      })
+    })
+  )
+
+/** Where the data lives: `"embedded"` (PGlite) or the server of `DATABASE_URL`. */
+export const databaseKind = (): "embedded" | "server" =>
+  process.env.DATABASE_URL === undefined || process.env.DATABASE_URL === "" ? "embedded" : "server"
+
+/** PGlite by default; the server of `DATABASE_URL` when it is set. */
+export const databaseLayer = (): Layer.Layer<PgClient.PgClient | import("effect/sql").SqlClient.SqlClient, SqlError> =>
+  databaseKind() === "embedded"
+    ? pgliteLayer
+    : PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL!), maxConnections: 8 })

@@ -37,7 +37,7 @@ import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
 import type { MessageContext } from "./Consumer.ts"
 import * as Name from "./Name.ts"
-import { Transaction } from "./Outbox.ts"
+import { sqlDefectsAsFailures, Transaction } from "./Outbox.ts"
 import { SqlStore } from "./SqlStore.ts"
 
 /**
@@ -145,20 +145,22 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
       messageId: string,
       effect: Effect.Effect<A, E, R>
     ): Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>> =>
-      sql.withTransaction(
-        Effect.provideService(
-          Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
-            claimed
-              ? Effect.map(effect, Option.some)
-              : Effect.as(
-                  Effect.logDebug(`converge: skipped duplicate ${messageId} for ${consumer} (inbox)`),
-                  Option.none<A>()
-                )
-          ),
-          Transaction,
-          Transaction.of({ state: { afterCommitRegistered: false } })
+      sql
+        .withTransaction(
+          Effect.provideService(
+            Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
+              claimed
+                ? Effect.map(effect, Option.some)
+                : Effect.as(
+                    Effect.logDebug(`converge: skipped duplicate ${messageId} for ${consumer} (inbox)`),
+                    Option.none<A>()
+                  )
+            ),
+            Transaction,
+            Transaction.of({ state: { afterCommitRegistered: false } })
+          )
         )
-      )
+        .pipe(sqlDefectsAsFailures)
 
     const isProcessed = (consumer: string, messageId: string) =>
       Effect.map(

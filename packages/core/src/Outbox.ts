@@ -26,7 +26,7 @@
  * @since 0.1.0
  */
 import { Clock, Context, Effect, Layer, Option, Result } from "effect"
-import type { SqlError } from "effect/sql/SqlError"
+import { isSqlError, type SqlError } from "effect/sql/SqlError"
 import * as Envelope from "./Envelope.ts"
 import type { InvalidName } from "./Name.ts"
 import { partitionOf, SqlStore } from "./SqlStore.ts"
@@ -54,10 +54,23 @@ export const transaction = <A, E, R>(
   effect: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction> | SqlStore> =>
   SqlStore.use((store) =>
-    store.sql.withTransaction(
-      Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
-    )
+    store.sql
+      .withTransaction(
+        Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
+      )
+      .pipe(sqlDefectsAsFailures)
   )
+
+/**
+ * When the connection dies inside a transaction, `effect/sql` fails the
+ * rollback and turns that into a defect. It is a lost connection, and the
+ * transaction did not commit: surface it as the retryable `SqlError` it is,
+ * so callers (and the consumer runtime) retry it like any outage.
+ *
+ * @internal
+ */
+export const sqlDefectsAsFailures = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E | SqlError, R> =>
+  Effect.catchDefect(effect, (defect) => (isSqlError(defect) ? Effect.fail(defect) : Effect.die(defect)))
 
 /**
  * What a successful outbox publish returns.

@@ -46,6 +46,7 @@ import { Broker } from "./Broker.ts"
 import * as BrokerError from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
 import * as Name from "./Name.ts"
+import { sqlDefectsAsFailures } from "./Outbox.ts"
 import { SqlStore } from "./SqlStore.ts"
 
 /**
@@ -310,7 +311,10 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
             return { partitions: held.length, published: published.length, dead: poison.length }
           })
         )
-        .pipe(Effect.provideService(SqlClient.BeginTransaction, "BEGIN ISOLATION LEVEL READ COMMITTED"))
+        .pipe(
+          Effect.provideService(SqlClient.BeginTransaction, "BEGIN ISOLATION LEVEL READ COMMITTED"),
+          sqlDefectsAsFailures
+        )
 
     const drainWorker = (maxPartitions: number): Effect.Effect<number, SqlError | BrokerError.BrokerError> =>
       Effect.gen(function* () {
@@ -397,8 +401,10 @@ export const run = (options?: Options): Effect.Effect<never, never, SqlStore | B
         Effect.forever
       )
     )
+    // Defects too (effect/sql dies when a rollback fails on a dead connection): the relay never stops.
     const loop = relay.drain.pipe(
-      Effect.tapCause((cause) => Effect.logWarning("converge: outbox relay cycle failed; retrying", cause)),
+      Effect.sandbox,
+      Effect.tapError((cause) => Effect.logWarning("converge: outbox relay cycle failed; retrying", cause)),
       Effect.retry(retry),
       Effect.ignore,
       Effect.andThen(Effect.raceFirst(store.awaitNudge, Effect.sleep(pollInterval))),
@@ -426,7 +432,8 @@ const listen = (pg: PgClient.PgClient, store: SqlStore["Service"]): Effect.Effec
       }
     })
   ).pipe(
-    Effect.tapCause((cause) =>
+    Effect.sandbox,
+    Effect.tapError((cause) =>
       Effect.logWarning("converge: outbox LISTEN failed; relying on the poll, listening again later", cause)
     ),
     Effect.retry(cappedExponential("500 millis", "30 seconds")),

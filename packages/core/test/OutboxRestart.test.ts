@@ -86,6 +86,13 @@ describe("Outbox under a Postgres restart", () => {
           }
           yield* Effect.sleep("300 millis")
           last = yield* effects
+          const diag = yield* sql.unsafe<{ u: number; p: number; i: number }>(
+            `SELECT (SELECT count(*)::int FROM converge.outbox WHERE published_at IS NULL) AS u, (SELECT count(*)::int FROM converge.outbox WHERE published_at IS NOT NULL) AS p, (SELECT count(*)::int FROM converge.inbox) AS i`
+          ).withoutTransform
+          const pendingInBroker = yield* MemoryBroker.MemoryBroker.use((m) => m.pending("orders", "ledger"))
+          yield* Effect.logInfo(
+            `after the restart: outbox+inbox ${JSON.stringify(diag[0])} effects=${JSON.stringify(last)} brokerPending=${JSON.stringify(pendingInBroker).slice(0, 300)}`
+          )
           assert.strictEqual(last.d, total, "every committed order reached the consumer")
           assert.strictEqual(last.n, total, "each effect exactly once")
           assert.notStrictEqual((yield* startedAt)[0]!.t, before, "the server really restarted")

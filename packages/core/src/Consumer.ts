@@ -71,6 +71,7 @@ import {
   Deferred,
   Duration,
   Effect,
+  Exit,
   Fiber,
   Layer,
   Option,
@@ -243,6 +244,16 @@ class Context implements MessageContext {
 }
 
 /**
+ * One message of a read passed to `handleBatch`.
+ *
+ * @since 0.1.0
+ */
+export interface BatchItem<A> {
+  readonly message: A
+  readonly context: MessageContext
+}
+
+/**
  * Options common to every consumer.
  *
  * @since 0.1.0
@@ -258,6 +269,17 @@ export interface BaseOptions<A, E, R> {
   readonly consumer?: string | undefined
   /** The handler. It must be idempotent (at-least-once delivery); see the module docs. */
   readonly handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>
+  /**
+   * Optional fast path: handles every decodable message of one read at once
+   * (one SQL transaction for the whole read, say — see `Inbox.handlers`).
+   * When it succeeds, the read is acked with one `ackAll`; when it fails (or
+   * dies), nothing of it counts and the read falls back to `handle`, one
+   * message at a time, with the usual classification, retries and
+   * dead-lettering. Undecodable messages, and messages delivered more than
+   * `maxDeliveries` times, are settled first and never reach it. Messages
+   * come in read order, so per-key order holds within the call.
+   */
+  readonly handleBatch?: ((messages: ReadonlyArray<BatchItem<A>>) => Effect.Effect<void, E, R>) | undefined
   /**
    * The retry schedule for retryable failures (input: the error), e.g.
    * `Schedule.exponential("100 millis").pipe(Schedule.jittered, Schedule.upTo({ times: 5 }))`.
@@ -527,7 +549,56 @@ export const make = <A, I, E extends Tagged = never, R = never>(
      * one `ackAll` for the successes — also when interrupted, so nothing that
      * completed is left unacked.
      */
-    const handleBatch = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
+    const handleRead = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
+      options.handleBatch === undefined || batch.length < 2
+        ? handleEach(batch)
+        : handleAtOnce(batch, options.handleBatch)
+
+    /**
+     * The `handleBatch` path: settle what must not reach it, call it once for
+     * the rest, ack all on success, fall back to `handleEach` on failure.
+     */
+    const handleAtOnce = (
+      batch: ReadonlyArray<Broker.Delivery>,
+      handleMany: (messages: ReadonlyArray<BatchItem<A>>) => Effect.Effect<void, E, R>
+    ): Effect.Effect<void, never, R> =>
+      Effect.gen(function* () {
+        const items: Array<BatchItem<A>> = []
+        const deliveries: Array<Broker.Delivery> = []
+        const settleFirst: Array<Broker.Delivery> = []
+        for (const delivery of batch) {
+          const decoded = topic.decode(delivery.envelope.data)
+          if (Result.isFailure(decoded) || delivery.deliveryCount > maxDeliveries) {
+            settleFirst.push(delivery)
+            continue
+          }
+          deliveries.push(delivery)
+          items.push({
+            message: decoded.success,
+            context: new Context(delivery, names, Math.max(1, delivery.envelope.attempt))
+          })
+        }
+        if (settleFirst.length > 0) yield* handleEach(settleFirst)
+        if (items.length === 0) return
+        const exit = yield* Effect.exit(handleMany(items))
+        if (Exit.isSuccess(exit)) {
+          yield* broker.ackAll(deliveries).pipe(
+            Effect.catch((e) =>
+              Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)
+            ),
+            Effect.uninterruptible
+          )
+          return
+        }
+        if (Cause.hasInterruptsOnly(exit.cause)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
+        yield* Effect.logDebug(
+          "consumer: handleBatch failed; handling the read one message at a time",
+          exit.cause
+        ).pipe(Effect.annotateLogs({ topic: topic.name, group }))
+        yield* handleEach(deliveries)
+      })
+
+    const handleEach = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
       Effect.suspend(() => {
         const acks: Array<Broker.Delivery> = []
         const flush = Effect.suspend(() =>
@@ -571,7 +642,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       })
       .pipe(
         Stream.interruptWhen(Deferred.await(stop)),
-        Stream.runForEachArray(handleBatch),
+        Stream.runForEachArray(handleRead),
         // a subscription that fails for a retryable reason (a lost connection, a killed consumer)
         // is opened again with backoff; its unsettled messages come back as this consumer's history
         Effect.tapError((e) =>

@@ -35,7 +35,7 @@
  */
 import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
-import type { MessageContext } from "./Consumer.ts"
+import type { BatchItem, MessageContext } from "./Consumer.ts"
 import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures, Transaction } from "./Outbox.ts"
 import { SqlStore } from "./SqlStore.ts"
@@ -95,6 +95,16 @@ export class Inbox extends Context.Service<
       messageId: string,
       effect: Effect.Effect<A, E, R>
     ) => Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>>
+    /**
+     * The batch form of {@link once}: one transaction claims every message id
+     * of `items` (one statement) and runs `effect` with those that were not
+     * processed yet, in order (duplicates within `items` count once).
+     */
+    readonly onceAll: <T extends { readonly context: { readonly id: string } }, A, E, R>(
+      consumer: string,
+      items: ReadonlyArray<T>,
+      effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
+    ) => Effect.Effect<A, E | SqlError, Exclude<R, Transaction>>
     /** Whether the consumer has processed the message (its row is there). */
     readonly isProcessed: (consumer: string, messageId: string) => Effect.Effect<boolean, SqlError>
     /** Deletes rows older than the retention; returns how many. */
@@ -162,6 +172,39 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
         )
         .pipe(sqlDefectsAsFailures)
 
+    const insertManySql = `INSERT INTO ${table} (consumer, message_id, processed_at)
+      SELECT $1, id, $3 FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING RETURNING message_id`
+
+    const onceAll = <T extends { readonly context: { readonly id: string } }, A, E, R>(
+      consumer: string,
+      items: ReadonlyArray<T>,
+      effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
+    ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction>> =>
+      sql
+        .withTransaction(
+          Effect.provideService(
+            Effect.gen(function* () {
+              const now = yield* Clock.currentTimeMillis
+              const rows = yield* sql.unsafe<{ readonly message_id: string }>(insertManySql, [
+                consumer,
+                pgTextArray(items.map((i) => i.context.id)),
+                new Date(now).toISOString()
+              ]).withoutTransform
+              const claimed = new Set(rows.map((r) => r.message_id))
+              const fresh = items.filter((item) => claimed.delete(item.context.id))
+              if (fresh.length < items.length) {
+                yield* Effect.logDebug(
+                  `converge: skipped ${items.length - fresh.length} duplicate(s) for ${consumer} (inbox)`
+                )
+              }
+              return yield* effect(fresh)
+            }),
+            Transaction,
+            Transaction.of({ state: { afterCommitRegistered: false } })
+          )
+        )
+        .pipe(sqlDefectsAsFailures) as Effect.Effect<A, E | SqlError, Exclude<R, Transaction>>
+
     const isProcessed = (consumer: string, messageId: string) =>
       Effect.map(
         sql.unsafe(`SELECT 1 FROM ${table} WHERE consumer = $1 AND message_id = $2`, [consumer, messageId])
@@ -185,7 +228,7 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
       }
     })
 
-    return Inbox.of({ claim, once, isProcessed, cleanup })
+    return Inbox.of({ claim, once, onceAll, isProcessed, cleanup })
   })
 
 /**
@@ -238,6 +281,55 @@ export const handler =
   <A, E, R>(handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>) =>
   (message: A, context: MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
     Inbox.use((inbox) => Effect.asVoid(inbox.once(context.group, context.id, handle(message, context))))
+
+/**
+ * A Postgres text-array literal (every element quoted and escaped).
+ *
+ * @internal
+ */
+export const pgTextArray = (values: ReadonlyArray<string>): string =>
+  `{${values.map((v) => `"${v.replaceAll("\\", "\\\\").replaceAll('"', '\\"')}"`).join(",")}}`
+
+/**
+ * The consumer handlers of an inbox-backed consumer, to spread into
+ * `Consumer.make`'s options: `handleBatch` claims a whole read in one
+ * transaction and calls `handle` with the messages not processed yet;
+ * `handle` does the same for one message (the fallback when a batch fails,
+ * and the path for single reads). Write your SQL in `handle`: it runs in that
+ * transaction, and `Outbox.publish` may be called there.
+ *
+ * ```ts
+ * Consumer.make(orders, {
+ *   group: "billing",
+ *   ...Inbox.handlers((items) =>
+ *     Effect.forEach(items, ({ message }) => sql`INSERT INTO invoices ${sql.insert({ order_id: message.id })}`)
+ *   )
+ * })
+ * ```
+ *
+ * @since 0.1.0
+ */
+export const handlers = <A, E, R>(
+  handle: (items: ReadonlyArray<BatchItem<A>>) => Effect.Effect<unknown, E, R>
+): {
+  readonly handle: (
+    message: A,
+    context: MessageContext
+  ) => Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>>
+  readonly handleBatch: (
+    items: ReadonlyArray<BatchItem<A>>
+  ) => Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>>
+} => {
+  const handleBatch = (items: ReadonlyArray<BatchItem<A>>) =>
+    Inbox.use((inbox) =>
+      items.length === 0
+        ? Effect.void
+        : Effect.asVoid(
+            inbox.onceAll(items[0]!.context.group, items, (fresh) => (fresh.length === 0 ? Effect.void : handle(fresh)))
+          )
+    )
+  return { handleBatch, handle: (message, context) => handleBatch([{ message, context }]) }
+}
 
 /**
  * Records `(consumer, messageId)` in the current transaction with the

@@ -613,4 +613,66 @@ describe("Consumer", () => {
     const layer = Consumer.layer(payments, { group: "g", handle: () => Effect.void })
     assert.isTrue(Layer.isLayer(layer))
   })
+
+  it.effect("handleBatch takes a whole read and acks it at once; handle is not called", () =>
+    Effect.gen(function* () {
+      const batches: Array<number> = []
+      let single = 0
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        batchSize: 50,
+        handle: () => Effect.sync(() => single++),
+        handleBatch: (items) => Effect.sync(() => batches.push(items.length))
+      })
+      yield* Publisher.publishAll(
+        payments,
+        Array.from({ length: 20 }, (_, i) => pay(i))
+      )
+      yield* until(Effect.map(pending, (p) => batches.reduce((a, b) => a + b, 0) === 20 && p.length === 0))
+      assert.strictEqual(single, 0)
+      assert.isTrue(
+        batches.some((n) => n > 1),
+        `reads were handled as batches: ${batches.join(",")}`
+      )
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect(
+    "a failing handleBatch falls back to handle per message: the poison one is dead-lettered, the rest processed",
+    () =>
+      Effect.gen(function* () {
+        const handled: Array<string> = []
+        let batchCalls = 0
+        yield* Consumer.make(payments, {
+          group: "billing",
+          consumer: "c1",
+          batchSize: 50,
+          handle: (p) =>
+            p.id === "p-3" ? Effect.fail(new Declined({ why: "poison" })) : Effect.sync(() => handled.push(p.id)),
+          handleBatch: (items) =>
+            Effect.suspend(() => {
+              batchCalls++
+              return items.some((i) => i.message.id === "p-3")
+                ? Effect.fail(new Declined({ why: "poison in the batch" }))
+                : Effect.sync(() => handled.push(...items.map((i) => i.message.id)))
+            }),
+          errors: { Declined: "dead-letter" }
+        })
+        yield* Publisher.publishAll(
+          payments,
+          Array.from({ length: 6 }, (_, i) => pay(i))
+        )
+        yield* until(Effect.map(pending, (p) => handled.length === 5 && p.length === 0))
+        yield* yieldMany
+        assert.deepStrictEqual([...handled].sort(), ["p-0", "p-1", "p-2", "p-4", "p-5"])
+        assert.isAtLeast(batchCalls, 1)
+        const dead = yield* DeadLetter.list("payments")
+        assert.deepStrictEqual(
+          dead.map((d) => d.reason),
+          ["permanent"]
+        )
+        assert.include(dead[0]!.envelope?.data, '"p-3"')
+      }).pipe(Effect.provide(Live()))
+  )
 })

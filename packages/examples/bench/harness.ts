@@ -14,6 +14,8 @@ export interface Row {
   readonly ratio: number
   readonly p50_ms?: number
   readonly p99_ms?: number
+  readonly baseline_p50_ms?: number
+  readonly baseline_p99_ms?: number
 }
 
 /** A named benchmark. */
@@ -63,7 +65,7 @@ export const main = async (benches: ReadonlyArray<Bench>, argv: ReadonlyArray<st
     }
   }
   if (json) return
-  const header = ["bench", "msgs/s", "baseline", "baseline msgs/s", "ratio", "p50 ms", "p99 ms"]
+  const header = ["bench", "msgs/s", "baseline", "baseline msgs/s", "ratio", "p50 ms", "p99 ms", "base p50", "base p99"]
   const body = rows.map((r) => [
     r.bench,
     r.msgs_per_s.toLocaleString("en-US"),
@@ -71,7 +73,9 @@ export const main = async (benches: ReadonlyArray<Bench>, argv: ReadonlyArray<st
     r.baseline_msgs_per_s.toLocaleString("en-US"),
     `${r.ratio.toFixed(2)}x`,
     r.p50_ms === undefined ? "" : r.p50_ms.toFixed(2),
-    r.p99_ms === undefined ? "" : r.p99_ms.toFixed(2)
+    r.p99_ms === undefined ? "" : r.p99_ms.toFixed(2),
+    r.baseline_p50_ms === undefined ? "" : r.baseline_p50_ms.toFixed(2),
+    r.baseline_p99_ms === undefined ? "" : r.baseline_p99_ms.toFixed(2)
   ])
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((row) => row[i]!.length)))
   const line = (cells: ReadonlyArray<string>) =>

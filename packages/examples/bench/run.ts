@@ -6,6 +6,10 @@
 import * as ConsumerBench from "./consumer.ts"
 import { main } from "./harness.ts"
 import * as Memory from "./memory.ts"
+import * as OutboxBench from "./outbox.ts"
 import * as RedisBench from "./redis.ts"
 
-await main([...Memory.benches, ...ConsumerBench.benches, ...RedisBench.benches], process.argv.slice(2))
+await main(
+  [...Memory.benches, ...ConsumerBench.benches, ...RedisBench.benches, ...OutboxBench.benches],
+  process.argv.slice(2)
+)

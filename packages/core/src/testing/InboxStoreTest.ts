@@ -23,7 +23,7 @@ import { count, type Features, freshStore, items } from "./StoreHarness.ts"
 export type { Features } from "./StoreHarness.ts"
 
 /**
- * Registers the inbox store suite (cases I01–I07).
+ * Registers the inbox store suite (cases I01–I08).
  *
  * @since 0.1.0
  */
@@ -169,6 +169,37 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
           yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
           assert.strictEqual(yield* outboxRows, 1, "published once, with the first successful claim")
+        })
+      )
+
+      test("I08", "a batch claim: one transaction, only unprocessed ids reach the handler, all or nothing", {}, () =>
+        Effect.gen(function* () {
+          const { inbox, write, effectRows, inboxRows } = yield* setup()
+          const item = (id: string) => ({ context: { id } })
+          yield* inbox.once("billing", "b-1", write("billing", "b-1"))
+          const odd = 'b-"quoted",{braced}\\'
+          const seen = yield* inbox.onceAll(
+            "billing",
+            [item("b-1"), item("b-2"), item("b-3"), item("b-2"), item(odd)],
+            (fresh) =>
+              Effect.as(
+                Effect.forEach(fresh, (f) => write("billing", f.context.id)),
+                fresh.map((f) => f.context.id)
+              )
+          )
+          assert.deepStrictEqual(seen, ["b-2", "b-3", odd], "processed and repeated ids are skipped, order kept")
+          assert.strictEqual(yield* effectRows("b-2"), 1)
+          assert.strictEqual(yield* inboxRows(odd), 1, "ids with quotes, commas, braces and backslashes survive")
+          const failed = yield* inbox
+            .onceAll("billing", [item("b-4"), item("b-5")], (fresh) =>
+              Effect.andThen(
+                Effect.forEach(fresh, (f) => write("billing", f.context.id)),
+                Effect.fail("one of them failed" as const)
+              )
+            )
+            .pipe(Effect.flip)
+          assert.strictEqual(failed, "one of them failed")
+          assert.strictEqual((yield* effectRows("b-4")) + (yield* inboxRows("b-4")) + (yield* inboxRows("b-5")), 0)
         })
       )
 

@@ -6,7 +6,7 @@
 
 /** The broker conformance suite (C01–C25). */
 export * as BrokerTest from "./BrokerTest.ts"
-/** The inbox store suite (I01–I07). */
+/** The inbox store suite (I01–I08). */
 export * as InboxStoreTest from "./InboxStoreTest.ts"
 /** The outbox store suite (O01–O09). */
 export * as OutboxStoreTest from "./OutboxStoreTest.ts"

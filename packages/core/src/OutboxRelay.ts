@@ -34,7 +34,8 @@
  * and it polls every `pollInterval` in any case. Where `LISTEN` does not work
  * (PGlite), set `listen: false`: nudge and poll keep it moving.
  *
- * Published rows are deleted after `retention`.
+ * Published rows are deleted as they are confirmed, or kept (marked
+ * `published_at`) for `retention` and then deleted by a background cleanup.
  *
  * @since 0.1.0
  */
@@ -67,7 +68,11 @@ export interface Options {
   readonly retry?: Schedule.Schedule<unknown, unknown> | undefined
   /** A broker publish taking longer than this fails the cycle (default 30 seconds). */
   readonly publishTimeout?: Duration.Input | undefined
-  /** Keep published rows this long before deleting them (default 1 hour; 0 deletes them at once). */
+  /**
+   * Keep published rows (marked with `published_at`) this long before
+   * deleting them, for inspection or audit. Default 0: a row is deleted in
+   * the transaction that confirms its publish (cheapest for Postgres).
+   */
   readonly retention?: Duration.Input | undefined
   /** Run the retention cleanup this often (default 1 minute). */
   readonly cleanupInterval?: Duration.Input | undefined
@@ -223,7 +228,7 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     const concurrency = Math.max(1, Math.min(options?.concurrency ?? 1, partitions))
     const share = Math.ceil(partitions / concurrency)
     const publishTimeout = Duration.fromInputUnsafe(options?.publishTimeout ?? "30 seconds")
-    const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? "1 hour"))
+    const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? 0))
     let rotation = 0
 
     const lockSql = `SELECT p FROM (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
@@ -329,13 +334,16 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     const drain: Effect.Effect<number, SqlError | BrokerError.BrokerError> =
       concurrency === 1
         ? drainWorker(partitions)
-        : Effect.map(
-            Effect.all(
+        : Effect.gen(function* () {
+            const counts = yield* Effect.all(
               Array.from({ length: concurrency }, () => drainWorker(share)),
               { concurrency: "unbounded" }
-            ),
-            (counts) => counts.reduce((a, b) => a + b, 0)
-          )
+            )
+            // a worker stops when its last share had less than a batch; one sweep over every partition
+            // picks up what the shares of the other workers held back
+            const sweep = yield* drainWorker(partitions)
+            return counts.reduce((a, b) => a + b, sweep)
+          })
 
     const cleanup = Effect.gen(function* () {
       const now = yield* Clock.currentTimeMillis

@@ -19,9 +19,9 @@
  *    them;
  * 3. publishes them through the `Broker` as one batch and waits for its
  *    confirmation (the broker's configured level);
- * 4. marks them published (`published_at`) and commits. A crash between 3
- *    and 4 rolls the marks back: the rows are published again (at-least-once;
- *    the consumer's inbox keeps the effect single).
+ * 4. deletes them (or, with a `retention`, marks them `published_at`) and
+ *    commits. A crash between 3 and 4 rolls that back: the rows are published
+ *    again (at-least-once; the consumer's inbox keeps the effect single).
  *
  * A row that cannot be published — malformed, or refused by the broker with
  * a permanent error — is moved to `outbox_dead` with its reason, in the same

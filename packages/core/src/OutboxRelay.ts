@@ -60,7 +60,10 @@ export interface Options {
   readonly batchSize?: number | undefined
   /** Poll for rows at least this often (default 1 second). */
   readonly pollInterval?: Duration.Input | undefined
-  /** `LISTEN` for commits of other processes when a `PgClient` is in context (default `true`). */
+  /**
+   * `LISTEN` for commits of other processes when a `PgClient` is in context
+   * (default `true`; never on PGlite, where it cannot work).
+   */
   readonly listen?: boolean | undefined
   /** Relay workers in this process (default 1); each takes a share of the partitions per cycle. */
   readonly concurrency?: number | undefined
@@ -397,7 +400,17 @@ export const run = (options?: Options): Effect.Effect<never, never, SqlStore | B
 
     if (options?.listen !== false) {
       const pg = yield* Effect.serviceOption(PgClient.PgClient)
-      if (Option.isSome(pg)) yield* Effect.forkScoped(listen(pg.value, store))
+      // PGlite answers LISTEN through its socket server by hanging (and has one connection to hang):
+      // never listen there
+      const version = yield* store.sql.unsafe<{ readonly v: string }>(`SELECT version() AS v`).withoutTransform.pipe(
+        Effect.map((rows) => String(rows[0]?.v ?? "")),
+        Effect.orElseSucceed(() => "")
+      )
+      if (version.includes("PGlite")) {
+        yield* Effect.logDebug("converge: outbox relay on PGlite: no LISTEN, after-commit nudge and poll only")
+      } else if (Option.isSome(pg)) {
+        yield* Effect.forkScoped(listen(pg.value, store))
+      }
     }
     yield* Effect.forkScoped(
       relay.cleanup.pipe(

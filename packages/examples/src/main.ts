@@ -51,9 +51,7 @@ const main = Effect.gen(function* () {
       const sql = yield* SqlClient.SqlClient
       if (!embedded)
         yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-      return yield* Effect.scoped(Outboxes.program).pipe(
-        Effect.provide(Outboxes.storeLayer({ schema, listen: !embedded }))
-      )
+      return yield* Effect.scoped(Outboxes.program).pipe(Effect.provide(Outboxes.storeLayer({ schema })))
     })
   ).pipe(Effect.provide(databaseLayer()))
   yield* Console.log("\nSummary")
@@ -64,7 +62,9 @@ const main = Effect.gen(function* () {
     `  billing:       ${outbox.billingDeliveries} deliveries, ${outbox.invoices.length} invoices (${outbox.invoices.map((i) => i.invoiceId).join(", ")}): the duplicate was skipped by the inbox`
   )
   yield* Console.log(`  mailer:        emailed ${outbox.emailed.join(", ")}`)
-  yield* Console.log(`  outbox:        ${outbox.outboxRows} rows, ${outbox.unpublished} waiting for the relay`)
+  yield* Console.log(
+    `  outbox:        ${outbox.unpublished} rows waiting for the relay (published rows are deleted on confirmation)`
+  )
 })
 
 NodeRuntime.runMain(main.pipe(Effect.provide(AppLive)))

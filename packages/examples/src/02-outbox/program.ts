@@ -188,12 +188,13 @@ export const program = Effect.gen(function* () {
 
 /**
  * The SQL side of the example: the store in `schema`, the outbox, the inbox
- * and a running relay, over a database layer and a `Broker`. `listen: false`
- * for PGlite (no `LISTEN/NOTIFY` there: nudge + poll).
+ * and a running relay, over a database layer and a `Broker`. On a server
+ * the relay also listens for `NOTIFY`; on PGlite it notices it cannot and
+ * relies on the after-commit nudge and its poll.
  */
-export const storeLayer = (options: { readonly schema: string; readonly listen: boolean }) =>
+export const storeLayer = (options: { readonly schema: string }) =>
   Layer.mergeAll(
     Outbox.layer({ source: "urn:example:shop" }),
     Inbox.layer(),
-    OutboxRelay.layer({ listen: options.listen, pollInterval: "500 millis" })
+    OutboxRelay.layer({ pollInterval: "500 millis" })
   ).pipe(Layer.provideMerge(SqlStore.layer({ schema: options.schema, partitions: 4 })))

@@ -35,6 +35,14 @@ export const outsideTransaction = (o: Schema.Schema.Type<typeof Order>) =>
     const program: Effect.Effect<Outbox.Receipt, Outbox.PublishError, Outbox.Outbox> = Outbox.publish(orders, o)
     return program
   })
+// With every service provided but the transaction, the program still cannot run.
+export const runOutside = (o: Schema.Schema.Type<typeof Order>) =>
+  // @ts-expect-error Outbox.Transaction is still required: Effect.runPromise needs an Effect with no requirements
+  Effect.runPromise(Outbox.publish(orders, o).pipe(Effect.provide(Outbox.layer()), Effect.provide(Live)))
+export const runInside = (o: Schema.Schema.Type<typeof Order>) =>
+  Effect.runPromise(
+    Outbox.transaction(Outbox.publish(orders, o)).pipe(Effect.provide(Outbox.layer()), Effect.provide(Live))
+  )
 export const insideTransaction = (o: Schema.Schema.Type<typeof Order>) => {
   const program: Effect.Effect<
     Outbox.Receipt,

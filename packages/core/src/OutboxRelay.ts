@@ -240,13 +240,20 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? 0))
     let rotation = 0
 
-    const lockSql = `SELECT p FROM (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
+    // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
+    // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
+    // would rather sort the whole backlog every cycle. These settings hold for this transaction only.
+    const lockSql = `WITH plan AS MATERIALIZED (
+        SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)
+      )
+      SELECT p FROM plan, (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
       WHERE pg_try_advisory_xact_lock($3::int, p) LIMIT $4::int`
     const readSql = (held: ReadonlyArray<number>) =>
-      `SELECT seq::text AS seq, message_id, topic, type, source, key, time, attempt, headers, data FROM ${outbox}
+      // ORDER BY the table's columns (o.seq), not the text alias: the partial index (tx, seq) serves it
+      `SELECT o.seq::text AS seq, message_id, topic, type, source, key, time, attempt, headers, data FROM ${outbox} o
        WHERE published_at IS NULL AND tx < pg_snapshot_xmin(pg_current_snapshot())
        ${held.length === partitions ? "" : `AND partition IN (${held.join(",")})`}
-       ORDER BY tx, seq LIMIT $1::int`
+       ORDER BY o.tx, o.seq LIMIT $1::int`
     const markSql =
       retention === 0
         ? `DELETE FROM ${outbox} WHERE seq = ANY($1::bigint[])`

@@ -248,11 +248,12 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
       )
       SELECT p FROM plan, (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
       WHERE pg_try_advisory_xact_lock($3::int, p) LIMIT $4::int`
+    // one statement text for any set of held partitions (an array parameter), so it is prepared once
     const readSql = (held: ReadonlyArray<number>) =>
       // ORDER BY the table's columns (o.seq), not the text alias: the partial index (tx, seq) serves it
       `SELECT o.seq::text AS seq, message_id, topic, type, source, key, time, attempt, headers, data FROM ${outbox} o
        WHERE published_at IS NULL AND tx < pg_snapshot_xmin(pg_current_snapshot())
-       ${held.length === partitions ? "" : `AND partition IN (${held.join(",")})`}
+       ${held.length === partitions ? "" : "AND partition = ANY($2::int[])"}
        ORDER BY o.tx, o.seq LIMIT $1::int`
     const markSql =
       retention === 0
@@ -291,7 +292,10 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
             ])
             if (locked.length === 0) return { partitions: 0, published: 0, dead: 0 }
             const held = locked.map((r) => Number(r.p))
-            const rows = yield* sql.unsafe<Row>(readSql(held), [batchSize]).withoutTransform
+            const rows = yield* sql.unsafe<Row>(
+              readSql(held),
+              held.length === partitions ? [batchSize] : [batchSize, `{${held.join(",")}}`]
+            ).withoutTransform
             if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0 }
             const now = yield* Clock.currentTimeMillis
             const nowIso = new Date(now).toISOString()

@@ -136,7 +136,7 @@ const drainConverge = (transport: Transport) =>
       yield* consumerOf(schema, topic, () => {
         if (++done === drainCount) finished.resolve(performance.now())
       })
-      yield* Effect.forkScoped(OutboxRelay.run({ batchSize: claim, concurrency: 2 }))
+      yield* Effect.forkScoped(OutboxRelay.run({ batchSize: claim }))
       const end = yield* Effect.promise(() => finished.promise)
       return end - start
     })

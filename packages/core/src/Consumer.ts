@@ -286,7 +286,10 @@ export interface BaseOptions<A, E, R> {
    * Default: exponential from 100 ms, doubling, capped at 30 s per delay, 10 retries.
    */
   readonly retry?: Schedule.Schedule<unknown, NoInfer<RetryInput<E>>> | undefined
-  /** How many messages are handled at once (default 1). With `per-key`, how many keys. */
+  /**
+   * How many messages are handled at once (default 1). With `per-key`, how
+   * many keys. With `handleBatch` (and no per-key order), how many reads.
+   */
   readonly concurrency?: number | undefined
   /** `"per-key"`: one message of a key at a time, in order (default `"none"`). */
   readonly ordering?: "per-key" | "none" | undefined
@@ -630,6 +633,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         return Effect.ensuring(all, Effect.uninterruptible(flush))
       })
 
+    const readsInFlight = options.handleBatch !== undefined && !perKey ? concurrency : 1
     const stop = yield* Deferred.make<void>()
     const fiber = yield* broker
       .subscribe({
@@ -642,7 +646,16 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       })
       .pipe(
         Stream.interruptWhen(Deferred.await(stop)),
-        Stream.runForEachArray(handleRead),
+        // with handleBatch and no per-key order, `concurrency` reads are handled at once: the next read is
+        // decoded while the previous one's transaction commits
+        readsInFlight === 1
+          ? Stream.runForEachArray(handleRead)
+          : (reads) =>
+              reads.pipe(
+                Stream.chunks,
+                Stream.mapEffect(handleRead, { concurrency: readsInFlight, unordered: true }),
+                Stream.runDrain
+              ),
         // a subscription that fails for a retryable reason (a lost connection, a killed consumer)
         // is opened again with backoff; its unsettled messages come back as this consumer's history
         Effect.tapError((e) =>

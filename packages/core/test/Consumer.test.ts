@@ -675,4 +675,38 @@ describe("Consumer", () => {
         assert.include(dead[0]!.envelope?.data, '"p-3"')
       }).pipe(Effect.provide(Live()))
   )
+
+  it.effect("with handleBatch, concurrency N handles N reads at once (no per-key order)", () =>
+    Effect.gen(function* () {
+      const release = yield* Deferred.make<void>()
+      const started: Array<number> = []
+      let handled = 0
+      yield* Consumer.make(payments, {
+        group: "billing",
+        consumer: "c1",
+        batchSize: 5,
+        concurrency: 2,
+        handle: () => Effect.void,
+        handleBatch: (items) =>
+          Effect.gen(function* () {
+            started.push(items.length)
+            if (started.length === 1) yield* Deferred.await(release) // the first read is stuck
+            handled += items.length
+          })
+      })
+      yield* Publisher.publishAll(
+        payments,
+        Array.from({ length: 5 }, (_, i) => pay(i))
+      )
+      yield* until(Effect.sync(() => started.length === 1))
+      yield* Publisher.publishAll(
+        payments,
+        Array.from({ length: 5 }, (_, i) => pay(i + 5))
+      )
+      yield* until(Effect.sync(() => handled === 5))
+      assert.strictEqual(started.length, 2, "the second read was handled while the first was still in flight")
+      yield* Deferred.succeed(release, undefined)
+      yield* until(Effect.map(pending, (p) => handled === 10 && p.length === 0))
+    }).pipe(Effect.provide(Live({ orderedPerKey: false })))
+  )
 })

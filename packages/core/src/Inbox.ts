@@ -38,7 +38,7 @@ import type { SqlError } from "effect/sql/SqlError"
 import type { BatchItem, MessageContext } from "./Consumer.ts"
 import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures, Transaction } from "./Outbox.ts"
-import { SqlStore } from "./SqlStore.ts"
+import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
 /**
  * The message was already processed by this consumer: its inbox row exists
@@ -212,21 +212,9 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
         (rows) => rows.length > 0
       )
 
-    const cleanup = Effect.gen(function* () {
-      const now = yield* Clock.currentTimeMillis
-      const cutoff = new Date(now - retention).toISOString()
-      let total = 0
-      while (true) {
-        const rows = yield* sql.unsafe<{ readonly n: number }>(
-          `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE processed_at < $1 LIMIT 10000) RETURNING 1)
-           SELECT count(*)::int AS n FROM gone`,
-          [cutoff]
-        ).withoutTransform
-        const n = Number(rows[0]?.n ?? 0)
-        total += n
-        if (n < 10000) return total
-      }
-    })
+    const cleanup = Effect.flatMap(Clock.currentTimeMillis, (now) =>
+      deleteExpired(sql, table, "processed_at < $1", now - retention)
+    )
 
     return Inbox.of({ claim, once, onceAll, isProcessed, cleanup })
   })

@@ -48,7 +48,7 @@ import * as BrokerError from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
 import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures } from "./Outbox.ts"
-import { SqlStore } from "./SqlStore.ts"
+import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
 /**
  * Options of {@link layer}.
@@ -365,21 +365,9 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
             return counts.reduce((a, b) => a + b, sweep)
           })
 
-    const cleanup = Effect.gen(function* () {
-      const now = yield* Clock.currentTimeMillis
-      const cutoff = new Date(now - retention).toISOString()
-      let total = 0
-      while (true) {
-        const rows = yield* sql.unsafe<{ readonly n: number }>(
-          `WITH gone AS (DELETE FROM ${outbox} WHERE seq IN (SELECT seq FROM ${outbox} WHERE published_at IS NOT NULL AND published_at < $1 LIMIT 10000) RETURNING 1)
-           SELECT count(*)::int AS n FROM gone`,
-          [cutoff]
-        )
-        const n = Number(rows[0]?.n ?? 0)
-        total += n
-        if (n < 10000) return total
-      }
-    })
+    const cleanup = Effect.flatMap(Clock.currentTimeMillis, (now) =>
+      deleteExpired(sql, outbox, "published_at IS NOT NULL AND published_at < $1", now - retention)
+    )
 
     const lag = Effect.gen(function* () {
       const rows = yield* sql.unsafe<{ readonly n: number; readonly oldest: unknown }>(

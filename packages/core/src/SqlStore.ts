@@ -187,6 +187,34 @@ $$`,
 ]
 
 /**
+ * Deletes the rows of `table` matching `condition` (over `$1`, the cutoff
+ * time), at most 10 000 per statement so no single transaction grows large;
+ * returns how many. Used by the retention cleanups.
+ *
+ * @internal
+ */
+export const deleteExpired = (
+  sql: SqlClient.SqlClient,
+  table: string,
+  condition: string,
+  cutoffMillis: number
+): Effect.Effect<number, SqlError> =>
+  Effect.gen(function* () {
+    const cutoff = new Date(cutoffMillis).toISOString()
+    let total = 0
+    while (true) {
+      const rows = yield* sql.unsafe<{ readonly n: number }>(
+        `WITH gone AS (DELETE FROM ${table} WHERE ctid IN (SELECT ctid FROM ${table} WHERE ${condition} LIMIT 10000) RETURNING 1)
+         SELECT count(*)::int AS n FROM gone`,
+        [cutoff]
+      ).withoutTransform
+      const n = Number(rows[0]?.n ?? 0)
+      total += n
+      if (n < 10000) return total
+    }
+  })
+
+/**
  * Creates the schema and applies the migrations it lacks, in one
  * transaction, serialised across processes by an advisory lock. Safe to run
  * from every process at start-up. Returns the versions it applied.

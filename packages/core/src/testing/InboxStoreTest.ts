@@ -12,13 +12,13 @@
  *
  * @since 0.1.0
  */
-import { assert, describe, layer } from "@effect/vitest"
-import { Deferred, Effect, Fiber, type Layer, Option, type Scope } from "effect"
+import { assert, describe } from "@effect/vitest"
+import { Deferred, Effect, Fiber, type Layer, Option } from "effect"
 import type { SqlClient } from "effect/sql"
 import * as Inbox from "../Inbox.ts"
 import * as Outbox from "../Outbox.ts"
 import * as SqlStore from "../SqlStore.ts"
-import { count, type Features, freshStore, items } from "./StoreHarness.ts"
+import { count, type Features, freshStore, items, storeSuite } from "./StoreHarness.ts"
 
 export type { Features } from "./StoreHarness.ts"
 
@@ -28,22 +28,7 @@ export type { Features } from "./StoreHarness.ts"
  * @since 0.1.0
  */
 export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
-  const selected = (id: string) => features.only === undefined || features.only.includes(id)
-  layer(sqlLayer, { excludeTestServices: true, timeout: "60 seconds" })(`InboxStoreTest ${name}`, (it) => {
-    const test = (
-      id: string,
-      title: string,
-      needs: { concurrent?: boolean },
-      body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>
-    ) => {
-      if (!selected(id)) return
-      if (needs.concurrent && !features.concurrentTransactions) {
-        it.effect.skip(`${id} ${title} — skipped: the backend runs one transaction at a time`, () => Effect.void)
-        return
-      }
-      it.effect(`${id} ${title}`, () => Effect.scoped(body()), 60_000)
-    }
-
+  storeSuite(`InboxStoreTest ${name}`, sqlLayer, features, (test) => {
     const setup = (options?: Inbox.Options) =>
       Effect.gen(function* () {
         const store = yield* freshStore({ partitions: 1 })

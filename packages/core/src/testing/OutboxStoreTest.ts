@@ -15,45 +15,25 @@
  *
  * @since 0.1.0
  */
-import { assert, describe, layer } from "@effect/vitest"
-import { Deferred, Effect, Fiber, Layer, type Scope } from "effect"
+import { assert, describe } from "@effect/vitest"
+import { Deferred, Effect, Fiber, Layer } from "effect"
 import type { SqlClient } from "effect/sql"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
-import { count, type Features, freshStore, items, recordingBroker } from "./StoreHarness.ts"
+import { count, type Features, freshStore, items, recordingBroker, storeSuite } from "./StoreHarness.ts"
 
 export type { Features } from "./StoreHarness.ts"
 
 const payloadOf = (data: string) => JSON.parse(data) as { readonly key: string; readonly n: number }
 
 /**
- * Registers the outbox store suite (cases O01–O08).
+ * Registers the outbox store suite (cases O01–O09).
  *
  * @since 0.1.0
  */
 export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
-  const selected = (id: string) => features.only === undefined || features.only.includes(id)
-  layer(sqlLayer, { excludeTestServices: true, timeout: "60 seconds" })(`OutboxStoreTest ${name}`, (it) => {
-    const test = (
-      id: string,
-      title: string,
-      needs: { concurrent?: boolean; listen?: boolean },
-      body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>
-    ) => {
-      if (!selected(id)) return
-      if (needs.concurrent && !features.concurrentTransactions) {
-        it.effect.skip(`${id} ${title} — skipped: the backend runs one transaction at a time`, () => Effect.void)
-        return
-      }
-      if (needs.listen && !features.listen) {
-        it.effect.skip(`${id} ${title} — skipped: the backend has no LISTEN/NOTIFY`, () => Effect.void)
-        return
-      }
-      it.effect(`${id} ${title}`, () => Effect.scoped(body()), 60_000)
-    }
-
-    /** A store on a fresh schema, an outbox, a relay and the broker recording what it publishes. */
+  storeSuite(`OutboxStoreTest ${name}`, sqlLayer, features, (test) => {
     const setup = (options?: { partitions?: number; relay?: OutboxRelay.Options }) =>
       Effect.gen(function* () {
         const store = yield* freshStore({ partitions: options?.partitions ?? 4 })

@@ -6,6 +6,7 @@
  * @since 0.1.0
  */
 import { randomUUID } from "node:crypto"
+import { layer } from "@effect/vitest"
 import { Effect, Layer, Schema, type Scope, Stream } from "effect"
 import { SqlClient } from "effect/sql"
 import * as Broker from "../Broker.ts"
@@ -136,3 +137,55 @@ export const count = (query: string, params: ReadonlyArray<unknown> = []) =>
   SqlClient.SqlClient.use((sql) =>
     Effect.map(sql.unsafe<{ readonly n: number }>(query, params).withoutTransform, (rows) => Number(rows[0]?.n ?? 0))
   )
+
+/**
+ * What a store case needs of the backend.
+ *
+ * @since 0.1.0
+ */
+export interface Needs {
+  readonly concurrent?: boolean
+  readonly listen?: boolean
+}
+
+/**
+ * A case of a store suite: its id, title, needs and body (run scoped).
+ *
+ * @since 0.1.0
+ */
+export type Register = (
+  id: string,
+  title: string,
+  needs: Needs,
+  body: () => Effect.Effect<void, unknown, SqlClient.SqlClient | Scope.Scope>
+) => void
+
+/**
+ * Registers a store suite over `sqlLayer` (shared by its cases, real clock):
+ * `cases` receives the function that registers one case, and skips the cases
+ * whose needs the backend lacks, with the reason in the name.
+ *
+ * @since 0.1.0
+ */
+export const storeSuite = <E>(
+  title: string,
+  sqlLayer: Layer.Layer<SqlClient.SqlClient, E>,
+  features: Features,
+  cases: (test: Register) => void
+): void =>
+  layer(sqlLayer, { excludeTestServices: true, timeout: "60 seconds" })(title, (it) => {
+    cases((id, name, needs, body) => {
+      if (features.only !== undefined && !features.only.includes(id)) return
+      const missing =
+        needs.concurrent && !features.concurrentTransactions
+          ? "the backend runs one transaction at a time"
+          : needs.listen && !features.listen
+            ? "the backend has no LISTEN/NOTIFY"
+            : undefined
+      if (missing !== undefined) {
+        it.effect.skip(`${id} ${name} — skipped: ${missing}`, () => Effect.void)
+        return
+      }
+      it.effect(`${id} ${name}`, () => Effect.scoped(body()), 60_000)
+    })
+  })

@@ -111,6 +111,53 @@ layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
           assert.strictEqual(lag.unpublished, 0)
         })
       )
+
+      it.effect(
+        "a handler slower than the claim idle time (false death): another consumer gets the message, the inbox keeps the effect single",
+        () =>
+          Effect.gen(function* () {
+            const sql = yield* SqlClient.SqlClient
+            yield* sql.unsafe(`CREATE TABLE ${schema}.slow_effects (order_id text NOT NULL)`).raw
+            const slowOrders = Topic.make("slow-orders", Order, { key: (o) => o.account })
+            const calls: Array<string> = []
+            const handler = (name: string) => (order: Schema.Schema.Type<typeof Order>, ctx: Consumer.MessageContext) =>
+              Effect.andThen(
+                Effect.sync(() => calls.push(name)), // every delivery, before the inbox
+                Inbox.handler((o: Schema.Schema.Type<typeof Order>) =>
+                  Effect.gen(function* () {
+                    yield* sql.unsafe(`INSERT INTO ${schema}.slow_effects (order_id) VALUES ($1)`, [o.id]).raw
+                    if (name === "slow") yield* Effect.sleep("1500 millis") // holds its transaction open
+                  })
+                )(order, ctx)
+              )
+            yield* Effect.forkScoped(
+              Consumer.make(slowOrders, {
+                group: "ledger",
+                consumer: "slow",
+                claimIdle: "300 millis",
+                handle: handler("slow")
+              })
+            )
+            yield* Outbox.transaction(Outbox.publish(slowOrders, { id: "o-slow", account: "a", cents: 1 }))
+            for (let i = 0; i < 250 && calls.length === 0; i++) yield* Effect.sleep("20 millis")
+            // the second consumer starts while the first is still inside its handler
+            yield* Effect.forkScoped(
+              Consumer.make(slowOrders, {
+                group: "ledger",
+                consumer: "fast",
+                claimIdle: "300 millis",
+                handle: handler("fast")
+              })
+            )
+            for (let i = 0; i < 250 && !calls.includes("fast"); i++) yield* Effect.sleep("20 millis")
+            yield* Effect.sleep("2 seconds") // the slow one commits, the fast one's claim then finds its row
+            const rows = yield* sql.unsafe<{ n: number }>(`SELECT count(*)::int AS n FROM ${schema}.slow_effects`)
+              .withoutTransform
+            assert.deepStrictEqual([...calls].sort(), ["fast", "slow"], "the message was delivered to both consumers")
+            assert.strictEqual(Number(rows[0]!.n), 1, "one effect")
+          }),
+        20_000
+      )
     })
   }
 )

@@ -28,7 +28,7 @@ export type { Features } from "./StoreHarness.ts"
 const payloadOf = (data: string) => JSON.parse(data) as { readonly key: string; readonly n: number }
 
 /**
- * Registers the outbox store suite (cases O01–O09).
+ * Registers the outbox store suite (cases O01–O10).
  *
  * @since 0.1.0
  */
@@ -301,6 +301,25 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
               [2]
             )
           }).pipe(Effect.provide(env))
+        })
+      )
+
+      test("O10", "a relay with several workers drains every partition, each key in order", { concurrent: true }, () =>
+        Effect.gen(function* () {
+          const { recorder, publish, provide } = yield* setup({ partitions: 8 })
+          const workers = yield* provide(OutboxRelay.make({ concurrency: 3, batchSize: 10 }))
+          // one busy key and a few quiet ones: a worker whose last share was quiet stops early
+          const heavy = Array.from({ length: 40 }, (_, i) => i)
+          const quiet = Array.from({ length: 11 }, (_, i) => `quiet-${i}`)
+          yield* publish("busy", heavy)
+          yield* Effect.forEach(quiet, (key) => publish(key, [0]), { concurrency: 4 })
+          assert.strictEqual(yield* workers.drain, heavy.length + quiet.length)
+          assert.strictEqual((yield* workers.lag).unpublished, 0, "nothing left behind by the workers' shares")
+          assert.deepStrictEqual(
+            recorder.published.filter((m) => m.key === "busy").map((m) => payloadOf(m.data).n),
+            heavy,
+            "order of the busy key"
+          )
         })
       )
 

@@ -243,8 +243,13 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
     // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
     // would rather sort the whole backlog every cycle. These settings hold for this transaction only.
+    //
+    // synchronous_commit off: the cycle's commit only records that rows were published; if a crash loses
+    // it, the rows are published again (at-least-once, absorbed by the inbox), so it need not wait for
+    // the WAL flush. The messages themselves were made durable by their own transactions.
     const lockSql = `WITH plan AS MATERIALIZED (
-        SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)
+        SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),
+          set_config('synchronous_commit', 'off', true)
       )
       SELECT p FROM plan, (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
       WHERE pg_try_advisory_xact_lock($3::int, p) LIMIT $4::int`

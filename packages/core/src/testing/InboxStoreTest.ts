@@ -20,6 +20,7 @@ import * as Outbox from "../Outbox.ts"
 import * as SqlStore from "../SqlStore.ts"
 import { count, type Features, freshStore, items, storeSuite } from "./StoreHarness.ts"
 
+/** What a SQL backend supports (shared with the other store suite). */
 export type { Features } from "./StoreHarness.ts"
 
 /**

@@ -23,6 +23,7 @@ import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
 import { count, type Features, freshStore, items, recordingBroker, storeSuite } from "./StoreHarness.ts"
 
+/** What a SQL backend supports (shared with the other store suite). */
 export type { Features } from "./StoreHarness.ts"
 
 const payloadOf = (data: string) => JSON.parse(data) as { readonly key: string; readonly n: number }

@@ -508,3 +508,31 @@ export const deadRows = (limit = 100): Effect.Effect<ReadonlyArray<DeadRow>, Sql
     )
     return rows.map((r) => ({ seq: r.seq, messageId: r.message_id, topic: r.topic, reason: r.reason, error: r.error }))
   })
+
+/**
+ * Moves rows of `outbox_dead` back into the outbox (all of them when `seqs`
+ * is omitted), once the cause is fixed (a broker limit raised, a topic
+ * renamed by hand with `UPDATE outbox_dead SET topic = ...`). They get new
+ * sequence numbers and the current transaction id, so they are published
+ * after what is already waiting; message ids are kept (consumers' inboxes
+ * still recognise them). Runs in one transaction; returns how many moved.
+ *
+ * @since 0.1.0
+ */
+export const requeueDead = (seqs?: ReadonlyArray<string>): Effect.Effect<number, SqlError, SqlStore> =>
+  Effect.gen(function* () {
+    const store = yield* SqlStore
+    const dead = store.table("outbox_dead")
+    const columns = "partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at"
+    const rows = yield* store.sql.withTransaction(
+      store.sql.unsafe<{ readonly n: number }>(
+        `WITH moved AS (DELETE FROM ${dead} ${seqs === undefined ? "" : "WHERE seq = ANY($1::bigint[])"} RETURNING ${columns}),
+              requeued AS (INSERT INTO ${store.table("outbox")} (${columns}) SELECT ${columns} FROM moved RETURNING 1)
+         SELECT count(*)::int AS n FROM requeued`,
+        seqs === undefined ? [] : [`{${seqs.map((s) => String(BigInt(s))).join(",")}}`]
+      ).withoutTransform
+    )
+    const n = Number(rows[0]?.n ?? 0)
+    if (n > 0) store.nudge()
+    return n
+  })

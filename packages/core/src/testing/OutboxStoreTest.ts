@@ -245,7 +245,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         })
       )
 
-      test("O07", "a poison row is moved aside with its reason and does not stop the relay", {}, () =>
+      test("O07", "a poison row is moved aside with its reason, does not stop the relay, and can be requeued", {}, () =>
         Effect.gen(function* () {
           const { recorder, relay, publish, store, t } = yield* setup({ partitions: 1 })
           yield* publish("a", [1])
@@ -278,6 +278,18 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           )
           yield* publish("a", [4])
           assert.strictEqual(yield* relay.drain, 1, "the relay goes on")
+          // the refusal is lifted: requeue that row (by seq); the malformed one stays aside
+          recorder.refuse.clear()
+          const rejected = dead.find((d) => d.reason === "rejected")!
+          const requeue = <A, E2>(e: Effect.Effect<A, E2, SqlStore.SqlStore>) =>
+            Effect.provideService(e, SqlStore.SqlStore, store)
+          assert.strictEqual(yield* requeue(OutboxRelay.requeueDead([rejected.seq])), 1)
+          assert.strictEqual(yield* relay.drain, 1)
+          assert.strictEqual(recorder.published.at(-1)!.id, refused[0]!.id, "same message id")
+          assert.deepStrictEqual(
+            (yield* requeue(OutboxRelay.deadRows())).map((d) => d.messageId),
+            ["hand-written"]
+          )
         })
       )
 

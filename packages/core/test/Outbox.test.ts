@@ -1,12 +1,14 @@
 import { MemoryBroker } from "@converge/broker-memory"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
-import { Effect, Layer, Redacted, Schema } from "effect"
+import { Data, Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
-import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
+import { Consumer, DeadLetter, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
 
 const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_outbox_test_${process.pid}`
+
+class NegativeAmount extends Data.TaggedError("NegativeAmount")<{ readonly id: string }> {}
 
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String, cents: Schema.Int })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
@@ -155,6 +157,66 @@ layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
               .withoutTransform
             assert.deepStrictEqual([...calls].sort(), ["fast", "slow"], "the message was delivered to both consumers")
             assert.strictEqual(Number(rows[0]!.n), 1, "one effect")
+          }),
+        20_000
+      )
+
+      it.effect(
+        "Inbox.handlers: a read fails as a whole on one poison message, falls back per message: the rest commit once, the poison is dead-lettered",
+        () =>
+          Effect.gen(function* () {
+            const sql = yield* SqlClient.SqlClient
+            yield* sql.unsafe(`CREATE TABLE ${schema}.batch_effects (order_id text NOT NULL)`).raw
+            const batchOrders = Topic.make("batch-orders", Order, { key: (o) => o.account })
+            let batchCalls = 0
+            yield* Effect.forkScoped(
+              Consumer.make(batchOrders, {
+                group: "ledger",
+                batchSize: 50,
+                ...Inbox.handlers((items: ReadonlyArray<Consumer.BatchItem<Schema.Schema.Type<typeof Order>>>) =>
+                  Effect.gen(function* () {
+                    if (items.length > 1) batchCalls++
+                    for (const { message } of items) {
+                      yield* sql.unsafe(`INSERT INTO ${schema}.batch_effects (order_id) VALUES ($1)`, [message.id]).raw
+                      if (message.cents < 0) return yield* new NegativeAmount({ id: message.id })
+                    }
+                  })
+                ),
+                errors: { NegativeAmount: "dead-letter" }
+              })
+            )
+            yield* Outbox.transaction(
+              Outbox.publishAll(batchOrders, [
+                { id: "b-1", account: "a", cents: 1 },
+                { id: "b-2", account: "b", cents: -1 },
+                { id: "b-3", account: "c", cents: 3 },
+                { id: "b-4", account: "d", cents: 4 }
+              ])
+            )
+            const effects = sql.unsafe<{ order_id: string; n: number }>(
+              `SELECT order_id, count(*)::int AS n FROM ${schema}.batch_effects GROUP BY order_id ORDER BY order_id`
+            ).withoutTransform
+            for (let i = 0; i < 250 && (yield* effects).length < 3; i++) yield* Effect.sleep("20 millis")
+            let dead: ReadonlyArray<unknown> = []
+            for (let i = 0; i < 250 && dead.length === 0; i++) {
+              dead = yield* DeadLetter.list("batch-orders")
+              if (dead.length === 0) yield* Effect.sleep("20 millis")
+            }
+            const rows = yield* effects
+            assert.isAtLeast(batchCalls, 1, "the read went to handleBatch first")
+            assert.deepStrictEqual(
+              rows.map((r) => [r.order_id, Number(r.n)]),
+              [
+                ["b-1", 1],
+                ["b-3", 1],
+                ["b-4", 1]
+              ],
+              "the failed batch rolled back; each good message committed once on its own"
+            )
+            assert.strictEqual(dead.length, 1)
+            const letter = (yield* DeadLetter.list("batch-orders"))[0]!
+            assert.strictEqual(letter.reason, "permanent")
+            assert.include(letter.envelope?.data, '"b-2"')
           }),
         20_000
       )

@@ -83,6 +83,7 @@ import {
 } from "effect"
 import * as Broker from "./Broker.ts"
 import type * as Envelope from "./Envelope.ts"
+import { cappedExponential } from "./internal/schedule.ts"
 import * as Name from "./Name.ts"
 import type * as Topic from "./Topic.ts"
 
@@ -330,15 +331,12 @@ export type Options<A, E, R> = BaseOptions<A, E, R> &
  *
  * @since 0.1.0
  */
-export const defaultRetry: Schedule.Schedule<unknown, unknown> = Schedule.exponential("100 millis", 2).pipe(
-  Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(30)))),
+export const defaultRetry: Schedule.Schedule<unknown, unknown> = cappedExponential("100 millis", "30 seconds").pipe(
   Schedule.upTo({ times: 10 })
 )
 
 /** Backoff between subscription attempts after a retryable failure: 100 ms doubling, at most 5 s. */
-const resubscribeBackoff = Schedule.exponential("100 millis", 2).pipe(
-  Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, Duration.seconds(5))))
-)
+const resubscribeBackoff = cappedExponential("100 millis", "5 seconds")
 
 const defaultConsumerName = (): string =>
   `${(globalThis.process?.env?.HOSTNAME ?? "host").replace(/[^A-Za-z0-9._-]/g, "-")}-${globalThis.process?.pid ?? 0}`.replace(

@@ -253,6 +253,33 @@ export const makeEncodedResult = <A, I>(
   })
 }
 
+/**
+ * {@link makeEncodedResult} for many payloads of one topic at one time (read
+ * once from `Clock` by the caller): what `Publisher` and `Outbox` publish.
+ * `defaultSource` (a publisher's configured source) applies when `options`
+ * names none. Fails with the first payload's error.
+ *
+ * @since 0.1.0
+ */
+export const makeEncodedAllResult = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payloads: Iterable<A>,
+  nowMillis: number,
+  options?: MakeOptions,
+  defaultSource?: string
+): Result.Result<Array<Encoded>, Name.InvalidName | MalformedEnvelope | PayloadError> => {
+  const opts =
+    defaultSource !== undefined && options?.source === undefined ? { ...options, source: defaultSource } : options
+  const timeIso = new Date(nowMillis).toISOString()
+  const encoded: Array<Encoded> = []
+  for (const payload of payloads) {
+    const enc = makeEncodedResult(topic, payload, nowMillis, opts, timeIso)
+    if (Result.isFailure(enc)) return Result.fail(enc.failure)
+    encoded.push(enc.success)
+  }
+  return Result.succeed(encoded)
+}
+
 const buildHeaders = (
   options: MakeOptions | undefined
 ): Result.Result<Readonly<Record<string, string>>, Name.InvalidName | MalformedEnvelope> => {

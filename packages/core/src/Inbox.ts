@@ -37,7 +37,7 @@ import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
 import type { BatchItem, MessageContext } from "./Consumer.ts"
 import * as Name from "./Name.ts"
-import { sqlDefectsAsFailures, Transaction } from "./Outbox.ts"
+import { requireOpenTransaction, Transaction, transactionIn } from "./Outbox.ts"
 import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
 /**
@@ -130,24 +130,51 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
     const { sql } = store
     const table = store.table("inbox")
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? defaultRetention))
-    const insertSql = `INSERT INTO ${table} (consumer, message_id, processed_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING RETURNING 1 AS claimed`
+    const insertSql = `INSERT INTO ${table} (consumer, message_id, processed_at)
+      SELECT $1, id, $3 FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING RETURNING message_id`
 
-    /** Inserts the row in the current transaction; `false` when it is already there. */
-    const tryClaim = (consumer: string, messageId: string): Effect.Effect<boolean, SqlError, Transaction> =>
+    /** Inserts the rows in the current transaction (one statement); returns the ids that were new. */
+    const tryClaim = (
+      consumer: string,
+      ids: ReadonlyArray<string>
+    ): Effect.Effect<Set<string>, SqlError, Transaction> =>
       Effect.gen(function* () {
         yield* Transaction
-        const open = yield* Effect.serviceOption(sql.transactionService)
-        if (Option.isNone(open)) {
-          return yield* Effect.die(new Error("Inbox.claim ran outside a SQL transaction of the store's client"))
-        }
+        yield* requireOpenTransaction(sql, "Inbox.claim")
         const now = yield* Clock.currentTimeMillis
-        const rows = yield* sql.unsafe(insertSql, [consumer, messageId, new Date(now).toISOString()]).withoutTransform
-        return rows.length > 0
+        const rows = yield* sql.unsafe<{ readonly message_id: string }>(insertSql, [
+          consumer,
+          pgTextArray(ids),
+          new Date(now).toISOString()
+        ]).withoutTransform
+        return new Set(rows.map((r) => r.message_id))
       })
 
     const claim = (consumer: string, messageId: string) =>
-      Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
-        claimed ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
+      Effect.flatMap(tryClaim(consumer, [messageId]), (claimed) =>
+        claimed.size > 0 ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
+      )
+
+    const onceAll = <T extends { readonly context: { readonly id: string } }, A, E, R>(
+      consumer: string,
+      items: ReadonlyArray<T>,
+      effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
+    ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction>> =>
+      transactionIn(
+        sql,
+        Effect.gen(function* () {
+          const claimed = yield* tryClaim(
+            consumer,
+            items.map((i) => i.context.id)
+          )
+          const fresh = items.filter((item) => claimed.delete(item.context.id))
+          if (fresh.length < items.length) {
+            yield* Effect.logDebug(
+              `converge: skipped ${items.length - fresh.length} duplicate(s) for ${consumer} (inbox)`
+            )
+          }
+          return yield* effect(fresh)
+        })
       )
 
     const once = <A, E, R>(
@@ -155,55 +182,9 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
       messageId: string,
       effect: Effect.Effect<A, E, R>
     ): Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>> =>
-      sql
-        .withTransaction(
-          Effect.provideService(
-            Effect.flatMap(tryClaim(consumer, messageId), (claimed) =>
-              claimed
-                ? Effect.map(effect, Option.some)
-                : Effect.as(
-                    Effect.logDebug(`converge: skipped duplicate ${messageId} for ${consumer} (inbox)`),
-                    Option.none<A>()
-                  )
-            ),
-            Transaction,
-            Transaction.of({ state: { afterCommitRegistered: false } })
-          )
-        )
-        .pipe(sqlDefectsAsFailures)
-
-    const insertManySql = `INSERT INTO ${table} (consumer, message_id, processed_at)
-      SELECT $1, id, $3 FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING RETURNING message_id`
-
-    const onceAll = <T extends { readonly context: { readonly id: string } }, A, E, R>(
-      consumer: string,
-      items: ReadonlyArray<T>,
-      effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
-    ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction>> =>
-      sql
-        .withTransaction(
-          Effect.provideService(
-            Effect.gen(function* () {
-              const now = yield* Clock.currentTimeMillis
-              const rows = yield* sql.unsafe<{ readonly message_id: string }>(insertManySql, [
-                consumer,
-                pgTextArray(items.map((i) => i.context.id)),
-                new Date(now).toISOString()
-              ]).withoutTransform
-              const claimed = new Set(rows.map((r) => r.message_id))
-              const fresh = items.filter((item) => claimed.delete(item.context.id))
-              if (fresh.length < items.length) {
-                yield* Effect.logDebug(
-                  `converge: skipped ${items.length - fresh.length} duplicate(s) for ${consumer} (inbox)`
-                )
-              }
-              return yield* effect(fresh)
-            }),
-            Transaction,
-            Transaction.of({ state: { afterCommitRegistered: false } })
-          )
-        )
-        .pipe(sqlDefectsAsFailures) as Effect.Effect<A, E | SqlError, Exclude<R, Transaction>>
+      onceAll(consumer, [{ context: { id: messageId } }], (fresh) =>
+        fresh.length === 0 ? Effect.succeed(Option.none<A>()) : Effect.map(effect, Option.some)
+      )
 
     const isProcessed = (consumer: string, messageId: string) =>
       Effect.map(

@@ -26,10 +26,11 @@
  * @since 0.1.0
  */
 import { Clock, Context, Effect, Layer, Option, Result } from "effect"
+import type { SqlClient } from "effect/sql"
 import { isSqlError, type SqlError } from "effect/sql/SqlError"
 import * as Envelope from "./Envelope.ts"
 import type { InvalidName } from "./Name.ts"
-import { partitionOf, SqlStore } from "./SqlStore.ts"
+import { outboxColumns, partitionOf, SqlStore } from "./SqlStore.ts"
 import type * as Topic from "./Topic.ts"
 
 /**
@@ -53,12 +54,39 @@ export class Transaction extends Context.Service<Transaction, { readonly state: 
 export const transaction = <A, E, R>(
   effect: Effect.Effect<A, E, R>
 ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction> | SqlStore> =>
-  SqlStore.use((store) =>
-    store.sql
-      .withTransaction(
-        Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
-      )
-      .pipe(sqlDefectsAsFailures)
+  SqlStore.use((store) => transactionIn(store.sql, effect))
+
+/**
+ * {@link transaction} on a given client: the one place that opens a
+ * transaction providing {@link Transaction} (`Inbox` uses it too).
+ *
+ * @internal
+ */
+export const transactionIn = <A, E, R>(
+  sql: SqlClient.SqlClient,
+  effect: Effect.Effect<A, E, R>
+): Effect.Effect<A, E | SqlError, Exclude<R, Transaction>> =>
+  sql
+    .withTransaction(
+      Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
+    )
+    .pipe(sqlDefectsAsFailures)
+
+/**
+ * Dies (a programming error) when the code runs outside a transaction of
+ * `sql`: {@link Transaction} can be provided by hand, which proves nothing.
+ *
+ * @internal
+ */
+export const requireOpenTransaction = (sql: SqlClient.SqlClient, what: string): Effect.Effect<void> =>
+  Effect.flatMap(Effect.serviceOption(sql.transactionService), (open) =>
+    Option.isNone(open)
+      ? Effect.die(
+          new Error(
+            `${what} ran outside a SQL transaction of the store's client: wrap it in Outbox.transaction (the Transaction service was provided by hand)`
+          )
+        )
+      : Effect.void
   )
 
 /**
@@ -124,8 +152,8 @@ export class Outbox extends Context.Service<
   }
 >()("@converge/core/Outbox") {}
 
-const columns = "partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at"
-const columnCount = 11
+const columns = outboxColumns.join(", ")
+const columnCount = outboxColumns.length
 const chunkRows = 2000
 
 /**
@@ -142,22 +170,13 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
     const rowsSql = (n: number) => {
       for (let i = placeholders.length; i < n; i++) {
         const b = i * columnCount
-        placeholders.push(
-          `($${b + 1},$${b + 2},$${b + 3},$${b + 4},$${b + 5},$${b + 6},$${b + 7},$${b + 8},$${b + 9},$${b + 10},$${b + 11})`
-        )
+        placeholders.push(`(${outboxColumns.map((_, c) => `$${b + c + 1}`).join(",")})`)
       }
       return placeholders.slice(0, n).join(",")
     }
     const nudge = Effect.sync(store.nudge)
     const guard = Transaction.use((tx) =>
-      Effect.flatMap(Effect.serviceOption(sql.transactionService), (open) => {
-        if (Option.isNone(open)) {
-          return Effect.die(
-            new Error(
-              "Outbox.publish ran outside a SQL transaction of the store's client: wrap it in Outbox.transaction (the Transaction service was provided by hand)"
-            )
-          )
-        }
+      Effect.andThen(requireOpenTransaction(sql, "Outbox.publish"), () => {
         if (tx.state.afterCommitRegistered) return Effect.void
         tx.state.afterCommitRegistered = true
         return sql.afterCommit(nudge)
@@ -171,16 +190,9 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
       Effect.gen(function* () {
         yield* guard
         const now = yield* Clock.currentTimeMillis
-        const timeIso = new Date(now).toISOString()
-        const source = options?.source
-        const opts =
-          source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
-        const encoded: Array<Envelope.Encoded> = []
-        for (const payload of payloads) {
-          const enc = Envelope.makeEncodedResult(topic, payload, now, opts, timeIso)
-          if (Result.isFailure(enc)) return yield* enc.failure
-          encoded.push(enc.success)
-        }
+        const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, options?.source)
+        if (Result.isFailure(made)) return yield* made.failure
+        const encoded = made.success
         const receipts: Array<Receipt> = []
         for (let start = 0; start < encoded.length; start += chunkRows) {
           const chunk = encoded.slice(start, start + chunkRows)
@@ -197,7 +209,7 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
               e.attempt,
               JSON.stringify(e.headers),
               e.data,
-              timeIso
+              e.time // created_at: the publish time
             )
           }
           const rows = yield* sql.unsafe<{ readonly seq: string }>(

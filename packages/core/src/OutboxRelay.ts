@@ -40,15 +40,16 @@
  * @since 0.1.0
  */
 import { PgClient } from "@effect/sql-pg"
-import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, Schedule, Schema } from "effect"
+import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, type Schedule, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import type { SqlError } from "effect/sql/SqlError"
 import { Broker } from "./Broker.ts"
 import * as BrokerError from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
+import { cappedExponential } from "./internal/schedule.ts"
 import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures } from "./Outbox.ts"
-import { deleteExpired, SqlStore } from "./SqlStore.ts"
+import { deleteExpired, outboxColumns, SqlStore } from "./SqlStore.ts"
 
 /**
  * Options of {@link layer}.
@@ -169,10 +170,8 @@ interface Row {
   readonly data: string
 }
 
-/** Topic names already found valid (a relay sees few distinct topics; checked once each). */
-const validTopics = new Set<string>()
-
-const toEncoded = (row: Row): Result.Result<Envelope.Encoded, RowMalformed> => {
+/** `validTopics`: topic names this relay already found valid (it sees few; each is checked once). */
+const toEncoded = (row: Row, validTopics: Set<string>): Result.Result<Envelope.Encoded, RowMalformed> => {
   if (!validTopics.has(row.topic)) {
     const topic = Name.check("topic", row.topic)
     if (Result.isFailure(topic)) return Result.fail(new RowMalformed({ message: topic.failure.message }))
@@ -239,6 +238,7 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     const publishTimeout = Duration.fromInputUnsafe(options?.publishTimeout ?? "30 seconds")
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? 0))
     let rotation = 0
+    const validTopics = new Set<string>()
 
     // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
     // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
@@ -264,9 +264,9 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
       retention === 0
         ? `DELETE FROM ${outbox} WHERE seq = ANY($1::bigint[])`
         : `UPDATE ${outbox} SET published_at = $2 WHERE seq = ANY($1::bigint[])`
+    // outbox_dead is the outbox's columns (LIKE) followed by reason, error, moved_at
     const deadSql = `WITH moved AS (DELETE FROM ${outbox} WHERE seq = $1::bigint RETURNING *)
-      INSERT INTO ${dead} (seq, tx, partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at, reason, error, moved_at)
-      SELECT seq, tx, partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at, $2, $3, $4 FROM moved`
+      INSERT INTO ${dead} SELECT moved.*, $2, $3, $4 FROM moved`
 
     const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
       broker.publish(messages).pipe(
@@ -307,7 +307,7 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
             const good: Array<{ readonly seq: string; readonly message: Envelope.Encoded }> = []
             const poison: Array<{ readonly seq: string; readonly reason: string; readonly error: string }> = []
             for (const row of rows) {
-              const enc = toEncoded(row)
+              const enc = toEncoded(row, validTopics)
               if (Result.isSuccess(enc)) good.push({ seq: row.seq, message: enc.success })
               else poison.push({ seq: row.seq, reason: DeadReason.malformed, error: enc.failure.message })
             }
@@ -401,9 +401,12 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
  * @since 0.1.0
  */
 export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker> =>
+  Effect.flatMap(make(options), (relay) => runWith(relay, options))
+
+/** The background loops of {@link run} over a relay already built (the layer's own). */
+const runWith = (relay: OutboxRelay["Service"], options: Options | undefined): Effect.Effect<never, never, SqlStore> =>
   Effect.gen(function* () {
     const store = yield* SqlStore
-    const relay = yield* make(options)
     const pollInterval = Duration.fromInputUnsafe(options?.pollInterval ?? "1 second")
     const cleanupInterval = Duration.fromInputUnsafe(options?.cleanupInterval ?? "1 minute")
     const retry: Schedule.Schedule<unknown, unknown> = options?.retry ?? cappedExponential("100 millis", "5 seconds")
@@ -444,13 +447,6 @@ export const run = (options?: Options): Effect.Effect<never, never, SqlStore | B
     return yield* loop
   }).pipe(Effect.scoped)
 
-const cappedExponential = (base: Duration.Input, cap: Duration.Input): Schedule.Schedule<unknown, unknown> => {
-  const max = Duration.fromInputUnsafe(cap)
-  return Schedule.exponential(base, 2).pipe(
-    Schedule.modifyDelay(({ duration }) => Effect.succeed(Duration.min(duration, max)))
-  )
-}
-
 const listen = (pg: PgClient.PgClient, store: SqlStore["Service"]): Effect.Effect<void> =>
   Effect.scoped(
     Effect.gen(function* () {
@@ -482,7 +478,7 @@ export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlSto
     OutboxRelay,
     Effect.gen(function* () {
       const relay = yield* make(options)
-      const fiber = yield* Effect.forkScoped(run(options))
+      const fiber = yield* Effect.forkScoped(runWith(relay, options))
       yield* Effect.addFinalizer(() => Fiber.interrupt(fiber))
       return relay
     })
@@ -505,7 +501,7 @@ export const deadRows = (limit = 100): Effect.Effect<ReadonlyArray<DeadRow>, Sql
     }>(
       `SELECT seq::text AS seq, message_id, topic, reason, error FROM ${store.table("outbox_dead")} ORDER BY moved_at DESC, seq DESC LIMIT $1::int`,
       [limit]
-    )
+    ).withoutTransform
     return rows.map((r) => ({ seq: r.seq, messageId: r.message_id, topic: r.topic, reason: r.reason, error: r.error }))
   })
 
@@ -523,7 +519,7 @@ export const requeueDead = (seqs?: ReadonlyArray<string>): Effect.Effect<number,
   Effect.gen(function* () {
     const store = yield* SqlStore
     const dead = store.table("outbox_dead")
-    const columns = "partition, message_id, topic, type, source, key, time, attempt, headers, data, created_at"
+    const columns = outboxColumns.join(", ")
     const rows = yield* store.sql.withTransaction(
       store.sql.unsafe<{ readonly n: number }>(
         `WITH moved AS (DELETE FROM ${dead} ${seqs === undefined ? "" : "WHERE seq = ANY($1::bigint[])"} RETURNING ${columns}),

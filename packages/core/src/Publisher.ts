@@ -84,15 +84,9 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
       Effect.flatMap(Clock.currentTimeMillis, (now): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
-        const opts =
-          source !== undefined && makeOptions?.source === undefined ? { ...makeOptions, source } : makeOptions
-        const encoded: Array<Envelope.Encoded> = []
-        const timeIso = new Date(now).toISOString()
-        for (const payload of payloads) {
-          const enc = Envelope.makeEncodedResult(topic, payload, now, opts, timeIso)
-          if (Result.isFailure(enc)) return Effect.fail(enc.failure)
-          encoded.push(enc.success)
-        }
+        const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, source)
+        if (Result.isFailure(made)) return Effect.fail(made.failure)
+        const encoded = made.success
         if (encoded.length === 0) return Effect.succeed([])
         return Effect.map(broker.publish(encoded), (entryIds) =>
           encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))

@@ -148,23 +148,13 @@ const migrations = (
 )`,
       `CREATE INDEX outbox_unpublished ON ${s}.outbox (tx, seq) WHERE published_at IS NULL`,
       `CREATE INDEX outbox_published_at ON ${s}.outbox (published_at) WHERE published_at IS NOT NULL`,
+      // the outbox's columns (no identity, no defaults), plus why and when the row was moved
       `CREATE TABLE ${s}.outbox_dead (
-  seq bigint PRIMARY KEY,
-  tx xid8 NOT NULL,
-  partition int NOT NULL,
-  message_id text NOT NULL,
-  topic text NOT NULL,
-  type text NOT NULL,
-  source text NOT NULL,
-  key text,
-  time timestamptz NOT NULL,
-  attempt int NOT NULL,
-  headers jsonb NOT NULL,
-  data text NOT NULL,
-  created_at timestamptz NOT NULL,
+  LIKE ${s}.outbox,
   reason text NOT NULL,
   error text NOT NULL,
-  moved_at timestamptz NOT NULL
+  moved_at timestamptz NOT NULL,
+  PRIMARY KEY (seq)
 )`,
       // ids are opaque: byte-wise collation; the message id leads the key (the consumer is the same on
       // most rows, so leading with it only lengthens every comparison)
@@ -187,6 +177,26 @@ $$`,
     ]
   }
 ]
+
+/**
+ * The outbox columns a publish writes (the others have defaults), in the
+ * order `Outbox` binds them.
+ *
+ * @internal
+ */
+export const outboxColumns = [
+  "partition",
+  "message_id",
+  "topic",
+  "type",
+  "source",
+  "key",
+  "time",
+  "attempt",
+  "headers",
+  "data",
+  "created_at"
+] as const
 
 /**
  * Deletes the rows of `table` matching `condition` (over `$1`, the cutoff

@@ -233,9 +233,18 @@ const invalid = (argument: string, e: Name.InvalidName) =>
 // The broker
 // ---------------------------------------------------------------------------
 
+const wakeFirst = (set: Set<() => void> | undefined): void => {
+  if (set === undefined) return
+  for (const f of set) {
+    f() // removes itself
+    return
+  }
+}
+
 class Core {
   readonly topics = new Map<string, TopicState>()
-  readonly waiters = new Map<string, Set<() => void>>()
+  /** Waiting subscriptions: topic → group → wake-up functions. */
+  readonly waiters = new Map<string, Map<string, Set<() => void>>>()
   readonly subs = new Set<Sub>()
   /** Topic names already validated (names are checked once, not per message). */
   readonly validTopics = new Set<string>()
@@ -279,22 +288,52 @@ class Core {
     return t
   }
 
+  /** Wakes every waiting subscription of a topic: a change each of them must see (faults, nacks, deletes). */
   wake(topic: string): void {
-    const set = this.waiters.get(topic)
-    if (set === undefined || set.size === 0) return
-    const fns = Array.from(set)
-    set.clear()
-    for (const f of fns) f()
+    const groups = this.waiters.get(topic)
+    if (groups === undefined) return
+    for (const set of groups.values()) {
+      if (set.size === 0) continue
+      for (const f of Array.from(set)) f()
+    }
+  }
+
+  /**
+   * Wakes one waiting subscription of `group`, or of every group of the
+   * topic: new work that one reader takes (a publish, a key handed over).
+   * Waking every competing consumer for it would make all but one read
+   * nothing; a reader that fills its batch wakes the next one, and a
+   * subscription that ends passes its wake-up on, so none is lost.
+   */
+  wakeOne(topic: string, group?: string): void {
+    const groups = this.waiters.get(topic)
+    if (groups === undefined) return
+    if (group !== undefined) {
+      wakeFirst(groups.get(group))
+      return
+    }
+    for (const set of groups.values()) wakeFirst(set)
   }
 
   waitFor(topic: string, sub: Sub): Effect.Effect<void> {
     return Effect.callback<void>((resume) => {
-      let set = this.waiters.get(topic)
+      let groups = this.waiters.get(topic)
+      if (groups === undefined) {
+        groups = new Map()
+        this.waiters.set(topic, groups)
+      }
+      let set = groups.get(sub.group)
       if (set === undefined) {
         set = new Set()
-        this.waiters.set(topic, set)
+        groups.set(sub.group, set)
       }
-      const f = () => resume(Effect.void)
+      const waiting = set
+      // a wake-up removes its function however it comes (one, all, kill, close): a stale one left in
+      // the set would swallow a later wakeOne
+      const f = () => {
+        waiting.delete(f)
+        resume(Effect.void)
+      }
       set.add(f)
       sub.wake = f
       return Effect.sync(() => {
@@ -360,10 +399,11 @@ class Core {
       // hand the key to its next message, still locked
       g.ready.push(parked.shift()!)
       if (parked.length === 0) g.parked.delete(entry.key)
+      this.wakeOne(t.name, g.name)
     } else {
+      // nothing was waiting for this key: no reader has anything new
       g.lockedKeys.delete(entry.key)
     }
-    this.wake(t.name)
   }
 
   deadLetterEntry(
@@ -544,7 +584,7 @@ export const make = (
           const t = core.topics.get(topic)!
           // trim once per batch and in steps (like MAXLEN ~), so the cost is amortised
           if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
-          core.wake(topic)
+          core.wakeOne(topic)
         }
         return Effect.succeed(ids)
       })
@@ -703,6 +743,8 @@ export const make = (
             Effect.sync(() => {
               sub.closed = true
               core.subs.delete(sub)
+              // this subscription may have been woken for work it never read: pass it on
+              core.wakeOne(options.topic, options.group)
             })
           )
           let t = core.topic(options.topic)
@@ -741,6 +783,8 @@ export const make = (
               for (const event of events) yield* onEvent(event)
               if (batch.length > 0) {
                 recreations = 0
+                // a full batch may have left work behind: the next waiting reader of the group takes it
+                if (batch.length >= max) core.wakeOne(t.name, g.name)
                 return batch as unknown as readonly [Broker.Delivery, ...Array<Broker.Delivery>]
               }
               if (events.length > 0) continue
@@ -880,7 +924,7 @@ export const make = (
         Effect.flatMap(Clock.currentTimeMillis, (now) =>
           Effect.sync(() => {
             const entry = core.append(topic, undefined, { ...fields }, fields[Envelope.FieldNames.subject], now)
-            core.wake(topic)
+            core.wakeOne(topic)
             return entry.id
           })
         )

@@ -309,6 +309,46 @@ describe("MemoryBroker", () => {
   )
 })
 
+describe("wake-ups", () => {
+  /** Subscribes `consumer` in the background; every delivery is kept unsettled in `held`. */
+  const hold = (group: string, consumer: string, held: Ref.Ref<Array<string>>) =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      return yield* broker.subscribe({ topic: "t", group, consumer, batchSize: 1 }).pipe(
+        Stream.runForEach(() => Ref.update(held, (xs) => [...xs, `${group}/${consumer}`])),
+        Effect.forkScoped
+      )
+    })
+
+  it.effect("one publish of many messages reaches every waiting consumer of the group, not only the first", () =>
+    Effect.gen(function* () {
+      const held = yield* Ref.make<Array<string>>([])
+      for (const c of ["c0", "c1", "c2", "c3"]) yield* hold("g", c, held)
+      yield* yieldMany // all four are waiting
+      yield* publish("t", 4)
+      yield* yieldMany
+      // batch size 1 and nothing settled: each consumer holds one message only if the reader that filled its
+      // batch woke the next one
+      assert.deepStrictEqual([...(yield* Ref.get(held))].sort(), ["g/c0", "g/c1", "g/c2", "g/c3"])
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+
+  it.effect("a publish wakes one reader in each group: every group gets the message, once", () =>
+    Effect.gen(function* () {
+      const held = yield* Ref.make<Array<string>>([])
+      for (const g of ["a", "b"]) for (const c of ["c0", "c1"]) yield* hold(g, c, held)
+      yield* yieldMany
+      yield* publish("t", 1)
+      yield* yieldMany
+      assert.deepStrictEqual(
+        (yield* Ref.get(held)).map((x) => x.split("/")[0]).sort(),
+        ["a", "b"],
+        "one delivery per group"
+      )
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+})
+
 describe("batch settlement", () => {
   it.effect("ackAll acks live deliveries once, skips settled ones and never another entry", () =>
     Effect.gen(function* () {

@@ -53,7 +53,9 @@ export const main = async (benches: ReadonlyArray<Bench>, argv: ReadonlyArray<st
   const onlyAt = argv.indexOf("--only")
   const only = onlyAt >= 0 ? argv[onlyAt + 1] : undefined
   if (onlyAt >= 0 && only === undefined) throw new Error("--only needs a benchmark name")
-  const selected = benches.filter((b) => only === undefined || b.name === only || b.name.startsWith(`${only}/`))
+  // a name, or a group of names: `memory/batch=1` and `memory/batch=1/` select `memory/batch=1/consumers=...`
+  const prefix = only?.endsWith("/") ? only : `${only}/`
+  const selected = benches.filter((b) => only === undefined || b.name === only || b.name.startsWith(prefix))
   if (selected.length === 0) {
     throw new Error(`no benchmark named ${JSON.stringify(only)}; known: ${benches.map((b) => b.name).join(", ")}`)
   }

@@ -39,9 +39,10 @@ import type * as Topic from "./Topic.ts"
  *
  * @since 0.1.0
  */
-export class Transaction extends Context.Service<Transaction, { readonly state: { afterCommitRegistered: boolean } }>()(
-  "@converge/core/Outbox/Transaction"
-) {}
+export class Transaction extends Context.Service<
+  Transaction,
+  { readonly state: { afterCommitRegistered: boolean; xid: string | undefined } }
+>()("@converge/core/Outbox/Transaction") {}
 
 /**
  * Runs `effect` in a SQL transaction of the store's client (a savepoint when
@@ -68,7 +69,11 @@ export const transactionIn = <A, E, R>(
 ): Effect.Effect<A, E | SqlError, Exclude<R, Transaction>> =>
   sql
     .withTransaction(
-      Effect.provideService(effect, Transaction, Transaction.of({ state: { afterCommitRegistered: false } }))
+      Effect.provideService(
+        effect,
+        Transaction,
+        Transaction.of({ state: { afterCommitRegistered: false, xid: undefined } })
+      )
     )
     .pipe(sqlDefectsAsFailures)
 
@@ -174,12 +179,13 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
       }
       return placeholders.slice(0, n).join(",")
     }
-    const nudge = Effect.sync(store.nudge)
+    // after commit, wake the relays of this process, naming the transaction (its rows' `tx`, read back by
+    // the insert): a relay keeps trying until it has read past it
     const guard = Transaction.use((tx) =>
       Effect.andThen(requireOpenTransaction(sql, "Outbox.publish"), () => {
-        if (tx.state.afterCommitRegistered) return Effect.void
+        if (tx.state.afterCommitRegistered) return Effect.succeed(tx.state)
         tx.state.afterCommitRegistered = true
-        return sql.afterCommit(nudge)
+        return Effect.as(sql.afterCommit(Effect.sync(() => store.nudge(tx.state.xid))), tx.state)
       })
     )
     const publishAll = <A, I>(
@@ -188,7 +194,7 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction> =>
       Effect.gen(function* () {
-        yield* guard
+        const state = yield* guard
         const now = yield* Clock.currentTimeMillis
         const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, options?.source)
         if (Result.isFailure(made)) return yield* made.failure
@@ -212,10 +218,11 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
               e.time // created_at: the publish time
             )
           }
-          const rows = yield* sql.unsafe<{ readonly seq: string }>(
-            `INSERT INTO ${table} (${columns}) VALUES ${rowsSql(chunk.length)} RETURNING seq::text AS seq`,
+          const rows = yield* sql.unsafe<{ readonly seq: string; readonly tx: string }>(
+            `INSERT INTO ${table} (${columns}) VALUES ${rowsSql(chunk.length)} RETURNING seq::text AS seq, tx::text AS tx`,
             params
-          )
+          ).withoutTransform
+          state.xid ??= rows[0]?.tx
           for (let i = 0; i < chunk.length; i++) receipts.push({ id: chunk[i]!.id, seq: rows[i]!.seq })
         }
         return receipts

@@ -30,9 +30,13 @@
  *
  * Wake-ups: `Outbox.publish` in this process nudges the relay after commit;
  * with a `PgClient` in context, a `LISTEN` on the store's channel wakes it
- * for commits of other processes (the outbox table's trigger sends `NOTIFY`);
- * and it polls every `pollInterval` in any case. Where `LISTEN` does not work
- * (PGlite), set `listen: false`: nudge and poll keep it moving.
+ * for commits of other processes (the outbox table's trigger sends `NOTIFY`
+ * with the committing transaction's id); and it polls every `pollInterval`
+ * in any case. A notification for a transaction that a finished drain has
+ * already read past (its id is below that read's `xmin`, every partition
+ * held, less than a batch read) wakes nothing: a commit nudged in this
+ * process and notified too costs one drain, not two. Where `LISTEN` does not
+ * work (PGlite), set `listen: false`: nudge and poll keep it moving.
  *
  * Published rows are deleted as they are confirmed, or kept (marked
  * `published_at`) for `retention` and then deleted by a background cleanup.
@@ -49,7 +53,7 @@ import type * as Envelope from "./Envelope.ts"
 import { cappedExponential } from "./internal/schedule.ts"
 import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures } from "./Outbox.ts"
-import { deleteExpired, outboxColumns, SqlStore } from "./SqlStore.ts"
+import { deleteExpired, outboxColumns, parseXid, SqlStore } from "./SqlStore.ts"
 
 /**
  * Options of {@link layer}.
@@ -97,6 +101,36 @@ export interface CycleResult {
 }
 
 /**
+ * Counters of a relay since it was built, for monitoring.
+ *
+ * @since 0.1.0
+ */
+export interface Stats {
+  /** Cycles run (one transaction each), failed ones included. */
+  readonly cycles: number
+  /** Cycles that failed and were rolled back. */
+  readonly failedCycles: number
+  /** Rows published. */
+  readonly published: number
+  /** Rows moved to `outbox_dead`. */
+  readonly dead: number
+  /** `NOTIFY` wake-ups received. */
+  readonly notifications: number
+  /**
+   * `NOTIFY` wake-ups that started no drain: their transaction had already
+   * been read past by a finished drain.
+   */
+  readonly notificationsCovered: number
+  /**
+   * Drains re-run soon (1 ms, backing off to 1 s) because a committed
+   * transaction that wrote outbox rows was still held back by an older
+   * transaction running elsewhere in the cluster. Climbing steadily: long
+   * transactions are delaying the outbox.
+   */
+  readonly heldBackRetries: number
+}
+
+/**
  * The outbox backlog: rows not yet published.
  *
  * @since 0.1.0
@@ -125,6 +159,8 @@ export class OutboxRelay extends Context.Service<
     readonly cleanup: Effect.Effect<number, SqlError>
     /** The backlog. */
     readonly lag: Effect.Effect<Lag, SqlError>
+    /** Counters since this relay was built. */
+    readonly stats: Effect.Effect<Stats>
   }
 >()("@converge/core/OutboxRelay") {}
 
@@ -226,6 +262,19 @@ const safeParse = (text: string): unknown => {
  * @since 0.1.0
  */
 export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], never, SqlStore | Broker> =>
+  Effect.map(makeRelay(options), (relay) => relay.service)
+
+/** A relay: its service, and what its background loops need besides. */
+interface Relay {
+  readonly service: OutboxRelay["Service"]
+  /** Every transaction with a lower id has been read past by a committed cycle (see `makeRelay`). */
+  readonly horizon: () => bigint
+  readonly counters: Counters
+}
+
+type Counters = { -readonly [K in keyof Stats]: Stats[K] }
+
+const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Broker> =>
   Effect.gen(function* () {
     const store = yield* SqlStore
     const broker = yield* Broker
@@ -239,6 +288,19 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? 0))
     let rotation = 0
     const validTopics = new Set<string>()
+    const counters: Counters = {
+      cycles: 0,
+      failedCycles: 0,
+      published: 0,
+      dead: 0,
+      notifications: 0,
+      notificationsCovered: 0,
+      heldBackRetries: 0
+    }
+    // Every transaction with an id below `horizon` has been read past: a cycle holding every partition read
+    // less than a batch of the rows below its snapshot's xmin, and committed. A wake-up for such a
+    // transaction needs no drain; one for a later transaction needs drains until the horizon passes it.
+    let horizon = 0n
 
     // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
     // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
@@ -251,7 +313,8 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
         SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),
           set_config('synchronous_commit', 'off', true)
       )
-      SELECT p FROM plan, (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
+      SELECT p, pg_snapshot_xmin(pg_current_snapshot())::text AS h
+      FROM plan, (SELECT (g + $1::int) % $2::int AS p FROM generate_series(0, $2::int - 1) g) q
       WHERE pg_try_advisory_xact_lock($3::int, p) LIMIT $4::int`
     // one statement text for any set of held partitions (an array parameter), so it is prepared once
     const readSql = (held: ReadonlyArray<number>) =>
@@ -283,25 +346,29 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
         })
       )
 
+    /** A cycle, and the horizon it read past when it held every partition and read less than a batch. */
+    type Cycle = CycleResult & { readonly horizon: bigint | undefined }
     const cycleIn = (maxPartitions: number): Effect.Effect<CycleResult, SqlError | BrokerError.BrokerError> =>
       sql
         .withTransaction(
           Effect.gen(function* () {
             const offset = rotation
             rotation = (rotation + maxPartitions) % partitions
-            const locked = yield* sql.unsafe<{ readonly p: number }>(lockSql, [
+            const locked = yield* sql.unsafe<{ readonly p: number; readonly h: string }>(lockSql, [
               offset,
               partitions,
               lockSpace,
               maxPartitions
-            ])
-            if (locked.length === 0) return { partitions: 0, published: 0, dead: 0 }
+            ]).withoutTransform
+            if (locked.length === 0) return { partitions: 0, published: 0, dead: 0, horizon: undefined } as Cycle
             const held = locked.map((r) => Number(r.p))
             const rows = yield* sql.unsafe<Row>(
               readSql(held),
               held.length === partitions ? [batchSize] : [batchSize, `{${held.join(",")}}`]
             ).withoutTransform
-            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0 }
+            // the read's snapshot is at least as new as the lock statement's: its xmin is no lower
+            const readPast = held.length === partitions && rows.length < batchSize ? BigInt(locked[0]!.h) : undefined
+            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0, horizon: readPast } as Cycle
             const now = yield* Clock.currentTimeMillis
             const nowIso = new Date(now).toISOString()
             const good: Array<{ readonly seq: string; readonly message: Envelope.Encoded }> = []
@@ -338,12 +405,32 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
               yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])
               yield* Effect.logWarning(`converge: outbox row ${p.seq} moved to ${dead} (${p.reason}): ${p.error}`)
             }
-            return { partitions: held.length, published: published.length, dead: poison.length }
+            return {
+              partitions: held.length,
+              published: published.length,
+              dead: poison.length,
+              horizon: readPast
+            } as Cycle
           })
         )
         .pipe(
           Effect.provideService(SqlClient.BeginTransaction, "BEGIN ISOLATION LEVEL READ COMMITTED"),
-          sqlDefectsAsFailures
+          sqlDefectsAsFailures,
+          Effect.onExit((exit) =>
+            Effect.sync(() => {
+              counters.cycles++
+              if (exit._tag === "Failure") {
+                counters.failedCycles++
+                return
+              }
+              const r = exit.value
+              counters.published += r.published
+              counters.dead += r.dead
+              // committed: only now is what it read past really behind us
+              if (r.horizon !== undefined && r.horizon > horizon) horizon = r.horizon
+            })
+          ),
+          Effect.map(({ horizon: _, ...result }): CycleResult => result)
         )
 
     const drainWorker = (maxPartitions: number): Effect.Effect<number, SqlError | BrokerError.BrokerError> =>
@@ -384,13 +471,18 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
       return { unpublished: Number(rows[0]?.n ?? 0), oldestMillis }
     })
 
-    return OutboxRelay.of({
-      nudge: Effect.sync(store.nudge),
-      drain,
-      cycle: cycleIn(partitions),
-      cleanup,
-      lag
-    })
+    return {
+      service: OutboxRelay.of({
+        nudge: Effect.sync(() => store.nudge()),
+        drain,
+        cycle: cycleIn(partitions),
+        cleanup,
+        lag,
+        stats: Effect.sync(() => ({ ...counters }))
+      }),
+      horizon: () => horizon,
+      counters
+    }
   })
 
 /**
@@ -401,10 +493,13 @@ export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], n
  * @since 0.1.0
  */
 export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker> =>
-  Effect.flatMap(make(options), (relay) => runWith(relay, options))
+  Effect.flatMap(makeRelay(options), (relay) => runWith(relay, options))
 
 /** The background loops of {@link run} over a relay already built (the layer's own). */
-const runWith = (relay: OutboxRelay["Service"], options: Options | undefined): Effect.Effect<never, never, SqlStore> =>
+const runWith = (
+  { service: relay, horizon, counters }: Relay,
+  options: Options | undefined
+): Effect.Effect<never, never, SqlStore> =>
   Effect.gen(function* () {
     const store = yield* SqlStore
     const pollInterval = Duration.fromInputUnsafe(options?.pollInterval ?? "1 second")
@@ -422,7 +517,14 @@ const runWith = (relay: OutboxRelay["Service"], options: Options | undefined): E
       if (version.includes("PGlite")) {
         yield* Effect.logDebug("converge: outbox relay on PGlite: no LISTEN, after-commit nudge and poll only")
       } else if (Option.isSome(pg)) {
-        yield* Effect.forkScoped(listen(pg.value, store))
+        // a notification for a transaction already read past wakes nothing
+        const notified = (payload: string): void => {
+          counters.notifications++
+          const xid = parseXid(payload)
+          if (xid !== undefined && xid < horizon()) counters.notificationsCovered++
+          else store.nudge(payload)
+        }
+        yield* Effect.forkScoped(listen(pg.value, store, notified))
       }
     }
     yield* Effect.forkScoped(
@@ -436,26 +538,49 @@ const runWith = (relay: OutboxRelay["Service"], options: Options | undefined): E
       )
     )
     // Defects too (effect/sql dies when a rollback fails on a dead connection): the relay never stops.
-    const loop = relay.drain.pipe(
+    const drainRetried = relay.drain.pipe(
       Effect.sandbox,
       Effect.tapError((cause) => Effect.logWarning("converge: outbox relay cycle failed; retrying", cause)),
       Effect.retry(retry),
-      Effect.ignore,
-      Effect.andThen(Effect.raceFirst(store.awaitNudge, Effect.sleep(pollInterval))),
-      Effect.forever
+      Effect.ignore
     )
-    return yield* loop
+    const pollMillis = Duration.toMillis(pollInterval)
+    // A committed transaction named by a wake-up but not yet read past is held back by an older transaction
+    // still running somewhere in the cluster (the xmin gate): try again soon, backing off from 1 ms to
+    // 1 second (or the poll interval), instead of waiting for the poll.
+    const heldBackCap = Math.max(1, Math.min(pollMillis, 1000))
+    let wanted = -1n
+    let heldBackDelay = 0
+    while (true) {
+      const serving = store.takeWakeups()
+      if (serving.highestXid > wanted) wanted = serving.highestXid
+      yield* drainRetried
+      // wake-ups that came during the drain and name only transactions it read past ask for nothing more
+      const meanwhile = store.peekWakeups()
+      if (meanwhile.count > 0 && !meanwhile.anonymous && meanwhile.highestXid < horizon()) store.takeWakeups()
+      if (wanted >= horizon()) {
+        heldBackDelay = Math.min(heldBackCap, heldBackDelay === 0 ? 1 : heldBackDelay * 2)
+        counters.heldBackRetries++
+        yield* Effect.raceFirst(store.awaitNudge, Effect.sleep(heldBackDelay))
+      } else {
+        heldBackDelay = 0
+        yield* Effect.raceFirst(store.awaitNudge, Effect.sleep(pollInterval))
+      }
+    }
   }).pipe(Effect.scoped)
 
-const listen = (pg: PgClient.PgClient, store: SqlStore["Service"]): Effect.Effect<void> =>
+const listen = (
+  pg: PgClient.PgClient,
+  store: SqlStore["Service"],
+  notified: (payload: string) => void
+): Effect.Effect<void> =>
   Effect.scoped(
     Effect.gen(function* () {
       const queue = yield* pg.listen(store.channel).pipe(Effect.timeout("10 seconds"))
       yield* Effect.logDebug(`converge: outbox relay listening on ${store.channel}`)
       store.nudge()
       while (true) {
-        yield* Queue.take(queue)
-        store.nudge()
+        notified((yield* Queue.take(queue)).payload)
       }
     })
   ).pipe(
@@ -477,10 +602,10 @@ export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlSto
   Layer.effect(
     OutboxRelay,
     Effect.gen(function* () {
-      const relay = yield* make(options)
+      const relay = yield* makeRelay(options)
       const fiber = yield* Effect.forkScoped(runWith(relay, options))
       yield* Effect.addFinalizer(() => Fiber.interrupt(fiber))
-      return relay
+      return relay.service
     })
   )
 

@@ -79,12 +79,46 @@ export class SqlStore extends Context.Service<
     readonly channel: string
     /** Key of the advisory locks of this store (partitions use it as the first half). */
     readonly lockSpace: number
-    /** Wakes the relays of this process (in-process, after a commit). */
-    readonly nudge: () => void
-    /** Completes at the next {@link nudge} (or at once if one happened since the last wait). */
+    /**
+     * Wakes the relays of this process. `xid`: the id (decimal text) of the
+     * committed transaction that wrote outbox rows, when known — a relay
+     * then keeps trying until it has read past it, even while an older
+     * transaction holds the rows back.
+     */
+    readonly nudge: (xid?: string) => void
+    /** Completes at the next {@link nudge} (or at once if one came since the last {@link takeWakeups}). */
     readonly awaitNudge: Effect.Effect<void>
+    /** The nudges since the last call, and resets them. */
+    readonly takeWakeups: () => Wakeups
+    /** The nudges since the last {@link takeWakeups}, without resetting them. */
+    readonly peekWakeups: () => Wakeups
   }
 >()("@converge/core/SqlStore") {}
+
+/**
+ * Nudges received by a store since they were last taken.
+ *
+ * @since 0.1.0
+ */
+export interface Wakeups {
+  /** How many. */
+  readonly count: number
+  /** The highest transaction id named (-1 when none was). */
+  readonly highestXid: bigint
+  /** Whether one named no transaction (a poll-like request: drain once). */
+  readonly anonymous: boolean
+}
+
+const noWakeups: Wakeups = { count: 0, highestXid: -1n, anonymous: false }
+
+/**
+ * A transaction id from its decimal text (as `pg_current_xact_id()::text`
+ * prints it), or undefined.
+ *
+ * @internal
+ */
+export const parseXid = (text: string | undefined): bigint | undefined =>
+  text !== undefined && /^[0-9]{1,20}$/.test(text) ? BigInt(text) : undefined
 
 /**
  * The default schema name.
@@ -174,6 +208,19 @@ END
 $$`,
       `CREATE TRIGGER outbox_notify AFTER INSERT ON ${s}.outbox
   FOR EACH STATEMENT EXECUTE FUNCTION ${s}.outbox_notify()`
+    ]
+  },
+  {
+    // the payload names the committing transaction: a relay skips the wake-up when a drain already read past
+    // it (Postgres still folds the notifications of one transaction into one)
+    name: "outbox NOTIFY carries the transaction id",
+    statements: [
+      `CREATE OR REPLACE FUNCTION ${s}.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  PERFORM pg_notify('${channel}', pg_current_xact_id()::text);
+  RETURN NULL;
+END
+$$`
     ]
   }
 ]
@@ -305,6 +352,7 @@ export const make = (
       })
     }
     const latch = Latch.makeUnsafe(false)
+    let wakeups = noWakeups
     return SqlStore.of({
       sql,
       schema,
@@ -312,10 +360,23 @@ export const make = (
       table: (name) => `${schema}.${name}`,
       channel: channelOf(schema),
       lockSpace: fnv1a32(`converge-outbox:${schema}`),
-      nudge: () => {
+      nudge: (xid) => {
+        const id = parseXid(xid)
+        wakeups = {
+          count: wakeups.count + 1,
+          highestXid: id !== undefined && id > wakeups.highestXid ? id : wakeups.highestXid,
+          anonymous: wakeups.anonymous || id === undefined
+        }
         latch.openUnsafe()
       },
-      awaitNudge: Effect.andThen(latch.await, latch.close)
+      awaitNudge: latch.await,
+      takeWakeups: () => {
+        const taken = wakeups
+        wakeups = noWakeups
+        latch.closeUnsafe()
+        return taken
+      },
+      peekWakeups: () => wakeups
     })
   })
 

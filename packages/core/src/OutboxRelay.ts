@@ -122,7 +122,7 @@ export interface Stats {
    */
   readonly notificationsCovered: number
   /**
-   * Drains re-run soon (1 ms, backing off to 1 s) because a committed
+   * Drains re-run soon (every quarter of the hold-back so far, 1 ms to 1 s) because a committed
    * transaction that wrote outbox rows was still held back by an older
    * transaction running elsewhere in the cluster. Climbing steadily: long
    * transactions are delaying the outbox.
@@ -546,11 +546,12 @@ const runWith = (
     )
     const pollMillis = Duration.toMillis(pollInterval)
     // A committed transaction named by a wake-up but not yet read past is held back by an older transaction
-    // still running somewhere in the cluster (the xmin gate): try again soon, backing off from 1 ms to
-    // 1 second (or the poll interval), instead of waiting for the poll.
+    // still running somewhere in the cluster (the xmin gate): try again soon instead of waiting for the poll,
+    // every quarter of the time it has been held back so far (at least 1 ms, at most 1 second or the poll
+    // interval): a short hold-back is seen out within a few ms, a long transaction costs a cycle a second.
     const heldBackCap = Math.max(1, Math.min(pollMillis, 1000))
     let wanted = -1n
-    let heldBackDelay = 0
+    let heldBackSince: number | undefined
     while (true) {
       const serving = store.takeWakeups()
       if (serving.highestXid > wanted) wanted = serving.highestXid
@@ -559,11 +560,13 @@ const runWith = (
       const meanwhile = store.peekWakeups()
       if (meanwhile.count > 0 && !meanwhile.anonymous && meanwhile.highestXid < horizon()) store.takeWakeups()
       if (wanted >= horizon()) {
-        heldBackDelay = Math.min(heldBackCap, heldBackDelay === 0 ? 1 : heldBackDelay * 2)
+        const now = yield* Clock.currentTimeMillis
+        heldBackSince ??= now
+        const delay = Math.min(heldBackCap, Math.max(1, Math.floor((now - heldBackSince) / 4)))
         counters.heldBackRetries++
-        yield* Effect.raceFirst(store.awaitNudge, Effect.sleep(heldBackDelay))
+        yield* Effect.raceFirst(store.awaitNudge, Effect.sleep(delay))
       } else {
-        heldBackDelay = 0
+        heldBackSince = undefined
         yield* Effect.raceFirst(store.awaitNudge, Effect.sleep(pollInterval))
       }
     }

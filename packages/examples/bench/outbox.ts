@@ -19,6 +19,12 @@
  * message committed in its own transaction; time from the start of that
  * transaction to the commit of its effect). The hand-written relay polls
  * every 10 ms when idle (it has no wake-up on commit).
+ *
+ * A third measure, **latency on a busy cluster**: 10 msgs/s while another
+ * connection keeps a short write transaction open at all times (5 ms each,
+ * back to back), as other services sharing the Postgres cluster would. Such
+ * a transaction holds back the relay's `xmin` gate for a moment; the relay
+ * must try again soon, not wait for the next commit or its poll.
  */
 import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
@@ -142,14 +148,60 @@ const drainConverge = (transport: Transport) =>
     })
   )
 
+/** What a latency run sends: how many messages, how fast, and whether the cluster is busy meanwhile. */
+interface Pace {
+  readonly rate: number
+  readonly total: number
+  readonly busy: boolean
+}
+
+const steady: Pace = { rate: rateTarget, total: rateTarget * latencySeconds, busy: false }
+const busyCluster: Pace = { rate: 10, total: 60, busy: true }
+
+/**
+ * Another service on the cluster: a write transaction open at all times (5 ms each, back to back), on its
+ * own connection. Returns the function that stops it.
+ */
+const busyWriter = async (): Promise<() => Promise<void>> => {
+  const client = new pg.Client({ connectionString: pgUrl })
+  await client.connect()
+  const table = freshSchema("noise")
+  await client.query(`CREATE TABLE ${table} (n int)`)
+  let stop = false
+  const loop = (async () => {
+    while (!stop) {
+      await client.query("BEGIN")
+      await client.query(`INSERT INTO ${table} VALUES (1)`)
+      await new Promise((r) => setTimeout(r, 5))
+      await client.query("COMMIT")
+    }
+  })()
+  return async () => {
+    stop = true
+    await loop
+    await client.query(`DROP TABLE ${table}`)
+    await client.end()
+  }
+}
+
+/** Runs `f` with the cluster busy when `pace.busy`. */
+const maybeBusy = async <A>(pace: Pace, f: () => Promise<A>): Promise<A> => {
+  const stop = pace.busy ? await busyWriter() : undefined
+  try {
+    return await f()
+  } finally {
+    await stop?.()
+  }
+}
+
 /** Converge latency at a fixed rate: one transaction per message. */
-const latencyConverge = (transport: Transport) =>
+const latencyConverge = (transport: Transport, pace: Pace) =>
   withConverge(transport, (schema) =>
     Effect.gen(function* () {
       const topic = topicFor(`bench-outbox-${randomUUID().slice(0, 6)}`)
       const started = new Map<string, number>()
       const latencies: Array<number> = []
-      const total = rateTarget * latencySeconds
+      const total = pace.total
       const finished = Promise.withResolvers<void>()
       yield* consumerOf(schema, topic, (o) => {
         const t0 = started.get(o.orderId)
@@ -163,18 +215,18 @@ const latencyConverge = (transport: Transport) =>
         started.set(o.orderId, performance.now())
         return Outbox.transaction(Outbox.publish(topic, o))
       }
-      yield* paced(total, (i) => publishOne(i))
+      yield* paced(pace, (i) => publishOne(i))
       yield* Effect.promise(() => finished.promise)
       return latencies
     })
   )
 
-/** Sends `total` messages at `rateTarget` per second, each when its time has come (one in flight at a time). */
-const paced = <E, R>(total: number, send: (i: number) => Effect.Effect<unknown, E, R>) =>
+/** Sends `pace.total` messages at `pace.rate` per second, each when its time has come (one in flight at a time). */
+const paced = <E, R>(pace: Pace, send: (i: number) => Effect.Effect<unknown, E, R>) =>
   Effect.gen(function* () {
     const start = performance.now()
-    for (let i = 0; i < total; i++) {
-      const due = start + (i * 1000) / rateTarget
+    for (let i = 0; i < pace.total; i++) {
+      const due = start + (i * 1000) / pace.rate
       const wait = due - performance.now()
       if (wait > 1) yield* Effect.sleep(Math.floor(wait))
       yield* send(i)
@@ -380,9 +432,9 @@ const drainHandWritten = (transport: Transport) =>
     return performance.now() - start
   }) as Promise<number>
 
-const latencyHandWritten = (transport: Transport) =>
+const latencyHandWritten = (transport: Transport, pace: Pace) =>
   handWritten(transport, async ({ pool, schema, relay, consume }) => {
-    const total = rateTarget * latencySeconds
+    const total = pace.total
     const started = new Map<string, number>()
     const latencies: Array<number> = []
     const stop = () => latencies.length >= total
@@ -399,7 +451,7 @@ const latencyHandWritten = (transport: Transport) =>
     await new Promise((r) => setTimeout(r, 300))
     const start = performance.now()
     for (let i = 0; i < total; i++) {
-      const due = start + (i * 1000) / rateTarget
+      const due = start + (i * 1000) / pace.rate
       const wait = due - performance.now()
       if (wait > 1) await new Promise((r) => setTimeout(r, Math.floor(wait)))
       const row = messageRow(i)
@@ -448,17 +500,17 @@ const drainBench = (transport: Transport): Bench => ({
   }
 })
 
-const latencyBench = (transport: Transport): Bench => ({
-  name: `outbox/${transport}/latency`,
+const latencyBench = (transport: Transport, pace: Pace = steady): Bench => ({
+  name: `outbox/${transport}/latency${pace.busy ? "-busy-cluster" : ""}`,
   run: async () => {
-    const ours = await latencyConverge(transport)
-    const theirs = await latencyHandWritten(transport)
+    const ours = await maybeBusy(pace, () => latencyConverge(transport, pace))
+    const theirs = await maybeBusy(pace, () => latencyHandWritten(transport, pace))
     const rows: Array<Row> = [
       {
-        bench: `outbox/${transport}/latency @${rateTarget}/s`,
-        msgs_per_s: rateTarget,
+        bench: `outbox/${transport}/latency${pace.busy ? "-busy-cluster" : ""} @${pace.rate}/s`,
+        msgs_per_s: pace.rate,
         baseline: `hand-written SQL + ${transport === "redis" ? "node-redis" : "JS array"} (relay polls every 10 ms)`,
-        baseline_msgs_per_s: rateTarget,
+        baseline_msgs_per_s: pace.rate,
         ratio: round(percentile(theirs, 99) / percentile(ours, 99), 3),
         p50_ms: round(percentile(ours, 50), 2),
         p99_ms: round(percentile(ours, 99), 2),
@@ -475,5 +527,6 @@ export const benches: ReadonlyArray<Bench> = [
   drainBench("memory"),
   drainBench("redis"),
   latencyBench("memory"),
-  latencyBench("redis")
+  latencyBench("redis"),
+  latencyBench("memory", busyCluster)
 ]

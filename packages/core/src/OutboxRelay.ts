@@ -32,11 +32,15 @@
  * with a `PgClient` in context, a `LISTEN` on the store's channel wakes it
  * for commits of other processes (the outbox table's trigger sends `NOTIFY`
  * with the committing transaction's id); and it polls every `pollInterval`
- * in any case. A notification for a transaction that a finished drain has
- * already read past (its id is below that read's `xmin`, every partition
- * held, less than a batch read) wakes nothing: a commit nudged in this
- * process and notified too costs one drain, not two. Where `LISTEN` does not
- * work (PGlite), set `listen: false`: nudge and poll keep it moving.
+ * in any case. Both wake-ups name the committed transaction. One that a
+ * finished drain has already read past (its id is below that read's `xmin`,
+ * every partition held, less than a batch read) wakes nothing: a commit
+ * nudged in this process and notified too costs one drain, not two. One the
+ * drain could not read past yet — held back by an older transaction still
+ * running somewhere in the cluster — is looked at again soon (every quarter
+ * of the time it has waited, 1 ms to 1 s), not at the next poll. Where
+ * `LISTEN` does not work (PGlite, a transaction-mode pooler), set
+ * `listen: false`: nudge and poll keep it moving.
  *
  * Published rows are deleted as they are confirmed, or kept (marked
  * `published_at`) for `retention` and then deleted by a background cleanup.

@@ -121,8 +121,9 @@ export interface Stats {
   /** `NOTIFY` wake-ups received. */
   readonly notifications: number
   /**
-   * `NOTIFY` wake-ups that started no drain: their transaction had already
-   * been read past by a finished drain.
+   * `NOTIFY` wake-ups recognised on arrival as already read past by a
+   * finished drain: they started no drain. (One that arrives during a drain
+   * and is read past by it starts none either, uncounted.)
    */
   readonly notificationsCovered: number
   /**

@@ -20,7 +20,7 @@
  * transaction to the commit of its effect). The hand-written relay polls
  * every 10 ms when idle (it has no wake-up on commit).
  *
- * A third measure, **latency on a busy cluster**: 10 msgs/s while another
+ * A third measure, **latency on a busy cluster**: 20 msgs/s while another
  * connection keeps a short write transaction open at all times (5 ms each,
  * back to back), as other services sharing the Postgres cluster would. Such
  * a transaction holds back the relay's `xmin` gate for a moment; the relay
@@ -156,7 +156,7 @@ interface Pace {
 }
 
 const steady: Pace = { rate: rateTarget, total: rateTarget * latencySeconds, busy: false }
-const busyCluster: Pace = { rate: 10, total: 60, busy: true }
+const busyCluster: Pace = { rate: 20, total: 200, busy: true }
 
 /**
  * Another service on the cluster: a write transaction open at all times (5 ms each, back to back), on its

@@ -17,8 +17,10 @@
  *
  * @since 0.1.0
  */
+
+import { PgClient } from "@effect/sql-pg"
 import { assert, describe } from "@effect/vitest"
-import { Deferred, Effect, Fiber, Layer } from "effect"
+import { Deferred, Effect, Fiber, Layer, Queue } from "effect"
 import type { SqlClient } from "effect/sql"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
@@ -370,6 +372,9 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           const notify = (payload: string) => store.sql.unsafe(`SELECT pg_notify($1, $2)`, [store.channel, payload]).raw
           yield* Effect.gen(function* () {
             const relay = yield* OutboxRelay.OutboxRelay
+            // our own listener too, to see what the trigger sends
+            const pg = yield* PgClient.PgClient
+            const heard = yield* pg.listen(store.channel)
             yield* Effect.sleep("300 millis") // LISTEN is in place
             // a commit of "another process": no in-process nudge; its NOTIFY names its transaction
             const inserted = yield* store.sql.unsafe<{ readonly tx: string }>(
@@ -378,6 +383,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
                RETURNING tx::text AS tx`
             ).withoutTransform
             const tx = inserted[0]!.tx
+            assert.strictEqual((yield* Queue.take(heard)).payload, tx, "the trigger's payload is the transaction id")
             yield* waitFor(() => recorder.published.length >= 1, "the notified relay publishes")
             // The same notification again: already read past, no drain. (A transaction of a concurrent test
             // elsewhere in the cluster can hold the horizon back for a moment: let a drain move it, and retry.)

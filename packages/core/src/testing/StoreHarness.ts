@@ -27,7 +27,11 @@ export interface Features {
    * there, with that reason.
    */
   readonly concurrentTransactions: boolean
-  /** `LISTEN/NOTIFY` works (real Postgres yes, PGlite no). */
+  /**
+   * `LISTEN/NOTIFY` works (real Postgres yes, PGlite no). The layer must
+   * then provide `PgClient` (from `@effect/sql-pg`): the relay listens
+   * through it, and so do the cases that check the notifications.
+   */
   readonly listen: boolean
   /** Register only these cases. */
   readonly only?: ReadonlyArray<string> | undefined

@@ -351,8 +351,6 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
         })
       )
 
-    /** A cycle, and the horizon it read past when it held every partition and read less than a batch. */
-    type Cycle = CycleResult & { readonly horizon: bigint | undefined }
     const cycleIn = (maxPartitions: number): Effect.Effect<CycleResult, SqlError | BrokerError.BrokerError> =>
       sql
         .withTransaction(
@@ -365,15 +363,16 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
               lockSpace,
               maxPartitions
             ]).withoutTransform
-            if (locked.length === 0) return { partitions: 0, published: 0, dead: 0, horizon: undefined } as Cycle
+            if (locked.length === 0) return { partitions: 0, published: 0, dead: 0, horizon: undefined }
             const held = locked.map((r) => Number(r.p))
             const rows = yield* sql.unsafe<Row>(
               readSql(held),
               held.length === partitions ? [batchSize] : [batchSize, `{${held.join(",")}}`]
             ).withoutTransform
-            // the read's snapshot is at least as new as the lock statement's: its xmin is no lower
+            // `horizon`: what this cycle read past, when it held every partition and read less than a batch
+            // (the read's snapshot is at least as new as the lock statement's: its xmin is no lower)
             const readPast = held.length === partitions && rows.length < batchSize ? BigInt(locked[0]!.h) : undefined
-            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0, horizon: readPast } as Cycle
+            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0, horizon: readPast }
             const now = yield* Clock.currentTimeMillis
             const nowIso = new Date(now).toISOString()
             const good: Array<{ readonly seq: string; readonly message: Envelope.Encoded }> = []
@@ -415,7 +414,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
               published: published.length,
               dead: poison.length,
               horizon: readPast
-            } as Cycle
+            }
           })
         )
         .pipe(

@@ -22,6 +22,7 @@ import { PgClient } from "@effect/sql-pg"
 import { assert, describe } from "@effect/vitest"
 import { Deferred, Effect, Fiber, Layer, Queue } from "effect"
 import type { SqlClient } from "effect/sql"
+import type { Broker } from "../Broker.ts"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
@@ -125,21 +126,10 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         () =>
           Effect.gen(function* () {
             const { recorder, relay, publish, outbox, provide, t } = yield* setup({ partitions: 1 })
-            const inserted = yield* Deferred.make<void>()
-            const release = yield* Deferred.make<void>()
             // A: inserts first (lower seq, lower xid), commits last.
-            const a = yield* Effect.forkScoped(
-              provide(
-                Outbox.transaction(
-                  Effect.gen(function* () {
-                    yield* outbox.publish(items, { key: "k", n: 1 })
-                    yield* Deferred.succeed(inserted, undefined)
-                    yield* Deferred.await(release)
-                  })
-                )
-              )
+            const commitA = yield* holdOpen((inside) =>
+              provide(Outbox.transaction(Effect.andThen(outbox.publish(items, { key: "k", n: 1 }), inside)))
             )
-            yield* Deferred.await(inserted)
             // B: inserts later (higher seq) and commits first.
             yield* publish("k", [2])
             assert.strictEqual(
@@ -148,8 +138,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
               "only B's row is visible while A is open"
             )
             assert.strictEqual(yield* relay.drain, 0, "B's row waits until A, which began before it, has ended")
-            yield* Deferred.succeed(release, undefined)
-            yield* Fiber.join(a)
+            yield* commitA
             assert.strictEqual(yield* relay.drain, 2)
             assert.deepStrictEqual(
               recorder.published.map((m) => payloadOf(m.data).n),
@@ -199,26 +188,14 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         () =>
           Effect.gen(function* () {
             const { recorder, relay, publish, outbox, provide } = yield* setup({ partitions: 2 })
-            const began = yield* Deferred.make<void>()
-            const release = yield* Deferred.make<void>()
-            const long = yield* Effect.forkScoped(
-              provide(
-                Outbox.transaction(
-                  Effect.gen(function* () {
-                    yield* outbox.publish(items, { key: "long", n: 0 })
-                    yield* Deferred.succeed(began, undefined)
-                    yield* Deferred.await(release)
-                  })
-                )
-              )
+            const endLong = yield* holdOpen((inside) =>
+              provide(Outbox.transaction(Effect.andThen(outbox.publish(items, { key: "long", n: 0 }), inside)))
             )
-            yield* Deferred.await(began)
             for (let i = 1; i <= 5; i++) yield* publish(`k${i}`, [i])
             assert.strictEqual(yield* relay.drain, 0, "delayed while the long transaction is open")
             yield* Effect.sleep("200 millis")
             assert.strictEqual(yield* relay.drain, 0, "still delayed")
-            yield* Deferred.succeed(release, undefined)
-            yield* Fiber.join(long)
+            yield* endLong
             assert.strictEqual(yield* relay.drain, 6)
             assert.deepStrictEqual(
               recorder.published.map((m) => payloadOf(m.data).n),
@@ -301,10 +278,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         Effect.gen(function* () {
           const store = yield* freshStore({ partitions: 2 })
           const { recorder, layer: brokerLayer } = recordingBroker()
-          const env = Layer.mergeAll(Outbox.layer(), OutboxRelay.layer({ pollInterval: "1 hour", listen: false })).pipe(
-            Layer.provideMerge(Layer.succeed(SqlStore.SqlStore, store)),
-            Layer.provide(brokerLayer)
-          )
+          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour", listen: false })
           yield* Effect.gen(function* () {
             yield* Effect.sleep("100 millis") // the relay's first drain has run
             yield* Outbox.transaction(
@@ -344,10 +318,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         Effect.gen(function* () {
           const store = yield* freshStore({ partitions: 2 })
           const { recorder, layer: brokerLayer } = recordingBroker()
-          const relayEnv = OutboxRelay.layer({ pollInterval: "1 hour" }).pipe(
-            Layer.provide(Layer.succeed(SqlStore.SqlStore, store)),
-            Layer.provide(brokerLayer)
-          )
+          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour" })
           yield* Effect.gen(function* () {
             yield* Effect.sleep("300 millis") // LISTEN is in place
             // A plain INSERT from another session: no in-process nudge, only the trigger's NOTIFY.
@@ -357,7 +328,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
             ).raw
             yield* waitFor(() => recorder.published.length >= 1, "the notified relay publishes")
             assert.strictEqual(recorder.published[0]!.id, "from-elsewhere")
-          }).pipe(Effect.provide(relayEnv))
+          }).pipe(Effect.provide(env))
         })
       )
 
@@ -365,10 +336,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         Effect.gen(function* () {
           const store = yield* freshStore({ partitions: 2 })
           const { recorder, layer: brokerLayer } = recordingBroker()
-          const relayEnv = OutboxRelay.layer({ pollInterval: "1 hour" }).pipe(
-            Layer.provide(Layer.succeed(SqlStore.SqlStore, store)),
-            Layer.provide(brokerLayer)
-          )
+          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour" })
           const notify = (payload: string) => store.sql.unsafe(`SELECT pg_notify($1, $2)`, [store.channel, payload]).raw
           yield* Effect.gen(function* () {
             const relay = yield* OutboxRelay.OutboxRelay
@@ -405,19 +373,18 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
             // a notification without a transaction id (a store migrated by an older version) always wakes
             const before = yield* relay.stats
             yield* notify("")
-            let after = yield* relay.stats
-            for (let waited = 0; waited < 5_000 && after.cycles === before.cycles; waited += 20) {
-              yield* Effect.sleep("20 millis")
-              after = yield* relay.stats
-            }
-            assert.isAbove(after.cycles, before.cycles, "an unknown transaction wakes the relay")
+            yield* waitUntil(
+              Effect.map(relay.stats, (s) => s.cycles > before.cycles),
+              "an unknown transaction wakes the relay"
+            )
+            const after = yield* relay.stats
             assert.strictEqual(after.notificationsCovered, before.notificationsCovered)
             assert.strictEqual(after.published, 1)
             assert.deepStrictEqual(
               recorder.published.map((m) => m.id),
               ["elsewhere"]
             )
-          }).pipe(Effect.provide(relayEnv))
+          }).pipe(Effect.provide(env))
         })
       )
 
@@ -429,30 +396,19 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           Effect.gen(function* () {
             const store = yield* freshStore({ partitions: 2 })
             const { recorder, layer: brokerLayer } = recordingBroker()
-            const env = Layer.mergeAll(
-              Outbox.layer(),
-              OutboxRelay.layer({ pollInterval: "1 hour", listen: false })
-            ).pipe(Layer.provideMerge(Layer.succeed(SqlStore.SqlStore, store)), Layer.provide(brokerLayer))
+            const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour", listen: false })
             yield* Effect.gen(function* () {
               yield* Effect.sleep("100 millis") // the relay's first drain has run
-              const began = yield* Deferred.make<void>()
-              const release = yield* Deferred.make<void>()
               // an unrelated transaction with an id, older than the outbox commit below, open on another connection
-              const other = yield* Effect.forkScoped(
+              const endOther = yield* holdOpen((inside) =>
                 store.sql.withTransaction(
-                  Effect.gen(function* () {
-                    yield* store.sql.unsafe(`SELECT pg_current_xact_id()`).raw
-                    yield* Deferred.succeed(began, undefined)
-                    yield* Deferred.await(release)
-                  })
+                  Effect.andThen(store.sql.unsafe(`SELECT pg_current_xact_id()::text`).raw, inside)
                 )
               )
-              yield* Deferred.await(began)
               yield* Outbox.transaction(Outbox.publish(items, { key: "a", n: 1 }))
               yield* Effect.sleep("300 millis")
               assert.strictEqual(recorder.published.length, 0, "held back while the older transaction is open")
-              yield* Deferred.succeed(release, undefined)
-              yield* Fiber.join(other)
+              yield* endOther
               // the commit's nudge named its transaction: the relay retries until it has read past it (with the
               // poll at 1 hour, nothing else would wake it)
               yield* waitFor(() => recorder.published.length === 1, "the held-back row is relayed", 3_000)
@@ -465,11 +421,48 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
   })
 }
 
-const waitFor = (cond: () => boolean, what: string, limitMs = 5_000): Effect.Effect<void, Error> =>
+const waitUntil = <E>(
+  check: Effect.Effect<boolean, E>,
+  what: string,
+  limitMs = 5_000
+): Effect.Effect<void, E | Error> =>
   Effect.gen(function* () {
     for (let waited = 0; waited < limitMs; waited += 20) {
-      if (cond()) return
+      if (yield* check) return
       yield* Effect.sleep("20 millis")
     }
     return yield* Effect.fail(new Error(`timed out after ${limitMs} ms waiting until ${what}`))
   })
+
+const waitFor = (cond: () => boolean, what: string, limitMs = 5_000): Effect.Effect<void, Error> =>
+  waitUntil(Effect.sync(cond), what, limitMs)
+
+/**
+ * Forks `transaction(inside)` and returns once it has reached `inside`, which holds it open; the effect
+ * returned ends it (releases `inside` and waits for the commit).
+ */
+const holdOpen = <E, R>(transaction: (inside: Effect.Effect<void>) => Effect.Effect<unknown, E, R>) =>
+  Effect.gen(function* () {
+    const entered = yield* Deferred.make<void>()
+    const release = yield* Deferred.make<void>()
+    const fiber = yield* Effect.forkScoped(
+      transaction(Effect.andThen(Deferred.succeed(entered, undefined), Deferred.await(release)))
+    )
+    // a transaction that fails before reaching `inside` fails the case instead of hanging it
+    yield* Effect.raceFirst(
+      Deferred.await(entered),
+      Effect.andThen(Fiber.join(fiber), Effect.fail(new Error("the held transaction ended before it was entered")))
+    )
+    return Effect.andThen(Deferred.succeed(release, undefined), Fiber.join(fiber))
+  })
+
+/** `Outbox` and a background `OutboxRelay` over `store`, publishing to the recording broker. */
+const relayEnv = (
+  store: SqlStore.SqlStore["Service"],
+  brokerLayer: Layer.Layer<Broker>,
+  options: OutboxRelay.Options
+) =>
+  Layer.mergeAll(Outbox.layer(), OutboxRelay.layer(options)).pipe(
+    Layer.provideMerge(Layer.succeed(SqlStore.SqlStore, store)),
+    Layer.provide(brokerLayer)
+  )

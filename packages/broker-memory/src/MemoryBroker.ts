@@ -120,6 +120,11 @@ export class MemoryBroker extends Context.Service<
     readonly pending: (topic: string, group: string) => Effect.Effect<ReadonlyArray<PendingInfo>>
     /** How many entries a topic retains. */
     readonly length: (topic: string) => Effect.Effect<number>
+    /**
+     * The consumer groups of a topic, in creation order (like `XINFO GROUPS`). A group exists from its
+     * first subscription on; entries it has not read are retained for it whatever the `retention`.
+     */
+    readonly groups: (topic: string) => Effect.Effect<ReadonlyArray<string>>
   }
 >()("@converge/broker-memory/MemoryBroker") {}
 
@@ -203,6 +208,8 @@ class TopicState {
   dropAck = 0
   reorderWindow = 1
   delayMs = 0
+  /** Set when the topic is deleted: its deliveries can no longer be settled (groups live and die with it). */
+  deleted = false
   constructor(name: string) {
     this.name = name
   }
@@ -466,12 +473,7 @@ class MemoryDelivery implements Broker.Delivery {
   closed(): BrokerError.BrokerError | undefined {
     if (this.sub.killed) return closedError(this.entryId, "the consumer was killed")
     const { t, g, p } = this
-    if (
-      p.token !== this.token ||
-      g.pending.get(this.entryId) !== p ||
-      t.groups.get(g.name) !== g ||
-      this.core.topics.get(t.name) !== t
-    ) {
+    if (p.token !== this.token || t.deleted || g.pending.get(this.entryId) !== p) {
       return closedError(this.entryId, "the delivery was already settled, claimed or lost")
     }
     return undefined
@@ -882,6 +884,7 @@ export const make = (
           const t = core.topics.get(topic)
           if (t === undefined) return
           for (const e of t.entries) e.deleted = true
+          t.deleted = true
           core.topics.delete(topic)
           core.wake(topic)
         }),
@@ -944,7 +947,8 @@ export const make = (
             delayed: p.dueAt !== undefined
           }))
         }),
-      length: (topic) => Effect.sync(() => core.topics.get(topic)?.entries.length ?? 0)
+      length: (topic) => Effect.sync(() => core.topics.get(topic)?.entries.length ?? 0),
+      groups: (topic) => Effect.sync(() => Array.from(core.topics.get(topic)?.groups.keys() ?? []))
     })
 
     return { broker: Broker.Broker.of({ publish, subscribe, ackAll, deadLetters, purgeDeadLetters }), memory }

@@ -270,6 +270,33 @@ describe("MemoryBroker", () => {
     }).pipe(Effect.provide(MemoryBroker.layer({ retention: 5 })))
   )
 
+  it.effect(
+    "groups lists a topic's groups from their first subscription; with retention 0 only they keep entries",
+    () =>
+      Effect.gen(function* () {
+        const memory = yield* MemoryBroker.MemoryBroker
+        assert.deepStrictEqual(yield* memory.groups("t"), [], "no topic, no groups")
+        yield* publish("t", 150) // more than the trim step (100)
+        assert.strictEqual(yield* memory.length("t"), 0, "retention 0 and no group: nothing is kept")
+        // group b: created by a subscription that ends before anything is published
+        const b = yield* Effect.forkScoped(
+          Stream.runDrain((yield* Broker.Broker).subscribe({ topic: "t", group: "b", consumer: "c" }))
+        )
+        yield* yieldMany
+        yield* Fiber.interrupt(b)
+        const { got } = yield* consume({ topic: "t", group: "a", consumer: "c" })
+        yield* yieldMany
+        assert.deepStrictEqual(yield* memory.groups("t"), ["b", "a"], "in creation order")
+        yield* publish("t", 150, { from: 150 })
+        yield* yieldMany
+        const seen = ns(yield* Ref.get(got))
+        assert.deepStrictEqual([seen.length, seen[0], seen.at(-1)], [150, 150, 299], "published after: none lost")
+        assert.strictEqual(yield* memory.length("t"), 150, "group b has read none of them: they are kept for it")
+        yield* memory.faults.deleteTopic("t")
+        assert.deepStrictEqual(yield* memory.groups("t"), [])
+      }).pipe(Effect.provide(MemoryBroker.layer({ retention: 0 })))
+  )
+
   it.effect("nack with a delay keeps the key parked (ordered mode)", () =>
     Effect.gen(function* () {
       yield* publish("t", 2, { keyOf: () => "k" })

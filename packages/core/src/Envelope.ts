@@ -145,7 +145,10 @@ const payloadError = (topic: string, messageId: string, direction: "encode" | "d
  * @since 0.1.0
  */
 export interface MakeOptions {
-  /** Message id; default: a fresh UUIDv7. Pass one to make a publish idempotent. */
+  /**
+   * Message id; default: a fresh UUIDv7. Pass one to make a publish idempotent. It names one message:
+   * a `publishAll` of several payloads with an `id` fails with `MalformedEnvelope`.
+   */
   readonly id?: string | undefined
   /** Ordering key; default: the topic's key function, if any. */
   readonly key?: string | undefined
@@ -256,8 +259,10 @@ export const makeEncodedResult = <A, I>(
 /**
  * {@link makeEncodedResult} for many payloads of one topic at one time (read
  * once from `Clock` by the caller): what `Publisher` and `Outbox` publish.
- * `defaultSource` (a publisher's configured source) applies when `options`
- * names none. Fails with the first payload's error.
+ * `publisherSource` (a publisher's configured source) applies when `options`
+ * names none. The options apply to every message (their headers are built
+ * once and shared); an explicit `id` names one message, so it is refused
+ * with more than one payload. Fails with the first payload's error.
  *
  * @since 0.1.0
  */
@@ -266,16 +271,36 @@ export const makeEncodedAllResult = <A, I>(
   payloads: Iterable<A>,
   nowMillis: number,
   options?: MakeOptions,
-  defaultSource?: string
+  publisherSource?: string
 ): Result.Result<Array<Encoded>, Name.InvalidName | MalformedEnvelope | PayloadError> => {
-  const opts =
-    defaultSource !== undefined && options?.source === undefined ? { ...options, source: defaultSource } : options
+  const headers = buildHeaders(options)
+  if (Result.isFailure(headers)) return Result.fail(headers.failure)
   const timeIso = new Date(nowMillis).toISOString()
+  const source = options?.source ?? publisherSource ?? defaultSource
+  const givenId = options?.id
+  const givenKey = options?.key
+  const keyOf = topic.key
   const encoded: Array<Encoded> = []
   for (const payload of payloads) {
-    const enc = makeEncodedResult(topic, payload, nowMillis, opts, timeIso)
-    if (Result.isFailure(enc)) return Result.fail(enc.failure)
-    encoded.push(enc.success)
+    if (givenId !== undefined && encoded.length > 0) {
+      return Result.fail(
+        new MalformedEnvelope({ message: "the id option names one message: give each payload its own publish and id" })
+      )
+    }
+    const id = givenId ?? uuidv7(nowMillis)
+    const data = topic.encode(payload)
+    if (Result.isFailure(data)) return payloadError(topic.name, id, "encode", data.failure.message)
+    encoded.push({
+      id,
+      topic: topic.name,
+      type: topic.type,
+      source,
+      key: givenKey ?? (keyOf === undefined ? undefined : keyOf(payload)),
+      time: timeIso,
+      attempt: 1,
+      headers: headers.success,
+      data: data.success
+    })
   }
   return Result.succeed(encoded)
 }

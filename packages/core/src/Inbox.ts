@@ -133,26 +133,28 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
     const insertSql = `INSERT INTO ${table} (consumer, message_id, processed_at)
       SELECT $1, id, $3 FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING RETURNING message_id`
 
-    /** Inserts the rows in the current transaction (one statement); returns the ids that were new. */
+    /**
+     * Inserts the rows in the current transaction (one statement); returns the ids that were new. The ids
+     * go as one binary `text[]` parameter: nothing to quote, nothing for the server to parse.
+     */
     const tryClaim = (
       consumer: string,
       ids: ReadonlyArray<string>
-    ): Effect.Effect<Set<string>, SqlError, Transaction> =>
+    ): Effect.Effect<ReadonlyArray<{ readonly message_id: string }>, SqlError, Transaction> =>
       Effect.gen(function* () {
         yield* Transaction
         yield* requireOpenTransaction(sql, "Inbox.claim")
         const now = yield* Clock.currentTimeMillis
-        const rows = yield* sql.unsafe<{ readonly message_id: string }>(insertSql, [
+        return yield* sql.unsafe<{ readonly message_id: string }>(insertSql, [
           consumer,
-          pgTextArray(ids),
+          ids,
           new Date(now).toISOString()
         ]).withoutTransform
-        return new Set(rows.map((r) => r.message_id))
       })
 
     const claim = (consumer: string, messageId: string) =>
       Effect.flatMap(tryClaim(consumer, [messageId]), (claimed) =>
-        claimed.size > 0 ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
+        claimed.length > 0 ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
       )
 
     const onceAll = <T extends { readonly context: { readonly id: string } }, A, E, R>(
@@ -167,7 +169,12 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
             consumer,
             items.map((i) => i.context.id)
           )
-          const fresh = items.filter((item) => claimed.delete(item.context.id))
+          // as many new rows as items: every id was new and none repeated (a repeat inserts once)
+          let fresh: ReadonlyArray<T> = items
+          if (claimed.length < items.length) {
+            const ids = new Set(claimed.map((r) => r.message_id))
+            fresh = items.filter((item) => ids.delete(item.context.id))
+          }
           if (fresh.length < items.length) {
             yield* Effect.logDebug(
               `converge: skipped ${items.length - fresh.length} duplicate(s) for ${consumer} (inbox)`
@@ -250,14 +257,6 @@ export const handler =
   <A, E, R>(handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>) =>
   (message: A, context: MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
     Inbox.use((inbox) => Effect.asVoid(inbox.once(context.group, context.id, handle(message, context))))
-
-/**
- * A Postgres text-array literal (every element quoted and escaped).
- *
- * @internal
- */
-export const pgTextArray = (values: ReadonlyArray<string>): string =>
-  `{${values.map((v) => `"${v.replaceAll("\\", "\\\\").replaceAll('"', '\\"')}"`).join(",")}}`
 
 /**
  * The consumer handlers of an inbox-backed consumer, to spread into

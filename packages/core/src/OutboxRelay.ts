@@ -211,21 +211,35 @@ interface Row {
   readonly data: string
 }
 
-/** `validTopics`: topic names this relay already found valid (it sees few; each is checked once). */
-const toEncoded = (row: Row, validTopics: Set<string>): Result.Result<Envelope.Encoded, RowMalformed> => {
-  if (!validTopics.has(row.topic)) {
+/**
+ * What the relay remembers across rows: topic names it already found valid (it sees few; each is checked
+ * once), and the last time it formatted (the rows of one publish share their time).
+ */
+interface RowCache {
+  readonly validTopics: Set<string>
+  lastMillis: number
+  lastIso: string
+}
+
+const toEncoded = (row: Row, cache: RowCache): Result.Result<Envelope.Encoded, RowMalformed> => {
+  if (!cache.validTopics.has(row.topic)) {
     const topic = Name.check("topic", row.topic)
     if (Result.isFailure(topic)) return Result.fail(new RowMalformed({ message: topic.failure.message }))
-    if (validTopics.size < 10_000) validTopics.add(row.topic)
+    if (cache.validTopics.size < 10_000) cache.validTopics.add(row.topic)
   }
-  const time =
-    row.time instanceof Date ? row.time : typeof row.time === "string" ? new Date(row.time) : new Date(Number.NaN)
-  if (Number.isNaN(time.getTime())) return Result.fail(new RowMalformed({ message: "time is not a timestamp" }))
+  const millis =
+    row.time instanceof Date ? row.time.getTime() : typeof row.time === "string" ? Date.parse(row.time) : Number.NaN
+  if (Number.isNaN(millis)) return Result.fail(new RowMalformed({ message: "time is not a timestamp" }))
+  if (millis !== cache.lastMillis) {
+    cache.lastIso = new Date(millis).toISOString()
+    cache.lastMillis = millis
+  }
   const headers = typeof row.headers === "string" ? safeParse(row.headers) : row.headers
   if (typeof headers !== "object" || headers === null || Array.isArray(headers)) {
     return Result.fail(new RowMalformed({ message: "headers is not a JSON object" }))
   }
-  for (const [name, value] of Object.entries(headers)) {
+  for (const name in headers) {
+    const value = (headers as Record<string, unknown>)[name]
     if (typeof value !== "string") {
       return Result.fail(new RowMalformed({ message: `header ${name} is not a string` }))
     }
@@ -245,7 +259,7 @@ const toEncoded = (row: Row, validTopics: Set<string>): Result.Result<Envelope.E
     type: row.type,
     source: row.source,
     key: row.key ?? undefined,
-    time: time.toISOString(),
+    time: cache.lastIso,
     attempt,
     headers: headers as Record<string, string>,
     data: row.data
@@ -292,7 +306,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
     const publishTimeout = Duration.fromInputUnsafe(options?.publishTimeout ?? "30 seconds")
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? 0))
     let rotation = 0
-    const validTopics = new Set<string>()
+    const rowCache: RowCache = { validTopics: new Set(), lastMillis: Number.NaN, lastIso: "" }
     const counters: Counters = {
       cycles: 0,
       failedCycles: 0,
@@ -375,28 +389,34 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
             if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0, horizon: readPast }
             const now = yield* Clock.currentTimeMillis
             const nowIso = new Date(now).toISOString()
-            const good: Array<{ readonly seq: string; readonly message: Envelope.Encoded }> = []
+            // the well-formed rows: their envelopes and, at the same index, their seqs
+            const messages: Array<Envelope.Encoded> = []
+            const seqs: Array<string> = []
             const poison: Array<{ readonly seq: string; readonly reason: string; readonly error: string }> = []
             for (const row of rows) {
-              const enc = toEncoded(row, validTopics)
-              if (Result.isSuccess(enc)) good.push({ seq: row.seq, message: enc.success })
-              else poison.push({ seq: row.seq, reason: DeadReason.malformed, error: enc.failure.message })
+              const enc = toEncoded(row, rowCache)
+              if (Result.isSuccess(enc)) {
+                messages.push(enc.success)
+                seqs.push(row.seq)
+              } else poison.push({ seq: row.seq, reason: DeadReason.malformed, error: enc.failure.message })
             }
-            const published: Array<string> = []
-            if (good.length > 0) {
-              const batch = yield* Effect.result(publish(good.map((g) => g.message)))
+            let published: ReadonlyArray<string> = []
+            if (messages.length > 0) {
+              const batch = yield* Effect.result(publish(messages))
               if (Result.isSuccess(batch)) {
-                for (const g of good) published.push(g.seq)
+                published = seqs
               } else if (batch.failure.isRetryable) {
                 return yield* batch.failure
               } else {
                 // A permanent refusal: find the rows the broker refuses, one by one, in order.
-                for (const g of good) {
-                  const one = yield* Effect.result(publish([g.message]))
-                  if (Result.isSuccess(one)) published.push(g.seq)
+                const accepted: Array<string> = []
+                for (let i = 0; i < messages.length; i++) {
+                  const one = yield* Effect.result(publish([messages[i]!]))
+                  if (Result.isSuccess(one)) accepted.push(seqs[i]!)
                   else if (one.failure.isRetryable) return yield* one.failure
-                  else poison.push({ seq: g.seq, reason: DeadReason.rejected, error: one.failure.message })
+                  else poison.push({ seq: seqs[i]!, reason: DeadReason.rejected, error: one.failure.message })
                 }
+                published = accepted
               }
             }
             if (published.length > 0) {

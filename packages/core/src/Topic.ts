@@ -108,7 +108,10 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
     schema,
     type,
     key: options?.key,
-    encode: (payload) => Result.map(encodePayload(payload), (encoded) => JSON.stringify(encoded)),
+    encode: (payload) => {
+      const encoded = encodePayload(payload)
+      return Result.isFailure(encoded) ? Result.fail(encoded.failure) : Result.succeed(JSON.stringify(encoded.success))
+    },
     decode: (data) => {
       let json: unknown
       try {

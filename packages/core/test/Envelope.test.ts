@@ -86,6 +86,33 @@ describe("Envelope", () => {
     const ids = Array.from({ length: 5000 }, () => make({ name: "", count: 0, tags: [], nested: { flag: false } }).id)
     assert.strictEqual(new Set(ids).size, ids.length)
     assert.deepStrictEqual([...ids].sort(), ids)
+    const uuid = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-([89ab])[0-9a-f]{3}-[0-9a-f]{12}$/
+    const variants = new Set(ids.map((id) => uuid.exec(id)?.[1]))
+    assert.deepStrictEqual([...variants].sort(), ["8", "9", "a", "b"], "RFC 9562 variant, all four random forms")
+  })
+
+  it("makeEncodedAllResult: options apply to every message; an explicit id names one message only", () => {
+    const payload = { name: "a", count: 1, tags: [], nested: { flag: true } }
+    const all = Envelope.makeEncodedAllResult(topic, [payload, payload], 0, { correlationId: "c", key: "k" }, "urn:p")
+    assert.isTrue(Result.isSuccess(all))
+    if (Result.isSuccess(all)) {
+      assert.deepStrictEqual(
+        all.success.map((e) => [e.headers, e.key, e.source]),
+        [
+          [{ correlationid: "c" }, "k", "urn:p"],
+          [{ correlationid: "c" }, "k", "urn:p"]
+        ]
+      )
+      assert.notStrictEqual(all.success[0]!.id, all.success[1]!.id)
+    }
+    const one = Envelope.makeEncodedAllResult(topic, [payload], 0, { id: "given" })
+    assert.isTrue(Result.isSuccess(one) && one.success[0]!.id === "given")
+    const two = Envelope.makeEncodedAllResult(topic, [payload, payload], 0, { id: "given" })
+    assert.isTrue(Result.isFailure(two))
+    if (Result.isFailure(two)) {
+      assert.strictEqual(two.failure._tag, "MalformedEnvelope")
+      assert.match(two.failure.message, /id option names one message/)
+    }
   })
 
   it("make rejects a bad header name with a typed InvalidName", () => {

@@ -15,18 +15,28 @@ const poolBytes = Buffer.alloc(32 * 1024)
 let pool = ""
 let poolOffset = Number.MAX_SAFE_INTEGER
 
-const randomHex = (chars: number): string => {
+/** Reserves `chars` hex characters of the pool; returns their offset in `pool`. */
+const takeHex = (chars: number): number => {
   if (poolOffset + chars > pool.length) {
     randomFillSync(poolBytes)
     pool = poolBytes.toString("hex")
     poolOffset = 0
   }
-  const s = pool.slice(poolOffset, poolOffset + chars)
+  const at = poolOffset
   poolOffset += chars
-  return s
+  return at
 }
 
-const variantChars = "89ab"
+const randomHex = (chars: number): string => {
+  const at = takeHex(chars)
+  return pool.slice(at, at + chars)
+}
+
+/** The variant character (10xx) for a random hex character, by its char code: its low two bits pick one of 8, 9, a, b. */
+const variantOf: Array<string> = Array.from({ length: 128 }, (_, code) => {
+  const n = Number.parseInt(String.fromCharCode(code), 16)
+  return Number.isNaN(n) ? "8" : "89ab"[n & 3]!
+})
 const seqHex: Array<string> = Array.from({ length: 4096 }, (_, i) => `7${i.toString(16).padStart(3, "0")}`)
 
 let lastMs = -1
@@ -51,6 +61,6 @@ export const uuidv7 = (nowMs: number): string => {
     setMillis(lastMs + 1)
     seq = 0
   }
-  const tail = randomHex(16)
-  return `${prefix}${seqHex[seq]}-${variantChars[Number.parseInt(tail[0]!, 16) & 3]}${tail.slice(1, 4)}-${tail.slice(4, 16)}`
+  const at = takeHex(16)
+  return `${prefix}${seqHex[seq]}-${variantOf[pool.charCodeAt(at)]}${pool.slice(at + 1, at + 4)}-${pool.slice(at + 4, at + 16)}`
 }

@@ -176,6 +176,10 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           assert.deepStrictEqual(seen, ["b-2", "b-3", odd], "processed and repeated ids are skipped, order kept")
           assert.strictEqual(yield* effectRows("b-2"), 1)
           assert.strictEqual(yield* inboxRows(odd), 1, "ids with quotes, commas, braces and backslashes survive")
+          const allNew = yield* inbox.onceAll("billing", [item("b-7"), item("b-6")], (fresh) =>
+            Effect.succeed(fresh.map((f) => f.context.id))
+          )
+          assert.deepStrictEqual(allNew, ["b-7", "b-6"], "a batch of new ids reaches the handler whole, in order")
           const failed = yield* inbox
             .onceAll("billing", [item("b-4"), item("b-5")], (fresh) =>
               Effect.andThen(

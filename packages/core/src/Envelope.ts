@@ -152,7 +152,7 @@ export interface MakeOptions {
   readonly id?: string | undefined
   /** Ordering key; default: the topic's key function, if any. */
   readonly key?: string | undefined
-  /** CloudEvents `source`; default: `"urn:converge"`. */
+  /** CloudEvents `source`; default: `"urn:converge"`. Must not be empty. */
   readonly source?: string | undefined
   readonly correlationId?: string | undefined
   readonly causationId?: string | undefined
@@ -277,6 +277,7 @@ export const makeEncodedAllResult = <A, I>(
   if (Result.isFailure(headers)) return Result.fail(headers.failure)
   const timeIso = new Date(nowMillis).toISOString()
   const source = options?.source ?? publisherSource ?? defaultSource
+  if (source === "") return Result.fail(emptySource())
   const givenId = options?.id
   const givenKey = options?.key
   const keyOf = topic.key
@@ -312,6 +313,7 @@ const buildHeaders = (
   if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
     return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
   }
+  if (options.source === "") return Result.fail(emptySource())
   let headers: Record<string, string> | undefined
   if (options.headers !== undefined) {
     const checked = validateHeaders(options.headers)
@@ -331,6 +333,9 @@ const buildHeaders = (
   }
   return headers === undefined ? okEmptyHeaders : Result.succeed(headers)
 }
+
+// every reader refuses an envelope without a source (CloudEvents requires one): refuse it when publishing
+const emptySource = () => new MalformedEnvelope({ message: "source must not be empty (CloudEvents requires one)" })
 
 const emptyHeaders: Readonly<Record<string, string>> = Object.freeze({})
 const okEmptyHeaders = Result.succeed(emptyHeaders)

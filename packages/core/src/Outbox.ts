@@ -130,7 +130,7 @@ export type PublishError = SqlError | Envelope.PayloadError | Envelope.Malformed
  * @since 0.1.0
  */
 export interface Options {
-  /** CloudEvents `source` of every message (default `urn:converge`). */
+  /** CloudEvents `source` of every message (default `urn:converge`). Must not be empty (`MalformedEnvelope`). */
   readonly source?: string | undefined
 }
 

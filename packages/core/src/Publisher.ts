@@ -42,7 +42,10 @@ export type PublishError = BrokerError | Envelope.PayloadError | Envelope.Malfor
  * @since 0.1.0
  */
 export interface Options {
-  /** CloudEvents `source` of every message (default `urn:converge`), e.g. `urn:acme:orders-service`. */
+  /**
+   * CloudEvents `source` of every message (default `urn:converge`), e.g. `urn:acme:orders-service`.
+   * Must not be empty: publishes then fail with `MalformedEnvelope`.
+   */
   readonly source?: string | undefined
 }
 

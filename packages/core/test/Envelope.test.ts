@@ -91,7 +91,7 @@ describe("Envelope", () => {
     assert.deepStrictEqual([...variants].sort(), ["8", "9", "a", "b"], "RFC 9562 variant, all four random forms")
   })
 
-  it("makeEncodedAllResult: options apply to every message; an explicit id names one message only", () => {
+  it("makeEncodedAllResult: options apply to every message; an explicit id names one message only; a source is required", () => {
     const payload = { name: "a", count: 1, tags: [], nested: { flag: true } }
     const all = Envelope.makeEncodedAllResult(topic, [payload, payload], 0, { correlationId: "c", key: "k" }, "urn:p")
     assert.isTrue(Result.isSuccess(all))
@@ -107,6 +107,14 @@ describe("Envelope", () => {
     }
     const one = Envelope.makeEncodedAllResult(topic, [payload], 0, { id: "given" })
     assert.isTrue(Result.isSuccess(one) && one.success[0]!.id === "given")
+    const empties: ReadonlyArray<Result.Result<unknown, { readonly message: string }>> = [
+      Envelope.makeEncodedAllResult(topic, [payload], 0, { source: "" }),
+      Envelope.makeEncodedAllResult(topic, [payload], 0, undefined, ""),
+      Envelope.makeEncodedResult(topic, payload, 0, { source: "" })
+    ]
+    for (const empty of empties) {
+      assert.isTrue(Result.isFailure(empty) && /source must not be empty/.test(empty.failure.message))
+    }
     const two = Envelope.makeEncodedAllResult(topic, [payload, payload], 0, { id: "given" })
     assert.isTrue(Result.isFailure(two))
     if (Result.isFailure(two)) {

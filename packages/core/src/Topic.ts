@@ -15,9 +15,21 @@
  * export const orders = Topic.make("orders", OrderPlaced, { key: (o) => o.orderId })
  * ```
  *
+ * On the wire a payload is the JSON text of its Schema-encoded value. A Schema
+ * whose encoded side is already JSON (strings, numbers, booleans, null,
+ * literals, arrays, structs, records, unions of these: most payloads) is used
+ * as it is. One that encodes to values JSON cannot carry — a `Date`, a
+ * `bigint`, a `Map`, a class instance — goes through
+ * `Schema.toCodecJson(schema)` instead (a `Date` travels as its ISO string, a
+ * `bigint` as a decimal string), so what is published decodes on the other
+ * side. That derivation costs about a third more per payload; spell the wire
+ * form out (`Schema.DateFromString`, `Schema.BigIntFromString`, ...)
+ * where it matters. JSON has no `NaN` or `Infinity`: use `Schema.Finite` for
+ * numbers that must arrive as they left.
+ *
  * @since 0.1.0
  */
-import { Effect, Result, Schema } from "effect"
+import { Effect, Result, Schema, SchemaAST } from "effect"
 import * as Name from "./Name.ts"
 
 const TypeId = "~@converge/core/Topic" as const
@@ -37,8 +49,11 @@ export interface Topic<A, I = A> {
   readonly type: string
   /** Derives the ordering key of a payload (its CloudEvents `subject`). */
   readonly key: ((payload: A) => string) | undefined
-  /** Encodes a payload to its JSON text. Compiled once per topic. */
-  readonly encode: (payload: A) => Result.Result<string, Schema.SchemaError>
+  /**
+   * Encodes a payload to its JSON text. Compiled once per topic. `JsonSyntaxError`: the encoded value
+   * cannot be written as JSON text (a cycle, say).
+   */
+  readonly encode: (payload: A) => Result.Result<string, Schema.SchemaError | JsonSyntaxError>
   /** Decodes JSON text to a payload. Compiled once per topic. */
   readonly decode: (data: string) => Result.Result<A, Schema.SchemaError | JsonSyntaxError>
 }
@@ -83,6 +98,66 @@ export type Payload<T> = T extends Topic<infer A, infer _I> ? A : never
 const typePattern = /^[\x21-\x7e]{1,255}$/
 
 /**
+ * Whether every value of an encoded-side AST is a JSON value that
+ * `JSON.stringify` / `JSON.parse` give back as it was (`undefined` counts: it
+ * is an optional key left out).
+ */
+const isJsonSafe = (ast: SchemaAST.AST, seen: Set<SchemaAST.AST> = new Set()): boolean => {
+  if (seen.has(ast)) return true // a recursive schema: its other branches decide
+  seen.add(ast)
+  switch (ast._tag) {
+    case "String":
+    case "Number":
+    case "Boolean":
+    case "Null":
+    case "Undefined":
+    case "Void":
+    case "Never":
+    case "Unknown":
+    case "Any":
+    case "Enum":
+    case "TemplateLiteral":
+      return true
+    case "Literal":
+      return typeof ast.literal !== "bigint"
+    case "Arrays":
+      return ast.elements.every((e) => isJsonSafe(e, seen)) && ast.rest.every((e) => isJsonSafe(e, seen))
+    case "Objects":
+      return (
+        ast.propertySignatures.every((p) => typeof p.name === "string" && isJsonSafe(p.type, seen)) &&
+        ast.indexSignatures.every((i) => isJsonSafe(i.parameter, seen) && isJsonSafe(i.type, seen))
+      )
+    case "Union":
+      return ast.types.every((t) => isJsonSafe(t, seen))
+    case "Suspend":
+      return isJsonSafe(ast.thunk(), seen)
+    default:
+      // Declaration (Date, Map, class instances, ...), BigInt, Symbol, UniqueSymbol, ObjectKeyword
+      return false
+  }
+}
+
+/**
+ * The Schema that puts a topic's payloads on the wire: `schema` itself when
+ * its encoded side is JSON, else its canonical JSON codec.
+ */
+const wireSchema = <A, I>(schema: Schema.Codec<A, I>): Schema.Codec<A, unknown> =>
+  isJsonSafe(SchemaAST.toEncoded(schema.ast)) ? schema : Schema.toCodecJson(schema)
+
+const stringify = (encoded: unknown): Result.Result<string, JsonSyntaxError> => {
+  try {
+    const text: string | undefined = JSON.stringify(encoded)
+    return text === undefined
+      ? Result.fail(new JsonSyntaxError({ message: "the payload encodes to undefined, which JSON cannot carry" }))
+      : Result.succeed(text)
+  } catch (e) {
+    return Result.fail(
+      new JsonSyntaxError({ message: `cannot be written as JSON: ${e instanceof Error ? e.message : String(e)}` })
+    )
+  }
+}
+
+/**
  * Defines a topic. Throws {@link Name.InvalidName} for an invalid name or type
  * (see `Name` for the rules): topics are module-level constants, and a bad
  * name is a programming error that must stop the program at start-up. Use
@@ -100,8 +175,9 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
       rule: `type ${JSON.stringify(type)} must be 1-255 printable ASCII characters without spaces`
     })
   }
-  const encodePayload = Schema.encodeUnknownResult(schema)
-  const decodePayload = Schema.decodeUnknownResult(schema)
+  const wire = wireSchema(schema)
+  const encodePayload = Schema.encodeUnknownResult(wire)
+  const decodePayload = Schema.decodeUnknownResult(wire)
   return {
     [TypeId]: TypeId,
     name,
@@ -110,7 +186,7 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
     key: options?.key,
     encode: (payload) => {
       const encoded = encodePayload(payload)
-      return Result.isFailure(encoded) ? Result.fail(encoded.failure) : Result.succeed(JSON.stringify(encoded.success))
+      return Result.isFailure(encoded) ? Result.fail(encoded.failure) : stringify(encoded.success)
     },
     decode: (data) => {
       let json: unknown

@@ -39,6 +39,46 @@ describe("Topic", () => {
     }
   })
 
+  it("payloads JSON cannot carry as they are (Date, bigint, Map) travel in their JSON codec form and come back", () => {
+    const Event = Schema.Struct({
+      at: Schema.Date,
+      amount: Schema.BigInt,
+      tags: Schema.ReadonlyMap(Schema.String, Schema.Number),
+      note: Schema.optional(Schema.String)
+    })
+    const t = Topic.make("events", Event)
+    const value = { at: new Date("2026-11-26T10:00:00.000Z"), amount: 12345678901234567890n, tags: new Map([["a", 1]]) }
+    const data = t.encode(value)
+    assert.isTrue(Result.isSuccess(data), "encoding does not throw on a bigint")
+    if (Result.isSuccess(data)) {
+      assert.include(data.success, '"2026-11-26T10:00:00.000Z"')
+      assert.include(data.success, '"12345678901234567890"')
+      const back = t.decode(data.success)
+      assert.isTrue(Result.isSuccess(back), "what was published decodes")
+      if (Result.isSuccess(back)) {
+        assert.instanceOf(back.success.at, Date)
+        assert.strictEqual(back.success.at.getTime(), value.at.getTime())
+        assert.strictEqual(back.success.amount, value.amount)
+        assert.deepStrictEqual([...back.success.tags], [["a", 1]])
+      }
+    }
+    // a schema that spells out its wire form is used as it is
+    const spelled = Topic.make("events", Schema.Struct({ at: Schema.DateFromString }))
+    const text = spelled.encode({ at: new Date(0) })
+    assert.deepStrictEqual(text, Result.succeed('{"at":"1970-01-01T00:00:00.000Z"}'))
+  })
+
+  it("a value JSON cannot write is a typed JsonSyntaxError on encode, not a thrown exception", () => {
+    const t = Topic.make("anything", Schema.Unknown)
+    const cycle: Record<string, unknown> = {}
+    cycle.self = cycle
+    const r = t.encode(cycle)
+    assert.isTrue(Result.isFailure(r) && r.failure._tag === "JsonSyntaxError")
+    if (Result.isFailure(r)) assert.match(r.failure.message, /cannot be written as JSON/)
+    const u = t.encode(undefined)
+    assert.isTrue(Result.isFailure(u) && /encodes to undefined/.test(u.failure.message))
+  })
+
   it("decode names the failing field; bad JSON is a JsonSyntaxError", () => {
     const t = Topic.make("orders", Order)
     const bad = t.decode('{"orderId":1,"total":-1}')

@@ -209,11 +209,13 @@ export const makeUnsafeResult = <A, I>(
 ): Result.Result<Envelope<A>, Name.InvalidName | MalformedEnvelope> => {
   const headers = buildHeaders(options)
   if (Result.isFailure(headers)) return Result.fail(headers.failure)
+  const source = resolveSource(options, undefined)
+  if (Result.isFailure(source)) return Result.fail(source.failure)
   return Result.succeed({
     id: options?.id ?? uuidv7(nowMillis),
     topic: topic.name,
     type: topic.type,
-    source: options?.source ?? defaultSource,
+    source: source.success,
     key: options?.key ?? (topic.key === undefined ? undefined : topic.key(payload)),
     time: DateTime.makeUnsafe(nowMillis),
     attempt: 1,
@@ -235,26 +237,8 @@ export const makeEncodedResult = <A, I>(
   nowMillis: number,
   options?: MakeOptions,
   timeIso: string = new Date(nowMillis).toISOString()
-): Result.Result<Encoded, Name.InvalidName | MalformedEnvelope | PayloadError> => {
-  const headers = buildHeaders(options)
-  if (Result.isFailure(headers)) return Result.fail(headers.failure)
-  const id = options?.id ?? uuidv7(nowMillis)
-  const data = topic.encode(payload)
-  if (Result.isFailure(data)) {
-    return payloadError(topic.name, id, "encode", data.failure.message)
-  }
-  return Result.succeed({
-    id,
-    topic: topic.name,
-    type: topic.type,
-    source: options?.source ?? defaultSource,
-    key: options?.key ?? (topic.key === undefined ? undefined : topic.key(payload)),
-    time: timeIso,
-    attempt: 1,
-    headers: headers.success,
-    data: data.success
-  })
-}
+): Result.Result<Encoded, Name.InvalidName | MalformedEnvelope | PayloadError> =>
+  Result.map(encodeAll(topic, [payload], nowMillis, timeIso, options, undefined), (encoded) => encoded[0]!)
 
 /**
  * {@link makeEncodedResult} for many payloads of one topic at one time (read
@@ -272,12 +256,23 @@ export const makeEncodedAllResult = <A, I>(
   nowMillis: number,
   options?: MakeOptions,
   publisherSource?: string
+): Result.Result<Array<Encoded>, Name.InvalidName | MalformedEnvelope | PayloadError> =>
+  encodeAll(topic, payloads, nowMillis, new Date(nowMillis).toISOString(), options, publisherSource)
+
+/** The one place messages are made in their wire form: options checked once, then each payload encoded. */
+const encodeAll = <A, I>(
+  topic: Topic.Topic<A, I>,
+  payloads: Iterable<A>,
+  nowMillis: number,
+  timeIso: string,
+  options: MakeOptions | undefined,
+  publisherSource: string | undefined
 ): Result.Result<Array<Encoded>, Name.InvalidName | MalformedEnvelope | PayloadError> => {
   const headers = buildHeaders(options)
   if (Result.isFailure(headers)) return Result.fail(headers.failure)
-  const timeIso = new Date(nowMillis).toISOString()
-  const source = options?.source ?? publisherSource ?? defaultSource
-  if (source === "") return Result.fail(emptySource())
+  const resolved = resolveSource(options, publisherSource)
+  if (Result.isFailure(resolved)) return Result.fail(resolved.failure)
+  const source = resolved.success
   const givenId = options?.id
   const givenKey = options?.key
   const keyOf = topic.key
@@ -313,7 +308,6 @@ const buildHeaders = (
   if (options.id !== undefined && (options.id.length === 0 || options.id.length > 200)) {
     return Result.fail(new MalformedEnvelope({ message: "id must be 1 to 200 characters" }))
   }
-  if (options.source === "") return Result.fail(emptySource())
   let headers: Record<string, string> | undefined
   if (options.headers !== undefined) {
     const checked = validateHeaders(options.headers)
@@ -334,8 +328,19 @@ const buildHeaders = (
   return headers === undefined ? okEmptyHeaders : Result.succeed(headers)
 }
 
-// every reader refuses an envelope without a source (CloudEvents requires one): refuse it when publishing
-const emptySource = () => new MalformedEnvelope({ message: "source must not be empty (CloudEvents requires one)" })
+/**
+ * The CloudEvents `source` of a new message: the option, else the publisher's, else {@link defaultSource}.
+ * Every reader refuses an envelope without one (CloudEvents requires it), so an empty one is refused here.
+ */
+const resolveSource = (
+  options: MakeOptions | undefined,
+  publisherSource: string | undefined
+): Result.Result<string, MalformedEnvelope> => {
+  const source = options?.source ?? publisherSource ?? defaultSource
+  return source === ""
+    ? Result.fail(new MalformedEnvelope({ message: "source must not be empty (CloudEvents requires one)" }))
+    : Result.succeed(source)
+}
 
 const emptyHeaders: Readonly<Record<string, string>> = Object.freeze({})
 const okEmptyHeaders = Result.succeed(emptyHeaders)

@@ -381,7 +381,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
             const held = locked.map((r) => Number(r.p))
             const rows = yield* sql.unsafe<Row>(
               readSql(held),
-              held.length === partitions ? [batchSize] : [batchSize, `{${held.join(",")}}`]
+              held.length === partitions ? [batchSize] : [batchSize, held]
             ).withoutTransform
             // `horizon`: what this cycle read past, when it held every partition and read less than a batch
             // (the read's snapshot is at least as new as the lock statement's: its xmin is no lower)
@@ -420,10 +420,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
               }
             }
             if (published.length > 0) {
-              yield* sql.unsafe(
-                markSql,
-                retention === 0 ? [`{${published.join(",")}}`] : [`{${published.join(",")}}`, nowIso]
-              )
+              yield* sql.unsafe(markSql, retention === 0 ? [published] : [published, nowIso])
             }
             for (const p of poison) {
               yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])
@@ -677,7 +674,7 @@ export const requeueDead = (seqs?: ReadonlyArray<string>): Effect.Effect<number,
         `WITH moved AS (DELETE FROM ${dead} ${seqs === undefined ? "" : "WHERE seq = ANY($1::bigint[])"} RETURNING ${columns}),
               requeued AS (INSERT INTO ${store.table("outbox")} (${columns}) SELECT ${columns} FROM moved RETURNING 1)
          SELECT count(*)::int AS n FROM requeued`,
-        seqs === undefined ? [] : [`{${seqs.map((s) => String(BigInt(s))).join(",")}}`]
+        seqs === undefined ? [] : [seqs]
       ).withoutTransform
     )
     const n = Number(rows[0]?.n ?? 0)

@@ -264,6 +264,9 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           const rejected = dead.find((d) => d.reason === "rejected")!
           const requeue = <A, E2>(e: Effect.Effect<A, E2, SqlStore.SqlStore>) =>
             Effect.provideService(e, SqlStore.SqlStore, store)
+          const notASeq = yield* Effect.flip(requeue(OutboxRelay.requeueDead(["not-a-seq"])))
+          assert.strictEqual(notASeq._tag, "SqlError", "a bad seq is a typed SqlError, not a defect")
+          assert.strictEqual(yield* requeue(OutboxRelay.requeueDead([])), 0)
           assert.strictEqual(yield* requeue(OutboxRelay.requeueDead([rejected.seq])), 1)
           assert.strictEqual(yield* relay.drain, 1)
           assert.strictEqual(recorder.published.at(-1)!.id, refused[0]!.id, "same message id")

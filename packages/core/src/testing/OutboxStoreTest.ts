@@ -1,6 +1,7 @@
 /**
  * `OutboxStoreTest` — the outbox store suite (RELIABILITY.md): uncommitted is
- * not stored; a committed row is relayed once confirmed; rows committed out
+ * not stored; a committed row is relayed once confirmed; a batch publish
+ * stores one row per message, in order; rows committed out
  * of sequence order are not missed; two relays never reorder a key; a long
  * transaction delays but never loses; cleanup respects retention; a poison
  * row is moved aside and does not stop the relay; the relay wakes on commit,
@@ -21,12 +22,13 @@
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe } from "@effect/vitest"
 import { Deferred, Effect, Fiber, Layer, Queue } from "effect"
-import type { SqlClient } from "effect/sql"
+import { SqlClient } from "effect/sql"
 import type { Broker } from "../Broker.ts"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
-import { count, type Features, freshStore, items, recordingBroker, storeSuite } from "./StoreHarness.ts"
+import * as Topic from "../Topic.ts"
+import { count, type Features, freshStore, Item, items, recordingBroker, storeSuite } from "./StoreHarness.ts"
 
 /** What a SQL backend supports (shared with the other store suite). */
 export type { Features } from "./StoreHarness.ts"
@@ -34,7 +36,7 @@ export type { Features } from "./StoreHarness.ts"
 const payloadOf = (data: string) => JSON.parse(data) as { readonly key: string; readonly n: number }
 
 /**
- * Registers the outbox store suite (cases O01–O12).
+ * Registers the outbox store suite (cases O01–O13).
  *
  * @since 0.1.0
  */
@@ -116,6 +118,78 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           assert.strictEqual(yield* relay.drain, 0, "a relayed row is not relayed again")
           assert.strictEqual(recorder.published.length, 3)
           assert.deepStrictEqual((yield* relay.lag).unpublished, 0)
+        })
+      )
+
+      test("O13", "publishAll stores one row per message, in order, across statements, with or without keys", {}, () =>
+        Effect.gen(function* () {
+          const { recorder, outbox, relay, provide, store, t } = yield* setup({ partitions: 4 })
+          // 2 500 messages: more than one insert statement (2 000 rows each)
+          const many = Array.from({ length: 2500 }, (_, n) => ({ key: `k${n % 5}`, n }))
+          const receipts = yield* provide(
+            Outbox.transaction(outbox.publishAll(items, many, { headers: { tenant: "t1" } }))
+          )
+          const plain = Topic.make("store-test-plain", Item)
+          const unkeyed = yield* provide(
+            Outbox.transaction(
+              outbox.publishAll(plain, [
+                { key: "ignored", n: 1 },
+                { key: "ignored", n: 2 }
+              ])
+            )
+          )
+          const rows = yield* SqlClient.SqlClient.use(
+            (sql) =>
+              sql.unsafe<{
+                readonly seq: string
+                readonly partition: number
+                readonly message_id: string
+                readonly topic: string
+                readonly key: string | null
+                readonly attempt: number
+                readonly headers: unknown
+                readonly data: string
+                readonly same_time: boolean
+              }>(
+                `SELECT seq::text AS seq, partition, message_id, topic, key, attempt, headers, data,
+                   time = created_at AS same_time FROM ${t("outbox")} o ORDER BY o.seq`
+              ).withoutTransform
+          )
+          assert.strictEqual(rows.length, 2502)
+          assert.deepStrictEqual(
+            rows.map((r) => [r.message_id, r.seq]),
+            [...receipts, ...unkeyed].map((r) => [r.id, r.seq]),
+            "one row per message, in publish order, and each receipt names its row"
+          )
+          for (let i = 0; i < many.length; i++) {
+            const row = rows[i]!
+            assert.deepStrictEqual(payloadOf(row.data), many[i])
+            assert.strictEqual(row.key, many[i]!.key)
+            assert.strictEqual(Number(row.partition), SqlStore.partitionOf(many[i]!.key, store.partitions))
+            assert.strictEqual(row.topic, items.name)
+            assert.strictEqual(Number(row.attempt), 1)
+            assert.deepStrictEqual(typeof row.headers === "string" ? JSON.parse(row.headers) : row.headers, {
+              tenant: "t1"
+            })
+            assert.isTrue(row.same_time)
+          }
+          for (const row of rows.slice(2500)) {
+            assert.strictEqual(row.key, null, "a topic without a key function stores no key")
+            assert.strictEqual(Number(row.partition), SqlStore.partitionOf(row.message_id, store.partitions))
+            assert.strictEqual(row.topic, plain.name)
+          }
+          while ((yield* relay.drain) > 0) {}
+          assert.strictEqual(recorder.published.length, 2502)
+          for (let k = 0; k < 5; k++) {
+            assert.deepStrictEqual(
+              recorder.published.filter((m) => m.key === `k${k}`).map((m) => payloadOf(m.data).n),
+              many.filter((m) => m.key === `k${k}`).map((m) => m.n),
+              `key k${k} relayed in publish order`
+            )
+          }
+          const relayed = recorder.published.find((m) => m.id === receipts[0]!.id)!
+          assert.deepStrictEqual(relayed.headers, { tenant: "t1" })
+          assert.isUndefined(recorder.published.find((m) => m.id === unkeyed[0]!.id)!.key)
         })
       )
 

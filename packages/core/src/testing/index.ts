@@ -8,5 +8,5 @@
 export * as BrokerTest from "./BrokerTest.ts"
 /** The inbox store suite (I01–I08). */
 export * as InboxStoreTest from "./InboxStoreTest.ts"
-/** The outbox store suite (O01–O12). */
+/** The outbox store suite (O01–O13). */
 export * as OutboxStoreTest from "./OutboxStoreTest.ts"

@@ -1,8 +1,13 @@
 /**
- * The outbox relay killed with SIGKILL between publish and mark, with Redis
- * as the broker and Postgres as the store: every message is delivered, and the
- * consumer's inbox keeps each effect single although the dead relay's batch
- * is published a second time.
+ * Processes killed with SIGKILL, with Redis as the broker and Postgres as the
+ * store:
+ *
+ * - the outbox relay, between publish and mark: every message is delivered,
+ *   and the consumer's inbox keeps each effect single although the dead
+ *   relay's batch is published a second time;
+ * - a consumer, after its inbox transaction committed and before it acked:
+ *   a replacement consumer (another name) claims the read, the inbox skips
+ *   it, and every effect is applied exactly once.
  */
 import { spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
@@ -11,8 +16,9 @@ import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "@converge
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
+import * as Redis from "effect/persistence/Redis"
 import { SqlClient } from "effect/sql"
-import { brokerLayer, mainUrl, Prefix } from "./helpers.ts"
+import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
 
 const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
@@ -99,6 +105,102 @@ describe("Outbox relay on Redis", () => {
         assert.strictEqual(Number(row!.n), total, "every effect exactly once")
         assert.isAtLeast(deliveries, total + 20, "the killed relay's 20 messages arrived twice; the inbox skipped them")
         assert.strictEqual(Number((yield* unpublished)[0]!.n), 0)
+      }).pipe(
+        Effect.scoped,
+        Effect.provide(Layer.mergeAll(brokerLayer(), PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 6 })))
+      ),
+    60_000
+  )
+
+  it.live(
+    "a consumer process killed with SIGKILL after its inbox transaction committed, before the ack: each effect once",
+    () =>
+      Effect.gen(function* () {
+        const schema = `converge_kill_${randomUUID().replaceAll("-", "").slice(0, 12)}`
+        const sql = yield* SqlClient.SqlClient
+        const redis = yield* Redis.Redis
+        const prefix = yield* Prefix
+        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+        const store = yield* SqlStore.make({ schema, partitions: 2 })
+        yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL)`).raw
+        const provideStore = <A, E, R>(e: Effect.Effect<A, E, R>) => Effect.provideService(e, SqlStore.SqlStore, store)
+        const outbox = yield* provideStore(Outbox.make())
+        const total = 30
+        yield* provideStore(
+          Outbox.transaction(
+            outbox.publishAll(
+              orders,
+              Array.from({ length: total }, (_, i) => ({ id: `o-${i}`, account: `a-${i % 5}` }))
+            )
+          )
+        )
+        const relay = yield* provideStore(OutboxRelay.make({ listen: false }))
+        assert.strictEqual(yield* relay.drain, total, "the relay moved every message to Redis")
+
+        const script = fileURLToPath(new URL("./fixtures/doomed-inbox-consumer.ts", import.meta.url))
+        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix], {
+          stdio: ["ignore", "pipe", "inherit"]
+        })
+        let committed = 0
+        child.stdout.on("data", (chunk) => {
+          for (const line of String(chunk).split("\n")) {
+            if (line.startsWith("committed ")) committed += Number(line.slice(10))
+          }
+        })
+        yield* Effect.promise(
+          () => new Promise((resolve) => (child.exitCode !== null ? resolve(null) : child.once("exit", resolve)))
+        )
+        assert.strictEqual(child.signalCode, "SIGKILL", "the consumer died by SIGKILL")
+        assert.strictEqual(committed, 10, "it committed one read of 10 before dying")
+        const effects = sql.unsafe<{ n: number; d: number }>(
+          `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
+        ).withoutTransform
+        assert.strictEqual(Number((yield* effects)[0]!.n), 10, "its effects committed")
+        const pending = Effect.map(
+          redis.send<[number, unknown, unknown, Array<[string, string]> | null]>(
+            "XPENDING",
+            streamKey(prefix, "orders"),
+            "ledger"
+          ),
+          (reply) => ({ count: Number(reply[0]), byConsumer: Object.fromEntries(reply[3] ?? []) })
+        )
+        // its committed read was never acked (nor what it had read ahead): pending under the dead consumer's name
+        const left = yield* pending
+        assert.isAtLeast(left.count, 10)
+        assert.deepStrictEqual(left.byConsumer, { doomed: String(left.count) })
+
+        // the replacement has another name: it claims the dead one's entries once idle, and reads the rest
+        let fresh = 0
+        const rescuer = Layer.effectDiscard(
+          Effect.forkScoped(
+            Consumer.make(orders, {
+              group: "ledger",
+              consumer: "rescuer",
+              claimIdle: "1 second",
+              ...Inbox.handlers((items: ReadonlyArray<Consumer.BatchItem<typeof Order.Type>>) =>
+                Effect.andThen(
+                  Effect.sync(() => {
+                    fresh += items.length
+                  }),
+                  sql.unsafe(`INSERT INTO ${schema}.effects (order_id) SELECT unnest($1::text[])`, [
+                    items.map((i) => i.message.id)
+                  ]).raw
+                )
+              )
+            })
+          )
+        ).pipe(Layer.provide(Inbox.layer()), Layer.provide(Layer.succeed(SqlStore.SqlStore, store)))
+        yield* Effect.gen(function* () {
+          for (let i = 0; i < 500; i++) {
+            if (Number((yield* effects)[0]!.d) >= total && (yield* pending).count === 0) break
+            yield* Effect.sleep("20 millis")
+          }
+        }).pipe(Effect.provide(rescuer))
+        const [row] = yield* effects
+        assert.strictEqual(Number(row!.d), total, "every message's effect applied")
+        assert.strictEqual(Number(row!.n), total, "each exactly once")
+        assert.strictEqual(fresh, total - 10, "the claimed 10 were skipped by the inbox, not handled again")
+        assert.strictEqual((yield* pending).count, 0, "and acked")
       }).pipe(
         Effect.scoped,
         Effect.provide(Layer.mergeAll(brokerLayer(), PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 6 })))

@@ -35,6 +35,8 @@ describe("RedisStreamsBroker", () => {
       yield* Consumer.make(orders, {
         group: "billing",
         consumer: "b1",
+        // the legacy producer names its type its own way; this consumer's Schema reads it too
+        types: [orders.type, "com.example.order"],
         handle: (order, ctx) => Ref.update(seen, (xs) => [...xs, { order, key: ctx.key, tenant: ctx.headers.tenant }])
       })
       // what any Redis client (here: raw XADD) can write

@@ -113,7 +113,10 @@ export interface NackOptions {
  * @since 0.1.0
  */
 export interface DeadLetterReason {
-  /** A short category: `malformed`, `decode`, `permanent`, `exhausted`, or your own. */
+  /**
+   * A short category: `malformed`, `decode`, `unknown-type`, `oversized`, `permanent`, `exhausted`,
+   * `defect`, `too-many-deliveries`, or your own.
+   */
   readonly reason: string
   /** The last error, encoded as text (JSON where it helps). */
   readonly error?: string | undefined

@@ -25,6 +25,11 @@
  * and dead-lettered otherwise. Defects (thrown exceptions, `Effect.die`) are
  * retried by the same schedule, then dead-lettered with reason `defect`.
  *
+ * Some messages never reach the handler; they are dead-lettered at once:
+ * a type the consumer does not handle (`unknown-type`; see `types`), a
+ * payload over the topic's `maxBytes` (`oversized`), both left unparsed,
+ * and a payload its Schema refuses (`decode`).
+ *
  * ## At-least-once
  *
  * A message is acknowledged only after its handler succeeded. A crash between
@@ -276,7 +281,8 @@ export interface BaseOptions<A, E, R> {
    * When it succeeds, the read is acked with one `ackAll`; when it fails (or
    * dies), nothing of it counts and the read falls back to `handle`, one
    * message at a time, with the usual classification, retries and
-   * dead-lettering. Undecodable messages, and messages delivered more than
+   * dead-lettering. Messages refused before decoding (unknown type,
+   * oversized), undecodable ones, and messages delivered more than
    * `maxDeliveries` times, are settled first and never reach it. Messages
    * come in read order, so per-key order holds within the call.
    */
@@ -312,6 +318,15 @@ export interface BaseOptions<A, E, R> {
   readonly claimIdle?: Duration.Input | undefined
   /** Broker events (lost entries, recreated groups, malformed entries); default: a warning log. */
   readonly onEvent?: ((event: Broker.SubscriptionEvent) => Effect.Effect<void>) | undefined
+  /**
+   * The CloudEvents types this consumer handles (default: the topic's `type`
+   * only). A message of any other type is dead-lettered with reason
+   * `unknown-type` and the handler never sees it: another producer's
+   * messages, or a new version of the payload, are not decoded with a Schema
+   * that was not written for them. List the older or newer types the Schema
+   * also reads to accept them.
+   */
+  readonly types?: ReadonlyArray<string> | undefined
 }
 
 /**
@@ -429,6 +444,31 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     const shutdownTimeout = options.shutdownTimeout ?? "30 seconds"
     const locks = new KeyLocks()
     const names = { group, consumer }
+    const types = new Set(options.types ?? [topic.type])
+    const typeList = [...types].map((t) => JSON.stringify(t)).join(", ")
+
+    /**
+     * Decodes a delivery's payload, or says why it must be dead-lettered without reaching the handler:
+     * a type this consumer does not handle, a payload over the topic's size limit, one its Schema refuses.
+     */
+    const decodeOrRefuse = (
+      delivery: Broker.Delivery
+    ): Result.Result<A, { readonly reason: "unknown-type" | "oversized" | "decode"; readonly error: string }> => {
+      const type = delivery.envelope.type
+      if (type !== topic.type && !types.has(type)) {
+        return Result.fail({
+          reason: "unknown-type",
+          error: `type ${JSON.stringify(type)} is not one this consumer of topic ${JSON.stringify(topic.name)} handles (${typeList}; Consumer option types)`
+        })
+      }
+      const decoded = topic.decode(delivery.envelope.data)
+      // a success carries no error: the same object serves (no allocation per message)
+      if (Result.isSuccess(decoded)) return decoded as Result.Result<A, never>
+      return Result.fail({
+        reason: decoded.failure._tag === "PayloadTooLarge" ? "oversized" : "decode",
+        error: decoded.failure.message
+      })
+    }
 
     const classify = (error: unknown): Outcome => {
       const tag = Predicate.hasProperty(error, "_tag") && typeof error._tag === "string" ? error._tag : undefined
@@ -486,11 +526,11 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     /** Handles one delivery; a success is not acked here but pushed to `acks` (acked per read). */
     const handleOne = (delivery: Broker.Delivery, acks: Array<Broker.Delivery>): Effect.Effect<void, never, R> => {
       const encoded = delivery.envelope
-      const decoded = topic.decode(encoded.data)
+      const decoded = decodeOrRefuse(delivery)
       if (Result.isFailure(decoded)) {
-        // undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
+        // refused or undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
         return delivery
-          .deadLetter({ reason: "decode", error: decoded.failure.message, attempts: 0 })
+          .deadLetter({ reason: decoded.failure.reason, error: decoded.failure.error, attempts: 0 })
           .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
       }
       const payload = decoded.success
@@ -568,7 +608,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         const deliveries: Array<Broker.Delivery> = []
         const settleFirst: Array<Broker.Delivery> = []
         for (const delivery of batch) {
-          const decoded = topic.decode(delivery.envelope.data)
+          const decoded = decodeOrRefuse(delivery)
           if (Result.isFailure(decoded) || delivery.deliveryCount > maxDeliveries) {
             settleFirst.push(delivery)
             continue

@@ -3,8 +3,9 @@
  * show, replay, purge.
  *
  * Every dead-lettered message keeps the original envelope (when it could be
- * read), the reason (`decode`, `permanent`, `exhausted`, `defect`,
- * `too-many-deliveries`, `malformed`), the last error, the attempts made, the
+ * read), the reason (`decode`, `unknown-type`, `oversized`, `permanent`,
+ * `exhausted`, `defect`, `too-many-deliveries`, `malformed`), the last
+ * error, the attempts made, the
  * delivery count and the time.
  *
  * **Replay** re-publishes the message to its topic with the same message id,

@@ -27,6 +27,14 @@
  * where it matters. JSON has no `NaN` or `Infinity`: use `Schema.Finite` for
  * numbers that must arrive as they left.
  *
+ * A topic has a size limit (`maxBytes`, default 1 MiB of UTF-8 JSON text,
+ * Kafka's default): a larger payload fails the publish with a typed error,
+ * and a consumer refuses one that arrives anyway (written by another client)
+ * without parsing it — it goes to the dead-letter queue with reason
+ * `oversized`. Brokers keep messages in memory (Redis) or in rows read in
+ * batches of hundreds (the outbox): one 200 MB payload should not take
+ * either down.
+ *
  * @since 0.1.0
  */
 import { Effect, Result, Schema, SchemaAST } from "effect"
@@ -49,13 +57,15 @@ export interface Topic<A, I = A> {
   readonly type: string
   /** Derives the ordering key of a payload (its CloudEvents `subject`). */
   readonly key: ((payload: A) => string) | undefined
+  /** The largest payload, in UTF-8 bytes of its JSON text, this topic carries. */
+  readonly maxBytes: number
   /**
    * Encodes a payload to its JSON text. Compiled once per topic. `JsonSyntaxError`: the encoded value
-   * cannot be written as JSON text (a cycle, say).
+   * cannot be written as JSON text (a cycle, say); `PayloadTooLarge`: the text exceeds `maxBytes`.
    */
-  readonly encode: (payload: A) => Result.Result<string, Schema.SchemaError | JsonSyntaxError>
-  /** Decodes JSON text to a payload. Compiled once per topic. */
-  readonly decode: (data: string) => Result.Result<A, Schema.SchemaError | JsonSyntaxError>
+  readonly encode: (payload: A) => Result.Result<string, Schema.SchemaError | JsonSyntaxError | PayloadTooLarge>
+  /** Decodes JSON text to a payload (text over `maxBytes` is refused unparsed). Compiled once per topic. */
+  readonly decode: (data: string) => Result.Result<A, Schema.SchemaError | JsonSyntaxError | PayloadTooLarge>
 }
 
 /**
@@ -68,6 +78,61 @@ export interface Options<A> {
   readonly type?: string | undefined
   /** Derives the ordering key from a payload; a key passed to `publish` wins. */
   readonly key?: ((payload: A) => string) | undefined
+  /**
+   * The largest payload, in UTF-8 bytes of its JSON text (default {@link defaultMaxBytes}, 1 MiB). A
+   * larger one fails the publish (`PayloadError`); a consumer dead-letters one that arrives anyway, with
+   * reason `oversized`, without parsing it. Publishers and consumers of a topic should agree on it.
+   */
+  readonly maxBytes?: number | undefined
+}
+
+/**
+ * The default size limit of a payload: 1 MiB (1 048 576 bytes) of UTF-8 JSON text.
+ *
+ * @since 0.1.0
+ */
+export const defaultMaxBytes = 1024 * 1024
+
+/**
+ * A payload is larger than its topic's `maxBytes`. `bytes` is a lower bound
+ * of its size: counting stops once past the limit.
+ *
+ * @since 0.1.0
+ */
+export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>("@converge/core/Topic/PayloadTooLarge")(
+  "PayloadTooLarge",
+  { bytes: Schema.Number, maxBytes: Schema.Number, message: Schema.String }
+) {}
+
+/**
+ * Whether `text` takes more than `max` bytes in UTF-8, and how many it takes when it does (0 when it
+ * does not). A UTF-16 code unit takes 1 to 3 bytes, so most texts are decided by their length alone.
+ */
+const excessBytes = (text: string, max: number): number => {
+  const units = text.length
+  if (units * 3 <= max) return 0
+  let bytes = units
+  if (units <= max) {
+    for (let i = 0; i < units; i++) {
+      const c = text.charCodeAt(i)
+      // 0x80-0x7ff: 2 bytes; other BMP: 3; a surrogate pair (two units): 4
+      if (c >= 0x80) bytes += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2
+      if (bytes > max) break
+    }
+    if (bytes <= max) return 0
+  }
+  return bytes
+}
+
+const tooLarge = (text: string, max: number): PayloadTooLarge | undefined => {
+  const bytes = excessBytes(text, max)
+  return bytes === 0
+    ? undefined
+    : new PayloadTooLarge({
+        bytes,
+        maxBytes: max,
+        message: `the payload is at least ${bytes} bytes of JSON, over the topic's limit of ${max} (Topic option maxBytes)`
+      })
 }
 
 /**
@@ -175,6 +240,10 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
       rule: `type ${JSON.stringify(type)} must be 1-255 printable ASCII characters without spaces`
     })
   }
+  const maxBytes = options?.maxBytes ?? defaultMaxBytes
+  if (!Number.isSafeInteger(maxBytes) || maxBytes < 1) {
+    throw new Name.InvalidName({ kind: "topic", name, rule: `maxBytes must be an integer >= 1 (got ${maxBytes})` })
+  }
   const wire = wireSchema(schema)
   const encodePayload = Schema.encodeUnknownResult(wire)
   const decodePayload = Schema.decodeUnknownResult(wire)
@@ -184,11 +253,18 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
     schema,
     type,
     key: options?.key,
+    maxBytes,
     encode: (payload) => {
       const encoded = encodePayload(payload)
-      return Result.isFailure(encoded) ? Result.fail(encoded.failure) : stringify(encoded.success)
+      if (Result.isFailure(encoded)) return Result.fail(encoded.failure)
+      const text = stringify(encoded.success)
+      if (Result.isFailure(text)) return text
+      const large = tooLarge(text.success, maxBytes)
+      return large === undefined ? text : Result.fail(large)
     },
     decode: (data) => {
+      const large = tooLarge(data, maxBytes)
+      if (large !== undefined) return Result.fail(large)
       let json: unknown
       try {
         json = JSON.parse(data)

@@ -184,6 +184,81 @@ describe("Consumer", () => {
     }).pipe(Effect.provide(Live()))
   )
 
+  it.effect(
+    "a type the consumer does not handle, and a payload over the topic's maxBytes, are dead-lettered unparsed",
+    () =>
+      Effect.gen(function* () {
+        const small = Topic.make("payments", Payment, { key: (p) => p.account, maxBytes: 200 })
+        const seen = { billing: [] as Array<string>, ledger: [] as Array<string>, audit: [] as Array<string> }
+        let batchCalls = 0
+        const record = (group: keyof typeof seen) => (p: Payment) => Effect.sync(() => seen[group].push(p.id))
+        // one consumer per path: handle; handleBatch (a read of three goes to it at once); and one that
+        // also reads the newer type with the same Schema
+        yield* Consumer.make(small, { group: "billing", consumer: "c1", handle: record("billing") })
+        yield* Consumer.make(small, {
+          group: "ledger",
+          consumer: "c1",
+          handle: record("ledger"),
+          handleBatch: (items) =>
+            Effect.andThen(
+              Effect.sync(() => batchCalls++),
+              Effect.forEach(items, (i) => record("ledger")(i.message), { discard: true })
+            )
+        })
+        yield* Consumer.make(small, {
+          group: "audit",
+          consumer: "c1",
+          types: ["payments", "payments.v2"],
+          handle: record("audit")
+        })
+        const message = (id: string, type: string, data: Payment & { readonly note?: string }): Envelope.Encoded => ({
+          id,
+          topic: "payments",
+          type,
+          source: "urn:test",
+          key: data.account,
+          time: "2026-11-26T00:00:00.000Z",
+          attempt: 1,
+          headers: {},
+          data: JSON.stringify(data)
+        })
+        const broker = yield* Broker.Broker
+        yield* broker.publish([
+          message("v2-1", "payments.v2", pay(7)),
+          // 190 UTF-16 units, 310 bytes of UTF-8: decodable (the extra field is ignored), but over the limit
+          message("huge-1", "payments", { ...pay(8), note: "é".repeat(120) }),
+          message("ok-1", "payments", pay(2))
+        ])
+        yield* until(
+          Effect.sync(() => seen.billing.length + seen.ledger.length + seen.audit.length >= 4),
+          10,
+          1000
+        )
+        yield* yieldMany
+        assert.deepStrictEqual(seen, { billing: ["p-2"], ledger: ["p-2"], audit: ["p-7", "p-2"] })
+        assert.strictEqual(batchCalls, 1, "the ledger took the read at once: the refused two were settled first")
+        for (const group of ["billing", "ledger"]) {
+          const dlq = yield* DeadLetter.list("payments", { group })
+          assert.deepStrictEqual(
+            dlq.map((d) => [d.envelope?.id, d.reason, d.attempts]).sort(),
+            [
+              ["huge-1", "oversized", 0],
+              ["v2-1", "unknown-type", 0]
+            ],
+            group
+          )
+          const unknown = dlq.find((d) => d.reason === "unknown-type")!
+          assert.include(unknown.error!, 'type "payments.v2" is not one this consumer of topic "payments" handles')
+          assert.include(dlq.find((d) => d.reason === "oversized")!.error!, "over the topic's limit of 200")
+        }
+        const audit = yield* DeadLetter.list("payments", { group: "audit" })
+        assert.deepStrictEqual(
+          audit.map((d) => [d.envelope?.id, d.reason]),
+          [["huge-1", "oversized"]]
+        )
+      }).pipe(Effect.provide(Live()))
+  )
+
   it.effect("exhausted retries go to the DLQ with the last error and the attempts", () =>
     Effect.gen(function* () {
       yield* Consumer.make(payments, {

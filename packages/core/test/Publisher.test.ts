@@ -51,6 +51,25 @@ describe("Publisher", () => {
     }).pipe(Effect.provide(Live))
   )
 
+  it.effect("a payload over the topic's maxBytes is a PayloadError naming the limit, and nothing is published", () =>
+    Effect.gen(function* () {
+      const small = Topic.make("orders", Order, { maxBytes: 64 })
+      const error = yield* Effect.flip(
+        Publisher.publishAll(small, [
+          { orderId: "ok", total: 1 },
+          { orderId: "x".repeat(60), total: 2 }
+        ])
+      )
+      assert.strictEqual(error._tag, "PayloadError")
+      if (error._tag === "PayloadError") {
+        assert.strictEqual(error.direction, "encode")
+        assert.include(error.message, "over the topic's limit of 64 (Topic option maxBytes)")
+      }
+      const memory = yield* MemoryBroker.MemoryBroker
+      assert.strictEqual(yield* memory.length("orders"), 0, "the whole batch was refused")
+    }).pipe(Effect.provide(Live))
+  )
+
   it.effect("an invalid header name is a typed InvalidName", () =>
     Effect.gen(function* () {
       const error = yield* Effect.flip(

@@ -87,4 +87,34 @@ describe("Topic", () => {
     const notJson = t.decode("{oops")
     assert.isTrue(Result.isFailure(notJson) && notJson.failure._tag === "JsonSyntaxError")
   })
+
+  it("maxBytes (default 1 MiB) bounds the UTF-8 size of a payload's JSON, on encode and on decode", () => {
+    const Note = Schema.Struct({ text: Schema.String })
+    assert.strictEqual(Topic.make("notes", Note).maxBytes, Topic.defaultMaxBytes)
+    assert.strictEqual(Topic.defaultMaxBytes, 1_048_576)
+    // {"text":"..."} is 11 bytes around the text
+    const t = Topic.make("notes", Note, { maxBytes: 40 })
+    const tooLarge = (r: Result.Result<unknown, { readonly _tag: string }>) =>
+      Result.isFailure(r) && r.failure._tag === "PayloadTooLarge"
+    assert.isTrue(Result.isSuccess(t.encode({ text: "a".repeat(29) })), "40 bytes: at the limit")
+    const over = t.encode({ text: "a".repeat(30) })
+    assert.isTrue(tooLarge(over), "41 bytes: over")
+    if (Result.isFailure(over) && over.failure._tag === "PayloadTooLarge") {
+      assert.strictEqual(over.failure.maxBytes, 40)
+      assert.isAbove(over.failure.bytes, 40)
+      assert.include(over.failure.message, "limit of 40 (Topic option maxBytes)")
+    }
+    // counted in UTF-8, not in UTF-16 units: "é" is 2 bytes, "€" 3, "😀" (a surrogate pair) 4
+    assert.isTrue(Result.isSuccess(t.encode({ text: `${"é".repeat(14)}a` })), "11 + 29 bytes")
+    assert.isTrue(tooLarge(t.encode({ text: "é".repeat(15) })), "11 + 30 bytes in 26 units")
+    assert.isTrue(Result.isSuccess(t.encode({ text: `${"€".repeat(9)}aa` })), "11 + 29 bytes")
+    assert.isTrue(tooLarge(t.encode({ text: "€".repeat(10) })), "11 + 30 bytes in 21 units")
+    assert.isTrue(Result.isSuccess(t.encode({ text: `${"😀".repeat(7)}a` })), "11 + 29 bytes")
+    assert.isTrue(tooLarge(t.encode({ text: "😀".repeat(8) })), "11 + 32 bytes in 27 units")
+    // decode refuses oversized text before parsing it (here it is not even JSON)
+    assert.isTrue(tooLarge(t.decode("x".repeat(41))))
+    assert.deepStrictEqual(t.decode(`{"text":"${"a".repeat(29)}"}`), Result.succeed({ text: "a".repeat(29) }))
+    assert.throws(() => Topic.make("notes", Note, { maxBytes: 0 }), /maxBytes must be an integer >= 1 \(got 0\)/)
+    assert.throws(() => Topic.make("notes", Note, { maxBytes: 1.5 }), /maxBytes must be an integer >= 1/)
+  })
 })

@@ -71,7 +71,7 @@ export const hooks = {
     })
 }
 
-/** A `redis-server` owned by a test: AOF with fsync always, on its own port; kill -9 and restart it. */
+/** A `redis-server` owned by a test: AOF with fsync always, on its own port; kill -9 and restart it, or pause it. */
 export class OwnedRedis {
   readonly port: number
   readonly dir: string
@@ -127,6 +127,14 @@ export class OwnedRedis {
       proc.once("exit", () => resolve())
       proc.kill("SIGKILL")
     })
+  }
+  /** Freezes the server (SIGSTOP): connections stay open, nothing is answered until {@link resume}. */
+  pause(): void {
+    this.proc?.kill("SIGSTOP")
+  }
+  /** Lets a paused server run again (SIGCONT). */
+  resume(): void {
+    this.proc?.kill("SIGCONT")
   }
   async restart(): Promise<void> {
     await this.kill()

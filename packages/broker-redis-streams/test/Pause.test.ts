@@ -1,0 +1,116 @@
+/**
+ * A Redis server paused (SIGSTOP) for longer than the claim idle time while
+ * two consumers of a group work through a backlog with the inbox on
+ * Postgres: when it runs again, the entries in flight look idle to Redis, so
+ * a consumer may claim what the other is still handling (a false death).
+ * Nothing may be lost, and the inbox keeps every effect single.
+ */
+import { randomUUID } from "node:crypto"
+import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
+import { PgClient } from "@effect/sql-pg"
+import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
+import { Effect, Layer, Redacted, Schema } from "effect"
+import * as Redis from "effect/persistence/Redis"
+import { SqlClient } from "effect/sql"
+import { brokerLayer, OwnedRedis, Prefix, streamKey } from "./helpers.ts"
+
+const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
+const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
+const orders = Topic.make("orders", Order, { key: (o) => o.account })
+
+describe("a paused Redis", () => {
+  const owned = new OwnedRedis(6340 + (process.pid % 50))
+  beforeAll(() => owned.start(), 20_000)
+  afterAll(() => {
+    owned.resume()
+    return owned.stop()
+  })
+
+  it.live(
+    "paused for longer than the claim idle time under load: nothing lost, each effect once",
+    () =>
+      Effect.gen(function* () {
+        const schema = `converge_pause_${randomUUID().replaceAll("-", "").slice(0, 12)}`
+        const sql = yield* SqlClient.SqlClient
+        const redis = yield* Redis.Redis
+        const prefix = yield* Prefix
+        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+        const store = yield* SqlStore.make({ schema, partitions: 2 })
+        yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL, consumer text NOT NULL)`).raw
+        const total = 300
+        yield* Publisher.publishAll(
+          orders,
+          Array.from({ length: total }, (_, i) => ({ id: `o-${i}`, account: `a-${i % 7}` }))
+        )
+        const handledBy = { c1: 0, c2: 0 }
+        let redelivered = 0
+        const consumer = (name: "c1" | "c2") => {
+          const inbox = Inbox.handlers((items: ReadonlyArray<Consumer.BatchItem<typeof Order.Type>>) =>
+            Effect.gen(function* () {
+              handledBy[name] += items.length
+              yield* sql.unsafe(`INSERT INTO ${schema}.effects (order_id, consumer) SELECT unnest($1::text[]), $2`, [
+                items.map((i) => i.message.id),
+                name
+              ]).raw
+              yield* Effect.sleep("20 millis") // a handler that takes a while: reads are in flight
+            })
+          )
+          return Consumer.make(orders, {
+            group: "ledger",
+            consumer: name,
+            batchSize: 10,
+            claimIdle: "1 second",
+            handle: inbox.handle,
+            handleBatch: (items) =>
+              Effect.andThen(
+                Effect.sync(() => {
+                  redelivered += items.filter((i) => i.context.deliveryCount > 1).length
+                }),
+                inbox.handleBatch(items)
+              )
+          })
+        }
+        const effects = sql.unsafe<{ n: number; d: number }>(
+          `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
+        ).withoutTransform
+        const pending = Effect.map(
+          redis.send<[number, ...Array<unknown>]>("XPENDING", streamKey(prefix, "orders"), "ledger"),
+          (reply) => Number(reply[0])
+        )
+        const env = Layer.mergeAll(Layer.effectDiscard(consumer("c1")), Layer.effectDiscard(consumer("c2"))).pipe(
+          Layer.provide(Inbox.layer()),
+          Layer.provide(Layer.succeed(SqlStore.SqlStore, store))
+        )
+        let pausedAt = 0
+        yield* Effect.gen(function* () {
+          // pause once the consumers are busy, for 2.5 s (2.5x the claim idle time)
+          for (let i = 0; i < 500 && Number((yield* effects)[0]!.d) < 40; i++) yield* Effect.sleep("10 millis")
+          pausedAt = Number((yield* effects)[0]!.d)
+          owned.pause()
+          yield* Effect.sleep("2500 millis")
+          owned.resume()
+          for (let i = 0; i < 1500; i++) {
+            if (Number((yield* effects)[0]!.d) >= total && (yield* pending) === 0) break
+            yield* Effect.sleep("20 millis")
+          }
+        }).pipe(Effect.provide(env), Effect.scoped)
+        assert.isBelow(pausedAt, total, "the pause came while the backlog was being worked")
+        const [row] = yield* effects
+        assert.strictEqual(Number(row!.d), total, "every message's effect applied")
+        assert.strictEqual(Number(row!.n), total, "each exactly once")
+        assert.strictEqual(handledBy.c1 + handledBy.c2, total, "the inbox let each message through once")
+        assert.strictEqual(yield* pending, 0, "everything acked")
+        assert.isAbove(redelivered, 0, "the pause made entries in flight look idle: the other consumer claimed some")
+        assert.deepStrictEqual(yield* DeadLetter.list("orders"), [], "nothing dead-lettered")
+      }).pipe(
+        Effect.scoped,
+        Effect.provide(
+          Layer.mergeAll(
+            Publisher.layer().pipe(Layer.provideMerge(brokerLayer(owned.url))),
+            PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 6 })
+          )
+        )
+      ),
+    60_000
+  )
+})

@@ -319,12 +319,14 @@ export interface BaseOptions<A, E, R> {
   /** Broker events (lost entries, recreated groups, malformed entries); default: a warning log. */
   readonly onEvent?: ((event: Broker.SubscriptionEvent) => Effect.Effect<void>) | undefined
   /**
-   * The CloudEvents types this consumer handles (default: the topic's `type`
-   * only). A message of any other type is dead-lettered with reason
-   * `unknown-type` and the handler never sees it: another producer's
+   * CloudEvents types this consumer handles besides the topic's own `type`
+   * (default: none). A message of any other type is dead-lettered with
+   * reason `unknown-type` and the handler never sees it: another producer's
    * messages, or a new version of the payload, are not decoded with a Schema
    * that was not written for them. List the older or newer types the Schema
-   * also reads to accept them.
+   * also reads to accept them. (Define a topic once and share it between
+   * publisher and consumers: a consumer whose topic names another type
+   * dead-letters every message, each with this reason.)
    */
   readonly types?: ReadonlyArray<string> | undefined
 }
@@ -444,7 +446,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     const shutdownTimeout = options.shutdownTimeout ?? "30 seconds"
     const locks = new KeyLocks()
     const names = { group, consumer }
-    const types = new Set(options.types ?? [topic.type])
+    const types = new Set([topic.type, ...(options.types ?? [])])
     const typeList = [...types].map((t) => JSON.stringify(t)).join(", ")
 
     /**
@@ -458,7 +460,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       if (type !== topic.type && !types.has(type)) {
         return Result.fail({
           reason: "unknown-type",
-          error: `type ${JSON.stringify(type)} is not one this consumer of topic ${JSON.stringify(topic.name)} handles (${typeList}; Consumer option types)`
+          error: `type ${JSON.stringify(type)} is not one this consumer of topic ${JSON.stringify(topic.name)} handles: ${typeList} (the Consumer option types adds others)`
         })
       }
       const decoded = topic.decode(delivery.envelope.data)

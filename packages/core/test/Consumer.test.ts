@@ -208,7 +208,7 @@ describe("Consumer", () => {
         yield* Consumer.make(small, {
           group: "audit",
           consumer: "c1",
-          types: ["payments", "payments.v2"],
+          types: ["payments.v2"],
           handle: record("audit")
         })
         const message = (id: string, type: string, data: Payment & { readonly note?: string }): Envelope.Encoded => ({

@@ -2,12 +2,14 @@
  * Processes killed with SIGKILL, with Redis as the broker and Postgres as the
  * store:
  *
- * - the outbox relay, between publish and mark: every message is delivered,
- *   and the consumer's inbox keeps each effect single although the dead
- *   relay's batch is published a second time;
- * - a consumer, after its inbox transaction committed and before it acked:
- *   a replacement consumer (another name) claims the read, the inbox skips
- *   it, and every effect is applied exactly once.
+ * - the outbox relay, after claiming its rows (before publishing them) and
+ *   between publish and mark: every message is delivered, and the
+ *   consumer's inbox keeps each effect single although in the second case
+ *   the dead relay's batch is published a second time;
+ * - a consumer, before its inbox transaction, inside it (mid-batch), and
+ *   after it committed but before it acked: a replacement consumer (another
+ *   name) claims the read, the inbox skips what had committed, and every
+ *   effect is applied exactly once.
  */
 import { spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
@@ -25,9 +27,13 @@ const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
 
 describe("Outbox relay on Redis", () => {
-  it.live(
-    "a relay process killed with SIGKILL between publish and mark: everything delivered, each effect once",
-    () =>
+  const relayKills = [
+    { when: "after-claim", title: "after claiming its rows, before publishing them", republished: 0 },
+    { when: "after-publish", title: "between publish and mark", republished: 20 }
+  ] as const
+  it.live.each(relayKills)(
+    "a relay process killed with SIGKILL $title: everything delivered, each effect once",
+    ({ when, republished }) =>
       Effect.gen(function* () {
         const schema = `converge_kill_${randomUUID().replaceAll("-", "").slice(0, 12)}`
         const sql = yield* SqlClient.SqlClient
@@ -50,17 +56,23 @@ describe("Outbox relay on Redis", () => {
 
         const prefix = yield* Prefix
         const script = fileURLToPath(new URL("./fixtures/doomed-relay.ts", import.meta.url))
-        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix], {
+        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix, when], {
           stdio: ["ignore", "pipe", "inherit"]
         })
-        let publishedByDoomed = 0
+        let stuck = 0
         child.stdout.on("data", (chunk) => {
           for (const line of String(chunk).split("\n")) {
-            if (line.startsWith("published ")) publishedByDoomed += Number(line.slice(10))
+            if (line.startsWith("claimed ") || line.startsWith("published ")) stuck += Number(line.split(" ")[1])
           }
         })
-        for (let i = 0; i < 1000 && publishedByDoomed === 0; i++) yield* Effect.sleep("20 millis")
-        assert.strictEqual(publishedByDoomed, 20, "the doomed relay published one batch to Redis")
+        for (let i = 0; i < 1000 && stuck === 0; i++) yield* Effect.sleep("20 millis")
+        assert.strictEqual(stuck, 20, "the doomed relay is stuck with one batch")
+        const redis = yield* Redis.Redis
+        assert.strictEqual(
+          Number(yield* redis.send("XLEN", streamKey(prefix, "orders"))),
+          republished,
+          when === "after-claim" ? "nothing reached Redis" : "the batch reached Redis"
+        )
         child.kill("SIGKILL")
         yield* Effect.promise(
           () => new Promise((resolve) => (child.exitCode !== null ? resolve(null) : child.once("exit", resolve)))
@@ -95,7 +107,7 @@ describe("Outbox relay on Redis", () => {
         ).withoutTransform
         yield* Effect.gen(function* () {
           for (let i = 0; i < 500; i++) {
-            if (Number((yield* effects)[0]!.d) >= total && deliveries >= total + 20) break
+            if (Number((yield* effects)[0]!.d) >= total && deliveries >= total + republished) break
             yield* Effect.sleep("20 millis")
           }
           yield* Effect.sleep("200 millis")
@@ -103,7 +115,13 @@ describe("Outbox relay on Redis", () => {
         const [row] = yield* effects
         assert.strictEqual(Number(row!.d), total, "every message delivered")
         assert.strictEqual(Number(row!.n), total, "every effect exactly once")
-        assert.isAtLeast(deliveries, total + 20, "the killed relay's 20 messages arrived twice; the inbox skipped them")
+        assert.strictEqual(
+          deliveries,
+          total + republished,
+          republished === 0
+            ? "nothing arrived twice"
+            : "the killed relay's 20 messages arrived twice; the inbox skipped the copies"
+        )
         assert.strictEqual(Number((yield* unpublished)[0]!.n), 0)
       }).pipe(
         Effect.scoped,
@@ -112,9 +130,14 @@ describe("Outbox relay on Redis", () => {
     60_000
   )
 
-  it.live(
-    "a consumer process killed with SIGKILL after its inbox transaction committed, before the ack: each effect once",
-    () =>
+  const consumerKills = [
+    { when: "before", title: "before its inbox transaction", committed: 0 },
+    { when: "mid-batch", title: "mid-batch, inside its inbox transaction", committed: 0 },
+    { when: "after-commit", title: "after its inbox transaction committed, before the ack", committed: 10 }
+  ] as const
+  it.live.each(consumerKills)(
+    "a consumer process killed with SIGKILL $title: a replacement applies each effect once",
+    ({ when, committed: expected }) =>
       Effect.gen(function* () {
         const schema = `converge_kill_${randomUUID().replaceAll("-", "").slice(0, 12)}`
         const sql = yield* SqlClient.SqlClient
@@ -138,24 +161,28 @@ describe("Outbox relay on Redis", () => {
         assert.strictEqual(yield* relay.drain, total, "the relay moved every message to Redis")
 
         const script = fileURLToPath(new URL("./fixtures/doomed-inbox-consumer.ts", import.meta.url))
-        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix], {
+        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix, when], {
           stdio: ["ignore", "pipe", "inherit"]
         })
-        let committed = 0
+        let dying = 0
         child.stdout.on("data", (chunk) => {
           for (const line of String(chunk).split("\n")) {
-            if (line.startsWith("committed ")) committed += Number(line.slice(10))
+            if (line.startsWith("dying ")) dying += Number(line.slice(6))
           }
         })
         yield* Effect.promise(
           () => new Promise((resolve) => (child.exitCode !== null ? resolve(null) : child.once("exit", resolve)))
         )
         assert.strictEqual(child.signalCode, "SIGKILL", "the consumer died by SIGKILL")
-        assert.strictEqual(committed, 10, "it committed one read of 10 before dying")
+        assert.strictEqual(dying, 10, "it died handling its first read, of 10")
         const effects = sql.unsafe<{ n: number; d: number }>(
           `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
         ).withoutTransform
-        assert.strictEqual(Number((yield* effects)[0]!.n), 10, "its effects committed")
+        assert.strictEqual(
+          Number((yield* effects)[0]!.n),
+          expected,
+          expected === 0 ? "nothing of it committed" : "its effects committed"
+        )
         const pending = Effect.map(
           redis.send<[number, unknown, unknown, Array<[string, string]> | null]>(
             "XPENDING",
@@ -164,7 +191,7 @@ describe("Outbox relay on Redis", () => {
           ),
           (reply) => ({ count: Number(reply[0]), byConsumer: Object.fromEntries(reply[3] ?? []) })
         )
-        // its committed read was never acked (nor what it had read ahead): pending under the dead consumer's name
+        // its read was never acked (nor what it had read ahead): pending under the dead consumer's name
         const left = yield* pending
         assert.isAtLeast(left.count, 10)
         assert.deepStrictEqual(left.byConsumer, { doomed: String(left.count) })
@@ -199,7 +226,7 @@ describe("Outbox relay on Redis", () => {
         const [row] = yield* effects
         assert.strictEqual(Number(row!.d), total, "every message's effect applied")
         assert.strictEqual(Number(row!.n), total, "each exactly once")
-        assert.strictEqual(fresh, total - 10, "the claimed 10 were skipped by the inbox, not handled again")
+        assert.strictEqual(fresh, total - expected, "what committed before the kill was skipped by the inbox")
         assert.strictEqual((yield* pending).count, 0, "and acked")
       }).pipe(
         Effect.scoped,

@@ -105,8 +105,9 @@ export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>("@conve
 ) {}
 
 /**
- * Whether `text` takes more than `max` bytes in UTF-8, and how many it takes when it does (0 when it
- * does not). A UTF-16 code unit takes 1 to 3 bytes, so most texts are decided by their length alone.
+ * 0 when `text` takes at most `max` bytes in UTF-8; otherwise a lower bound (> `max`) of how many it
+ * takes (counting stops past the limit). A UTF-16 code unit takes 1 to 3 bytes, so most texts are decided
+ * by their length alone.
  */
 const excessBytes = (text: string, max: number): number => {
   const units = text.length

@@ -6,16 +6,13 @@
  * tell them apart: the inbox must apply each effect once, and the effects of
  * a key must still be applied in their order.
  */
-import { randomUUID } from "node:crypto"
 import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Layer, Random, Redacted, Schema } from "effect"
 import * as Redis from "effect/persistence/Redis"
-import { SqlClient } from "effect/sql"
-import { brokerLayer, Prefix, streamKey } from "./helpers.ts"
+import { brokerLayer, freshStore, Prefix, pgUrl, streamKey } from "./helpers.ts"
 
-const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const Step = Schema.Struct({ account: Schema.String, n: Schema.Int })
 const steps = Topic.make("steps", Step, { key: (s) => s.account })
 
@@ -24,15 +21,12 @@ describe("duplicates injected on Redis", () => {
     "copies re-added shuffled and late: each effect once, each key's effects in order",
     () =>
       Effect.gen(function* () {
-        const schema = `converge_dup_${randomUUID().replaceAll("-", "").slice(0, 12)}`
-        const sql = yield* SqlClient.SqlClient
+        const { sql, schema, store } = yield* freshStore(
+          "dup",
+          "applied bigserial, message_id text NOT NULL, account text NOT NULL, n int NOT NULL"
+        )
         const redis = yield* Redis.Redis
         const prefix = yield* Prefix
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-        const store = yield* SqlStore.make({ schema, partitions: 2 })
-        yield* sql.unsafe(
-          `CREATE TABLE ${schema}.effects (applied bigserial, message_id text NOT NULL, account text NOT NULL, n int NOT NULL)`
-        ).raw
         const accounts = 5
         const perAccount = 40
         const total = accounts * perAccount

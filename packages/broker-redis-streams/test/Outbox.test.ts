@@ -12,19 +12,41 @@
  *   effect is applied exactly once.
  */
 import { spawn } from "node:child_process"
-import { randomUUID } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
 import * as Redis from "effect/persistence/Redis"
-import { SqlClient } from "effect/sql"
-import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
+import { brokerLayer, freshStore, mainUrl, Prefix, pgUrl, streamKey } from "./helpers.ts"
 
-const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
+
+/**
+ * Runs `test/fixtures/<name>` in a child process. `reported()` sums the numbers its stdout lines give
+ * after one of `words` (`published 20`, say); `exited` completes with the signal that ended it.
+ */
+const spawnFixture = (name: string, args: ReadonlyArray<string>, words: ReadonlyArray<string>) => {
+  const script = fileURLToPath(new URL(`./fixtures/${name}`, import.meta.url))
+  const child = spawn(process.execPath, [script, ...args], { stdio: ["ignore", "pipe", "inherit"] })
+  let reported = 0
+  child.stdout.on("data", (chunk) => {
+    for (const line of String(chunk).split("\n")) {
+      const [word, n] = line.split(" ")
+      if (word !== undefined && words.includes(word)) reported += Number(n)
+    }
+  })
+  const exited = Effect.promise(
+    () =>
+      new Promise<NodeJS.Signals | null>((resolve) =>
+        child.exitCode !== null || child.signalCode !== null
+          ? resolve(child.signalCode)
+          : child.once("exit", (_code, signal) => resolve(signal))
+      )
+  )
+  return { child, reported: () => reported, exited }
+}
 
 describe("Outbox relay on Redis", () => {
   const relayKills = [
@@ -35,11 +57,7 @@ describe("Outbox relay on Redis", () => {
     "a relay process killed with SIGKILL $title: everything delivered, each effect once",
     ({ when, republished }) =>
       Effect.gen(function* () {
-        const schema = `converge_kill_${randomUUID().replaceAll("-", "").slice(0, 12)}`
-        const sql = yield* SqlClient.SqlClient
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-        const store = yield* SqlStore.make({ schema, partitions: 2 })
-        yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL)`).raw
+        const { sql, schema, store } = yield* freshStore("kill", "order_id text NOT NULL")
         const provideStore = <A, E, R>(e: Effect.Effect<A, E, R>) => Effect.provideService(e, SqlStore.SqlStore, store)
         const outbox = yield* provideStore(Outbox.make())
         const total = 50
@@ -55,29 +73,17 @@ describe("Outbox relay on Redis", () => {
         }
 
         const prefix = yield* Prefix
-        const script = fileURLToPath(new URL("./fixtures/doomed-relay.ts", import.meta.url))
-        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix, when], {
-          stdio: ["ignore", "pipe", "inherit"]
-        })
-        let stuck = 0
-        child.stdout.on("data", (chunk) => {
-          for (const line of String(chunk).split("\n")) {
-            if (line.startsWith("claimed ") || line.startsWith("published ")) stuck += Number(line.split(" ")[1])
-          }
-        })
-        for (let i = 0; i < 1000 && stuck === 0; i++) yield* Effect.sleep("20 millis")
-        assert.strictEqual(stuck, 20, "the doomed relay is stuck with one batch")
+        const doomed = spawnFixture("doomed-relay.ts", [pgUrl, schema, mainUrl, prefix, when], ["claimed", "published"])
+        for (let i = 0; i < 1000 && doomed.reported() === 0; i++) yield* Effect.sleep("20 millis")
+        assert.strictEqual(doomed.reported(), 20, "the doomed relay is stuck with one batch")
         const redis = yield* Redis.Redis
         assert.strictEqual(
           Number(yield* redis.send("XLEN", streamKey(prefix, "orders"))),
           republished,
           when === "after-claim" ? "nothing reached Redis" : "the batch reached Redis"
         )
-        child.kill("SIGKILL")
-        yield* Effect.promise(
-          () => new Promise((resolve) => (child.exitCode !== null ? resolve(null) : child.once("exit", resolve)))
-        )
-        assert.strictEqual(child.signalCode, "SIGKILL")
+        doomed.child.kill("SIGKILL")
+        assert.strictEqual(yield* doomed.exited, "SIGKILL")
         const unpublished = sql.unsafe<{ n: number }>(
           `SELECT count(*)::int AS n FROM ${schema}.outbox WHERE published_at IS NULL`
         ).withoutTransform
@@ -139,13 +145,9 @@ describe("Outbox relay on Redis", () => {
     "a consumer process killed with SIGKILL $title: a replacement applies each effect once",
     ({ when, committed: expected }) =>
       Effect.gen(function* () {
-        const schema = `converge_kill_${randomUUID().replaceAll("-", "").slice(0, 12)}`
-        const sql = yield* SqlClient.SqlClient
+        const { sql, schema, store } = yield* freshStore("kill", "order_id text NOT NULL")
         const redis = yield* Redis.Redis
         const prefix = yield* Prefix
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-        const store = yield* SqlStore.make({ schema, partitions: 2 })
-        yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL)`).raw
         const provideStore = <A, E, R>(e: Effect.Effect<A, E, R>) => Effect.provideService(e, SqlStore.SqlStore, store)
         const outbox = yield* provideStore(Outbox.make())
         const total = 30
@@ -160,21 +162,9 @@ describe("Outbox relay on Redis", () => {
         const relay = yield* provideStore(OutboxRelay.make({ listen: false }))
         assert.strictEqual(yield* relay.drain, total, "the relay moved every message to Redis")
 
-        const script = fileURLToPath(new URL("./fixtures/doomed-inbox-consumer.ts", import.meta.url))
-        const child = spawn(process.execPath, [script, pgUrl, schema, mainUrl, prefix, when], {
-          stdio: ["ignore", "pipe", "inherit"]
-        })
-        let dying = 0
-        child.stdout.on("data", (chunk) => {
-          for (const line of String(chunk).split("\n")) {
-            if (line.startsWith("dying ")) dying += Number(line.slice(6))
-          }
-        })
-        yield* Effect.promise(
-          () => new Promise((resolve) => (child.exitCode !== null ? resolve(null) : child.once("exit", resolve)))
-        )
-        assert.strictEqual(child.signalCode, "SIGKILL", "the consumer died by SIGKILL")
-        assert.strictEqual(dying, 10, "it died handling its first read, of 10")
+        const doomed = spawnFixture("doomed-inbox-consumer.ts", [pgUrl, schema, mainUrl, prefix, when], ["dying"])
+        assert.strictEqual(yield* doomed.exited, "SIGKILL", "the consumer died by SIGKILL")
+        assert.strictEqual(doomed.reported(), 10, "it died handling its first read, of 10")
         const effects = sql.unsafe<{ n: number; d: number }>(
           `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
         ).withoutTransform

@@ -5,16 +5,13 @@
  * a consumer may claim what the other is still handling (a false death).
  * Nothing may be lost, and the inbox keeps every effect single.
  */
-import { randomUUID } from "node:crypto"
 import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
 import * as Redis from "effect/persistence/Redis"
-import { SqlClient } from "effect/sql"
-import { brokerLayer, OwnedRedis, Prefix, streamKey } from "./helpers.ts"
+import { brokerLayer, freshStore, OwnedRedis, Prefix, pgUrl, streamKey } from "./helpers.ts"
 
-const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
 
@@ -30,13 +27,9 @@ describe("a paused Redis", () => {
     "paused for longer than the claim idle time under load: nothing lost, each effect once",
     () =>
       Effect.gen(function* () {
-        const schema = `converge_pause_${randomUUID().replaceAll("-", "").slice(0, 12)}`
-        const sql = yield* SqlClient.SqlClient
+        const { sql, schema, store } = yield* freshStore("pause", "order_id text NOT NULL, consumer text NOT NULL")
         const redis = yield* Redis.Redis
         const prefix = yield* Prefix
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-        const store = yield* SqlStore.make({ schema, partitions: 2 })
-        yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL, consumer text NOT NULL)`).raw
         const total = 300
         yield* Publisher.publishAll(
           orders,

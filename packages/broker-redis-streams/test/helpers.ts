@@ -9,10 +9,11 @@ import { randomUUID } from "node:crypto"
 import { mkdtempSync, rmSync } from "node:fs"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
-import type { Envelope } from "@converge/core"
+import { type Envelope, SqlStore } from "@converge/core"
 import { NodeRedis } from "@effect/platform-node"
-import { Context, Effect, Layer } from "effect"
+import { Context, Effect, Layer, type Scope } from "effect"
 import * as Redis from "effect/persistence/Redis"
+import { SqlClient } from "effect/sql"
 import { RedisStreamsBroker } from "../src/index.ts"
 
 /** The key prefix of the broker under test. */
@@ -145,3 +146,28 @@ export class OwnedRedis {
     rmSync(this.dir, { recursive: true, force: true })
   }
 }
+
+/** The Postgres of the tests that need one (`DATABASE_URL`, default the machine's). */
+export const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
+
+/**
+ * A fresh outbox/inbox store (its own schema, 2 partitions, migrated) on the `SqlClient` in context, with
+ * an `effects` table of the given columns for the test's handlers to write; the schema is dropped when
+ * the scope closes.
+ */
+export const freshStore = (
+  tag: string,
+  effectsColumns: string
+): Effect.Effect<
+  { readonly sql: SqlClient.SqlClient; readonly schema: string; readonly store: SqlStore.SqlStore["Service"] },
+  unknown,
+  SqlClient.SqlClient | Scope.Scope
+> =>
+  Effect.gen(function* () {
+    const schema = `converge_${tag}_${randomUUID().replaceAll("-", "").slice(0, 12)}`
+    const sql = yield* SqlClient.SqlClient
+    yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+    const store = yield* SqlStore.make({ schema, partitions: 2 })
+    yield* sql.unsafe(`CREATE TABLE ${schema}.effects (${effectsColumns})`).raw
+    return { sql, schema, store }
+  })

@@ -342,6 +342,10 @@ export type Options<A, E, R> = BaseOptions<A, E, R> &
     ? { readonly errors?: NoInfer<Classification<E>> | undefined }
     : { readonly errors: NoInfer<Classification<E>> })
 
+/** At most 1 000 characters of `text`, for a log line. */
+const truncate = (text: string): string =>
+  text.length <= 1000 ? text : `${text.slice(0, 1000)}… (${text.length} chars)`
+
 /**
  * The default retry schedule: exponential from 100 ms, doubling, each delay
  * capped at 30 seconds, 10 retries.
@@ -525,25 +529,37 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       )
     }
 
+    /**
+     * Dead-letters a delivery and logs it (a warning annotated with topic, group and message id, so an
+     * operator sees it without reading the queue). A failure to dead-letter is logged too; the message
+     * then stays pending and comes back.
+     */
+    const deadLetter = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
+      Effect.uninterruptible(delivery.deadLetter(reason)).pipe(
+        Effect.andThen(
+          Effect.logWarning(
+            `consumer: message dead-lettered (${reason.reason})${reason.error === undefined ? "" : `: ${truncate(reason.error)}`}`
+          )
+        ),
+        Effect.catch((e) => Effect.logWarning("consumer: dead-lettering failed; the message will be redelivered", e)),
+        Effect.annotateLogs({ topic: topic.name, group, messageId: delivery.envelope.id })
+      )
+
     /** Handles one delivery; a success is not acked here but pushed to `acks` (acked per read). */
     const handleOne = (delivery: Broker.Delivery, acks: Array<Broker.Delivery>): Effect.Effect<void, never, R> => {
       const encoded = delivery.envelope
       const decoded = decodeOrRefuse(delivery)
       if (Result.isFailure(decoded)) {
         // refused or undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
-        return delivery
-          .deadLetter({ reason: decoded.failure.reason, error: decoded.failure.error, attempts: 0 })
-          .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
+        return deadLetter(delivery, { reason: decoded.failure.reason, error: decoded.failure.error, attempts: 0 })
       }
       const payload = decoded.success
       if (delivery.deliveryCount > maxDeliveries) {
-        return delivery
-          .deadLetter({
-            reason: "too-many-deliveries",
-            error: `delivered ${delivery.deliveryCount} times without being settled`,
-            attempts: encoded.attempt
-          })
-          .pipe(Effect.catch((e) => Effect.logWarning("consumer: dead-letter failed", e)))
+        return deadLetter(delivery, {
+          reason: "too-many-deliveries",
+          error: `delivered ${delivery.deliveryCount} times without being settled`,
+          attempts: encoded.attempt
+        })
       }
       const settle = (effect: Effect.Effect<void, unknown>) =>
         Effect.uninterruptible(effect).pipe(
@@ -569,9 +585,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
                     Effect.annotateLogs({ topic: topic.name, group, messageId: encoded.id })
                   )
                 case "DeadLetter":
-                  return settle(
-                    delivery.deadLetter({ reason: decision.reason, error: decision.error, attempts: attempt })
-                  )
+                  return deadLetter(delivery, { reason: decision.reason, error: decision.error, attempts: attempt })
                 case "Retry": {
                   const delayMs = Duration.toMillis(decision.delay)
                   if (delayMs <= inProcessLimit && inProcess < maxInProcess) {

@@ -1,6 +1,21 @@
 import { MemoryBroker } from "@converge/broker-memory"
 import { assert, describe, it } from "@effect/vitest"
-import { Clock, Data, Deferred, Effect, Exit, Fiber, Layer, Ref, Schedule, Schema, Scope, Stream } from "effect"
+import {
+  Clock,
+  Data,
+  Deferred,
+  Effect,
+  Exit,
+  Fiber,
+  Layer,
+  Logger,
+  Ref,
+  References,
+  Schedule,
+  Schema,
+  Scope,
+  Stream
+} from "effect"
 import { TestClock } from "effect/testing"
 import { Broker, BrokerError, Consumer, DeadLetter, type Envelope, Publisher, Topic } from "../src/index.ts"
 
@@ -152,37 +167,52 @@ describe("Consumer", () => {
     }).pipe(Effect.provide(Live()))
   )
 
-  it.effect("a decode failure goes to the DLQ with 0 handler calls", () =>
+  it.effect("a decode failure goes to the DLQ with 0 handler calls, and a warning says so", () =>
     Effect.gen(function* () {
-      const calls = yield* Ref.make(0)
-      yield* Consumer.make(payments, {
-        group: "billing",
-        consumer: "c1",
-        handle: () => Ref.update(calls, (n) => n + 1)
+      const warnings: Array<{ readonly message: string; readonly annotations: Record<string, unknown> }> = []
+      const capture = Logger.make<unknown, void>(({ logLevel, message, fiber }) => {
+        if (logLevel !== "Warn") return
+        warnings.push({
+          message: Array.isArray(message) ? message.join(" ") : String(message),
+          annotations: { ...fiber.getRef(References.CurrentLogAnnotations) }
+        })
       })
-      const broker = yield* Broker.Broker
-      const bad: Envelope.Encoded = {
-        id: "bad-1",
-        topic: "payments",
-        type: "payments",
-        source: "urn:test",
-        key: "acct-9",
-        time: "2026-11-26T00:00:00.000Z",
-        attempt: 1,
-        headers: {},
-        data: '{"id":"p-9","account":"acct-9","cents":"a lot"}'
-      }
-      yield* broker.publish([bad])
-      yield* Publisher.publish(payments, pay(2))
-      yield* until(Effect.map(Ref.get(calls), (n) => n >= 1))
-      const dlq = yield* DeadLetter.list("payments", { reason: "decode" })
-      assert.strictEqual(dlq.length, 1)
-      assert.strictEqual(dlq[0]!.envelope?.id, "bad-1")
-      assert.strictEqual(dlq[0]!.attempts, 0)
-      assert.include(dlq[0]!.error!, "cents")
-      assert.strictEqual(yield* Ref.get(calls), 1, "only the good message reached the handler")
+      yield* Effect.provide(decodeFailureCase, Logger.layer([capture]))
+      assert.strictEqual(warnings.length, 1)
+      assert.match(warnings[0]!.message, /^consumer: message dead-lettered \(decode\): [\s\S]*cents/)
+      assert.deepStrictEqual(warnings[0]!.annotations, { topic: "payments", group: "billing", messageId: "bad-1" })
     }).pipe(Effect.provide(Live()))
   )
+
+  const decodeFailureCase = Effect.gen(function* () {
+    const calls = yield* Ref.make(0)
+    yield* Consumer.make(payments, {
+      group: "billing",
+      consumer: "c1",
+      handle: () => Ref.update(calls, (n) => n + 1)
+    })
+    const broker = yield* Broker.Broker
+    const bad: Envelope.Encoded = {
+      id: "bad-1",
+      topic: "payments",
+      type: "payments",
+      source: "urn:test",
+      key: "acct-9",
+      time: "2026-11-26T00:00:00.000Z",
+      attempt: 1,
+      headers: {},
+      data: '{"id":"p-9","account":"acct-9","cents":"a lot"}'
+    }
+    yield* broker.publish([bad])
+    yield* Publisher.publish(payments, pay(2))
+    yield* until(Effect.map(Ref.get(calls), (n) => n >= 1))
+    const dlq = yield* DeadLetter.list("payments", { reason: "decode" })
+    assert.strictEqual(dlq.length, 1)
+    assert.strictEqual(dlq[0]!.envelope?.id, "bad-1")
+    assert.strictEqual(dlq[0]!.attempts, 0)
+    assert.include(dlq[0]!.error!, "cents")
+    assert.strictEqual(yield* Ref.get(calls), 1, "only the good message reached the handler")
+  })
 
   it.effect(
     "a type the consumer does not handle, and a payload over the topic's maxBytes, are dead-lettered unparsed",

@@ -37,6 +37,7 @@
  *
  * @since 0.1.0
  */
+import { Buffer } from "node:buffer"
 import { Effect, Result, Schema, SchemaAST } from "effect"
 import * as Name from "./Name.ts"
 
@@ -94,8 +95,8 @@ export interface Options<A> {
 export const defaultMaxBytes = 1024 * 1024
 
 /**
- * A payload is larger than its topic's `maxBytes`. `bytes` is a lower bound
- * of its size: counting stops once past the limit.
+ * A payload is larger than its topic's `maxBytes`. `bytes` is its size in
+ * UTF-8, or a lower bound (its length) when that alone is over the limit.
  *
  * @since 0.1.0
  */
@@ -105,24 +106,16 @@ export class PayloadTooLarge extends Schema.TaggedError<PayloadTooLarge>("@conve
 ) {}
 
 /**
- * 0 when `text` takes at most `max` bytes in UTF-8; otherwise a lower bound (> `max`) of how many it
- * takes (counting stops past the limit). A UTF-16 code unit takes 1 to 3 bytes, so most texts are decided
- * by their length alone.
+ * 0 when `text` takes at most `max` bytes in UTF-8; otherwise how many it takes (a lower bound, its
+ * length, when that alone is over the limit). A UTF-16 code unit takes 1 to 3 bytes, so most texts are
+ * decided by their length alone; the rest are measured natively.
  */
 const excessBytes = (text: string, max: number): number => {
   const units = text.length
   if (units * 3 <= max) return 0
-  let bytes = units
-  if (units <= max) {
-    for (let i = 0; i < units; i++) {
-      const c = text.charCodeAt(i)
-      // 0x80-0x7ff: 2 bytes; other BMP: 3; a surrogate pair (two units): 4
-      if (c >= 0x80) bytes += c < 0x800 || (c >= 0xd800 && c <= 0xdfff) ? 1 : 2
-      if (bytes > max) break
-    }
-    if (bytes <= max) return 0
-  }
-  return bytes
+  if (units > max) return units
+  const bytes = Buffer.byteLength(text, "utf8")
+  return bytes > max ? bytes : 0
 }
 
 const tooLarge = (text: string, max: number): PayloadTooLarge | undefined => {

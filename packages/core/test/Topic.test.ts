@@ -106,7 +106,11 @@ describe("Topic", () => {
     }
     // counted in UTF-8, not in UTF-16 units: "é" is 2 bytes, "€" 3, "😀" (a surrogate pair) 4
     assert.isTrue(Result.isSuccess(t.encode({ text: `${"é".repeat(14)}a` })), "11 + 29 bytes")
-    assert.isTrue(tooLarge(t.encode({ text: "é".repeat(15) })), "11 + 30 bytes in 26 units")
+    const accented = t.encode({ text: "é".repeat(15) })
+    assert.isTrue(tooLarge(accented), "11 + 30 bytes in 26 units")
+    if (Result.isFailure(accented) && accented.failure._tag === "PayloadTooLarge") {
+      assert.strictEqual(accented.failure.bytes, 41, "measured exactly when the length alone does not decide")
+    }
     assert.isTrue(Result.isSuccess(t.encode({ text: `${"€".repeat(9)}aa` })), "11 + 29 bytes")
     assert.isTrue(tooLarge(t.encode({ text: "€".repeat(10) })), "11 + 30 bytes in 21 units")
     assert.isTrue(Result.isSuccess(t.encode({ text: `${"😀".repeat(7)}a` })), "11 + 29 bytes")

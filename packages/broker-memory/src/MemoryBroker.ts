@@ -187,7 +187,8 @@ interface Sub {
 class GroupState {
   readonly name: string
   cursor: number
-  readonly pending = new Map<string, Pending>()
+  /** By entry seq (a number key hashes cheaper than the entry id string). */
+  readonly pending = new Map<number, Pending>()
   readonly lockedKeys = new Set<string>()
   readonly parked = new Map<string, Array<Entry>>()
   readonly ready: Array<Entry> = []
@@ -350,13 +351,12 @@ class Core {
   }
 
   append(
-    topicName: string,
+    t: TopicState,
     envelope: Envelope.Encoded | undefined,
     raw: Envelope.Fields | undefined,
     key: string | undefined,
     now: number
   ): Entry {
-    const t = this.topic(topicName)
     const seq = this.nextSeq++
     const entry: Entry = {
       seq,
@@ -473,7 +473,7 @@ class MemoryDelivery implements Broker.Delivery {
   closed(): BrokerError.BrokerError | undefined {
     if (this.sub.killed) return closedError(this.entryId, "the consumer was killed")
     const { t, g, p } = this
-    if (p.token !== this.token || t.deleted || g.pending.get(this.entryId) !== p) {
+    if (p.token !== this.token || t.deleted || g.pending.get(p.entry.seq) !== p) {
       return closedError(this.entryId, "the delivery was already settled, claimed or lost")
     }
     return undefined
@@ -488,7 +488,7 @@ class MemoryDelivery implements Broker.Delivery {
       p.token = 0
       return false
     }
-    g.pending.delete(this.entryId)
+    g.pending.delete(this.p.entry.seq)
     this.core.release(t, g, p.entry)
     return true
   }
@@ -529,7 +529,7 @@ class MemoryDelivery implements Broker.Delivery {
       const closed = this.closed()
       if (closed !== undefined) return Effect.fail(closed)
       const { t, g, p } = this
-      g.pending.delete(this.entryId)
+      g.pending.delete(this.p.entry.seq)
       this.core.deadLetterEntry(t, g.name, p.entry, reason, p.count, now)
       this.core.release(t, g, p.entry)
       return Effect.void
@@ -568,19 +568,28 @@ export const make = (
       Effect.flatMap(Clock.currentTimeMillis, (now) => {
         if (core.closed)
           return Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
+        // a batch is nearly always of one topic: each check and set below runs once per run of a topic
+        let last = ""
         for (const m of messages) {
-          if (core.validTopics.has(m.topic)) continue
+          if (m.topic === last || core.validTopics.has(m.topic)) {
+            last = m.topic
+            continue
+          }
           const ok = Name.check("topic", m.topic)
           if (Result.isFailure(ok)) return Effect.fail(invalid("topic", ok.failure))
           core.validTopics.add(m.topic)
+          last = m.topic
         }
         const ids: Array<string> = new Array(messages.length)
         const touched = new Set<string>()
+        let t: TopicState | undefined
         for (let i = 0; i < messages.length; i++) {
           const m = messages[i]!
-          const entry = core.append(m.topic, m, undefined, m.key, now)
-          ids[i] = entry.id
-          touched.add(m.topic)
+          if (t === undefined || m.topic !== t.name) {
+            t = core.topic(m.topic)
+            touched.add(m.topic)
+          }
+          ids[i] = core.append(t, m, undefined, m.key, now).id
         }
         for (const topic of touched) {
           const t = core.topics.get(topic)!
@@ -610,7 +619,7 @@ export const make = (
         const envelope = envelopeOf(entry)
         if (envelope === undefined) {
           // malformed: dead-letter it, report it, and carry on
-          if (p !== undefined) g.pending.delete(entry.id)
+          if (p !== undefined) g.pending.delete(entry.seq)
           core.deadLetterEntry(t, g.name, entry, { reason: "malformed", error: entry.malformed }, 1, now)
           events.push({ _tag: "Malformed", topic: t.name, entryId: entry.id, reason: entry.malformed! })
           core.release(t, g, entry)
@@ -619,7 +628,7 @@ export const make = (
         const token = core.nextToken++
         if (p === undefined) {
           p = { entry, consumer: sub.consumer, count: 1, deliveredAt: now, dueAt: undefined, token, attempt: undefined }
-          g.pending.set(entry.id, p)
+          g.pending.set(entry.seq, p)
         } else {
           p.consumer = sub.consumer
           p.count++
@@ -869,7 +878,7 @@ export const make = (
               e.deleted = true
               // its pending state was never durable either
               for (const g of t.groups.values()) {
-                if (g.pending.delete(e.id) && e.key !== undefined) g.lockedKeys.delete(e.key)
+                if (g.pending.delete(e.seq) && e.key !== undefined) g.lockedKeys.delete(e.key)
               }
             }
           }
@@ -898,7 +907,7 @@ export const make = (
           }
           for (const g of t.groups.values()) {
             for (const e of removed) {
-              if (g.pending.delete(e.id)) {
+              if (g.pending.delete(e.seq)) {
                 g.lost.push(e.id)
                 core.release(t, g, e)
               }
@@ -926,7 +935,13 @@ export const make = (
       appendRaw: (topic, fields) =>
         Effect.flatMap(Clock.currentTimeMillis, (now) =>
           Effect.sync(() => {
-            const entry = core.append(topic, undefined, { ...fields }, fields[Envelope.FieldNames.subject], now)
+            const entry = core.append(
+              core.topic(topic),
+              undefined,
+              { ...fields },
+              fields[Envelope.FieldNames.subject],
+              now
+            )
             core.wakeOne(topic)
             return entry.id
           })

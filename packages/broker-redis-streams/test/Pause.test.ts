@@ -1,9 +1,14 @@
 /**
- * A Redis server paused (SIGSTOP) for longer than the claim idle time while
- * two consumers of a group work through a backlog with the inbox on
- * Postgres: when it runs again, the entries in flight look idle to Redis, so
- * a consumer may claim what the other is still handling (a false death).
- * Nothing may be lost, and the inbox keeps every effect single.
+ * A test-owned Redis (AOF, fsync always) disturbed while two consumers of a
+ * group work through a backlog with the inbox on Postgres:
+ *
+ * - paused (SIGSTOP) for longer than the claim idle time: when it runs
+ *   again, the entries in flight look idle to Redis, so a consumer claims
+ *   what the other is still handling (a false death);
+ * - killed (SIGKILL) and restarted: every connection drops, acks in flight
+ *   fail, the consumers reconnect and read their pending entries again.
+ *
+ * Either way nothing may be lost, and the inbox keeps every effect single.
  */
 import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
@@ -15,7 +20,7 @@ import { brokerLayer, freshStore, OwnedRedis, Prefix, pgUrl, streamKey } from ".
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
 
-describe("a paused Redis", () => {
+describe("a paused or restarted Redis under load", () => {
   const owned = new OwnedRedis(6340 + (process.pid % 50))
   beforeAll(() => owned.start(), 20_000)
   afterAll(() => {
@@ -23,9 +28,13 @@ describe("a paused Redis", () => {
     return owned.stop()
   })
 
-  it.live(
-    "paused for longer than the claim idle time under load: nothing lost, each effect once",
-    () =>
+  const faults = [
+    { fault: "pause", title: "paused (SIGSTOP) for 2.5x the claim idle time" },
+    { fault: "restart", title: "killed (SIGKILL) and restarted" }
+  ] as const
+  it.live.each(faults)(
+    "$title while two consumers work a backlog: nothing lost, each effect once",
+    ({ fault }) =>
       Effect.gen(function* () {
         const { sql, schema, store } = yield* freshStore("pause", "order_id text NOT NULL, consumer text NOT NULL")
         const redis = yield* Redis.Redis
@@ -74,26 +83,32 @@ describe("a paused Redis", () => {
           Layer.provide(Inbox.layer()),
           Layer.provide(Layer.succeed(SqlStore.SqlStore, store))
         )
-        let pausedAt = 0
+        let faultAt = 0
         yield* Effect.gen(function* () {
-          // pause once the consumers are busy, for 2.5 s (2.5x the claim idle time)
+          // strike once the consumers are busy
           for (let i = 0; i < 500 && Number((yield* effects)[0]!.d) < 40; i++) yield* Effect.sleep("10 millis")
-          pausedAt = Number((yield* effects)[0]!.d)
-          owned.pause()
-          yield* Effect.sleep("2500 millis")
-          owned.resume()
+          faultAt = Number((yield* effects)[0]!.d)
+          if (fault === "pause") {
+            owned.pause()
+            yield* Effect.sleep("2500 millis") // 2.5x the claim idle time
+            owned.resume()
+          } else {
+            yield* Effect.promise(() => owned.restart())
+          }
           for (let i = 0; i < 1500; i++) {
             if (Number((yield* effects)[0]!.d) >= total && (yield* pending) === 0) break
             yield* Effect.sleep("20 millis")
           }
         }).pipe(Effect.provide(env), Effect.scoped)
-        assert.isBelow(pausedAt, total, "the pause came while the backlog was being worked")
+        assert.isBelow(faultAt, total, "the fault came while the backlog was being worked")
         const [row] = yield* effects
         assert.strictEqual(Number(row!.d), total, "every message's effect applied")
         assert.strictEqual(Number(row!.n), total, "each exactly once")
         assert.strictEqual(handledBy.c1 + handledBy.c2, total, "the inbox let each message through once")
         assert.strictEqual(yield* pending, 0, "everything acked")
-        assert.isAbove(redelivered, 0, "the pause made entries in flight look idle: the other consumer claimed some")
+        if (fault === "pause") {
+          assert.isAbove(redelivered, 0, "the pause made entries in flight look idle: the other consumer claimed some")
+        }
         assert.deepStrictEqual(yield* DeadLetter.list("orders"), [], "nothing dead-lettered")
       }).pipe(
         Effect.scoped,

@@ -21,7 +21,7 @@ const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
 
 describe("a paused or restarted Redis under load", () => {
-  const owned = new OwnedRedis(6340 + (process.pid % 50))
+  const owned = new OwnedRedis(6440 + (process.pid % 50)) // 6440-6489: clear of the machine's 6379 and Broker.test's 6390-6439
   beforeAll(() => owned.start(), 20_000)
   afterAll(() => {
     owned.resume()

@@ -85,6 +85,9 @@ export class OwnedRedis {
     return `redis://127.0.0.1:${this.port}`
   }
   async start(): Promise<void> {
+    // never drive (pause, kill) a server this test did not start: the port must be free
+    if (await this.ping())
+      throw new Error(`port ${this.port} already answers PING: not starting a test-owned Redis there`)
     this.proc = spawn(
       "redis-server",
       [

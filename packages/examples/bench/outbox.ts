@@ -102,10 +102,9 @@ const consumerOf = (
     const sql = yield* SqlClient.SqlClient
     const insert = `INSERT INTO ${schema}.effects (order_id) SELECT unnest($1::text[])`
     // One transaction per read: the inbox claims every id of the read, the effects of the new ones are
-    // inserted with one statement, as the hand-written consumer does (order ids need no quoting).
+    // inserted with one statement (the ids as one array parameter), as the hand-written consumer does.
     const inbox = Inbox.handlers(
-      (items: ReadonlyArray<Consumer.BatchItem<Order>>) =>
-        sql.unsafe(insert, [`{${items.map((i) => i.message.orderId).join(",")}}`]).raw
+      (items: ReadonlyArray<Consumer.BatchItem<Order>>) => sql.unsafe(insert, [items.map((i) => i.message.orderId)]).raw
     )
     yield* Effect.forkScoped(
       Consumer.make(topic, {

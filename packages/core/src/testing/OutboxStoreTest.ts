@@ -23,7 +23,6 @@ import { PgClient } from "@effect/sql-pg"
 import { assert, describe } from "@effect/vitest"
 import { Deferred, Effect, Fiber, Layer, Queue } from "effect"
 import { SqlClient } from "effect/sql"
-import type { Broker } from "../Broker.ts"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
@@ -353,9 +352,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
 
       test("O08", "the relay layer wakes on commit in this process, not on rollback", {}, () =>
         Effect.gen(function* () {
-          const store = yield* freshStore({ partitions: 2 })
-          const { recorder, layer: brokerLayer } = recordingBroker()
-          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour", listen: false })
+          const { recorder, env } = yield* backgroundRelay({ pollInterval: "1 hour", listen: false })
           yield* Effect.gen(function* () {
             yield* Effect.sleep("100 millis") // the relay's first drain has run
             yield* Outbox.transaction(
@@ -393,9 +390,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
 
       test("O09", "the relay of another process is woken by NOTIFY", { listen: true }, () =>
         Effect.gen(function* () {
-          const store = yield* freshStore({ partitions: 2 })
-          const { recorder, layer: brokerLayer } = recordingBroker()
-          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour" })
+          const { store, recorder, env } = yield* backgroundRelay({ pollInterval: "1 hour" })
           yield* Effect.gen(function* () {
             yield* Effect.sleep("300 millis") // LISTEN is in place
             // A plain INSERT from another session: no in-process nudge, only the trigger's NOTIFY.
@@ -411,9 +406,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
 
       test("O11", "a NOTIFY for a transaction a finished drain read past starts no cycle", { listen: true }, () =>
         Effect.gen(function* () {
-          const store = yield* freshStore({ partitions: 2 })
-          const { recorder, layer: brokerLayer } = recordingBroker()
-          const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour" })
+          const { store, recorder, env } = yield* backgroundRelay({ pollInterval: "1 hour" })
           const notify = (payload: string) => store.sql.unsafe(`SELECT pg_notify($1, $2)`, [store.channel, payload]).raw
           yield* Effect.gen(function* () {
             const relay = yield* OutboxRelay.OutboxRelay
@@ -471,9 +464,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         { concurrent: true },
         () =>
           Effect.gen(function* () {
-            const store = yield* freshStore({ partitions: 2 })
-            const { recorder, layer: brokerLayer } = recordingBroker()
-            const env = relayEnv(store, brokerLayer, { pollInterval: "1 hour", listen: false })
+            const { store, recorder, env } = yield* backgroundRelay({ pollInterval: "1 hour", listen: false })
             yield* Effect.gen(function* () {
               yield* Effect.sleep("100 millis") // the relay's first drain has run
               // an unrelated transaction with an id, older than the outbox commit below, open on another connection
@@ -533,13 +524,16 @@ const holdOpen = <E, R>(transaction: (inside: Effect.Effect<void>) => Effect.Eff
     return Effect.andThen(Deferred.succeed(release, undefined), Fiber.join(fiber))
   })
 
-/** `Outbox` and a background `OutboxRelay` over `store`, publishing to the recording broker. */
-const relayEnv = (
-  store: SqlStore.SqlStore["Service"],
-  brokerLayer: Layer.Layer<Broker>,
-  options: OutboxRelay.Options
-) =>
-  Layer.mergeAll(Outbox.layer(), OutboxRelay.layer(options)).pipe(
-    Layer.provideMerge(Layer.succeed(SqlStore.SqlStore, store)),
-    Layer.provide(brokerLayer)
-  )
+/**
+ * A fresh store (2 partitions), a recording broker, and the layer of `Outbox` plus a background
+ * `OutboxRelay` (with `options`) over them.
+ */
+const backgroundRelay = (options: OutboxRelay.Options) =>
+  Effect.map(freshStore({ partitions: 2 }), (store) => {
+    const { recorder, layer: brokerLayer } = recordingBroker()
+    const env = Layer.mergeAll(Outbox.layer(), OutboxRelay.layer(options)).pipe(
+      Layer.provideMerge(Layer.succeed(SqlStore.SqlStore, store)),
+      Layer.provide(brokerLayer)
+    )
+    return { store, recorder, env }
+  })

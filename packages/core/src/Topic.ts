@@ -39,6 +39,7 @@
  */
 import { Buffer } from "node:buffer"
 import { Effect, Result, Schema, SchemaAST } from "effect"
+import { SchemaJITCompiler } from "effect/schema"
 import * as Name from "./Name.ts"
 
 const TypeId = "~@converge/core/Topic" as const
@@ -85,6 +86,16 @@ export interface Options<A> {
    * reason `oversized`, without parsing it. Publishers and consumers of a topic should agree on it.
    */
   readonly maxBytes?: number | undefined
+  /**
+   * Compile the payload codec with Effect's Schema JIT (`effect/schema` `SchemaJITCompiler`; default
+   * `true`). Encoding and decoding a plain struct take about a tenth of the interpreter's time; what
+   * is accepted, what is produced and every error message stay the interpreter's (an input the
+   * compiled code refuses is decoded again by the interpreter for its error). Where `new Function`
+   * is not allowed, or a Schema cannot be compiled, the interpreter is used. The compiled codec is
+   * registered on the Schema itself, so other code decoding the same Schema uses it too. `false`
+   * leaves the Schema to the interpreter (unless something else compiled it).
+   */
+  readonly jit?: boolean | undefined
 }
 
 /**
@@ -239,6 +250,11 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
     throw new Name.InvalidName({ kind: "topic", name, rule: `maxBytes must be an integer >= 1 (got ${maxBytes})` })
   }
   const wire = wireSchema(schema)
+  if (options?.jit !== false) {
+    // decoding runs the Schema's AST, encoding its flipped AST: each is compiled on its own
+    SchemaJITCompiler.enable(wire.ast)
+    SchemaJITCompiler.enable(SchemaAST.flip(wire.ast))
+  }
   const encodePayload = Schema.encodeUnknownResult(wire)
   const decodePayload = Schema.decodeUnknownResult(wire)
   return {

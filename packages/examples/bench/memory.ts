@@ -2,19 +2,44 @@
  * Memory broker throughput: publish → consume → ack with Schema encode and
  * decode, against a hand-written baseline doing the same Schema encode +
  * `JSON.stringify` / `JSON.parse` + Schema decode through a plain array queue.
+ *
+ * A topic compiles its payload Schema with Effect's JIT (Topic option `jit`).
+ * The baseline of every row runs Schema as a hand-written program does by
+ * default, on Effect's interpreter; at batch 100 a second row compares the
+ * same Converge runs with a baseline that compiles its Schema too, so the
+ * table shows what Converge's own machinery costs over the bare codec work.
  */
 import { MemoryBroker } from "@converge/broker-memory"
 import { Broker, Publisher, Topic } from "@converge/core"
-import { Effect, Layer, Result, Schema, Stream } from "effect"
+import { Effect, Layer, Result, Schema, SchemaAST, Stream } from "effect"
+import { SchemaJITCompiler } from "effect/schema"
 import { type Bench, median, type Row, rate, round } from "./harness.ts"
-import { Order, order } from "./payload.ts"
+import { makeOrderSchema, Order, order } from "./payload.ts"
 
 const orders = Topic.make("bench-orders", Order, { key: (o) => o.orderId })
 
+/** The Schema encode and decode of a baseline. */
+interface Codec {
+  readonly encode: (u: unknown) => Result.Result<unknown, unknown>
+  readonly decode: (u: unknown) => Result.Result<unknown, unknown>
+}
+
+/** A codec over an order Schema of its own: on Effect's interpreter, or compiled by its JIT. */
+const makeCodec = (jit: boolean): Codec => {
+  const schema = makeOrderSchema()
+  if (jit) {
+    SchemaJITCompiler.enable(schema.ast)
+    SchemaJITCompiler.enable(SchemaAST.flip(schema.ast))
+  }
+  return { encode: Schema.encodeUnknownResult(schema), decode: Schema.decodeUnknownResult(schema) }
+}
+
+const interpreted = makeCodec(false)
+const compiled = makeCodec(true)
+
 /** The hand-written baseline: an array queue, the same codec work, nothing else. */
-export const baseline = (count: number, batch: number, consumers: number): number => {
-  const encode = Schema.encodeUnknownResult(Order)
-  const decode = Schema.decodeUnknownResult(Order)
+export const baseline = (count: number, batch: number, consumers: number, codec: Codec = interpreted): number => {
+  const { decode, encode } = codec
   const payloads = Array.from({ length: count }, (_, i) => order(i))
   const queue: Array<string | undefined> = []
   let head = 0
@@ -98,35 +123,55 @@ export const converge = (count: number, batch: number, consumers: number): Promi
 // 15 pairs, 0.71x-0.80x (measured in four invocations each).
 const runs = 15
 
-const measure = async (batch: number, consumers: number): Promise<Row> => {
+const measure = async (batch: number, consumers: number): Promise<Array<Row>> => {
   const count = batch === 1 ? 20_000 : 50_000
+  // at batch 100, each pair also runs the baseline with a compiled Schema (a second row)
+  const withCompiled = batch === 100
   // warm up both paths (JIT), then alternate runs; this machine's speed drifts, so the
   // ratio is the median of the ratios of adjacent runs, and each rate the median of its runs
   baseline(count, batch, consumers)
+  if (withCompiled) baseline(count, batch, consumers, compiled)
   await converge(count, batch, consumers)
   const ours: Array<number> = []
   const theirs: Array<number> = []
   const ratios: Array<number> = []
+  const theirsCompiled: Array<number> = []
+  const ratiosCompiled: Array<number> = []
   for (let i = 0; i < runs; i++) {
     const base = rate(count, baseline(count, batch, consumers))
+    const baseCompiled = withCompiled ? rate(count, baseline(count, batch, consumers, compiled)) : 0
     const msgs = rate(count, await converge(count, batch, consumers))
     theirs.push(base)
     ours.push(msgs)
     ratios.push(msgs / base)
+    theirsCompiled.push(baseCompiled)
+    ratiosCompiled.push(msgs / baseCompiled)
   }
-  return {
-    bench: `memory/batch=${batch}/consumers=${consumers}`,
+  const name = `memory/batch=${batch}/consumers=${consumers}`
+  const row: Row = {
+    bench: name,
     msgs_per_s: round(median(ours)),
     baseline: "array-queue+schema+json",
     baseline_msgs_per_s: round(median(theirs)),
     ratio: round(median(ratios), 3)
   }
+  if (!withCompiled) return [row]
+  return [
+    row,
+    {
+      bench: `${name}/jit-baseline`,
+      msgs_per_s: round(median(ours)),
+      baseline: "array-queue+schema-jit+json",
+      baseline_msgs_per_s: round(median(theirsCompiled)),
+      ratio: round(median(ratiosCompiled), 3)
+    }
+  ]
 }
 
-/** One benchmark per batch size × consumer count. */
+/** One benchmark per batch size × consumer count (at batch 100, two rows: see the module comment). */
 export const benches: ReadonlyArray<Bench> = [1, 100, 1000].flatMap((batch) =>
   [1, 4, 16].map((consumers) => ({
     name: `memory/batch=${batch}/consumers=${consumers}`,
-    run: async () => [await measure(batch, consumers)]
+    run: () => measure(batch, consumers)
   }))
 )

@@ -4,18 +4,26 @@
  */
 import { Schema } from "effect"
 
+/**
+ * A new instance of the order Schema (`qty` is `Schema.Int`, built afresh). Effect's Schema JIT is
+ * registered per schema node, and a topic compiles its payload Schema: a hand-written baseline that
+ * must run on Effect's interpreter takes an instance of its own, whose nodes no topic compiled.
+ */
+export const makeOrderSchema = () =>
+  Schema.Struct({
+    orderId: Schema.String,
+    customerId: Schema.String,
+    sku: Schema.String,
+    qty: Schema.Number.check(Schema.isInt()),
+    price: Schema.Number,
+    total: Schema.Number,
+    currency: Schema.Literals(["EUR", "USD"]),
+    placedAt: Schema.String,
+    note: Schema.String
+  })
+
 /** The order, ~200 bytes as JSON. */
-export const Order = Schema.Struct({
-  orderId: Schema.String,
-  customerId: Schema.String,
-  sku: Schema.String,
-  qty: Schema.Int,
-  price: Schema.Number,
-  total: Schema.Number,
-  currency: Schema.Literals(["EUR", "USD"]),
-  placedAt: Schema.String,
-  note: Schema.String
-})
+export const Order = makeOrderSchema()
 
 /** The order type. */
 export type Order = typeof Order.Type

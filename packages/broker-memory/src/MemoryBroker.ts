@@ -181,6 +181,8 @@ interface Sub {
   firstRead: boolean
   /** No claim is possible before this time (a lower bound kept by the claim scan). */
   nextClaimAt: number
+  /** The last read stopped at its batch size with deliverable work left behind. */
+  leftWork: boolean
   wake: () => void
 }
 
@@ -611,6 +613,7 @@ export const make = (
       events: Array<Broker.SubscriptionEvent>
     ): Array<MemoryDelivery> => {
       const out: Array<MemoryDelivery> = []
+      sub.leftWork = false
       if (g.lost.length > 0) {
         events.push({ _tag: "LostInBroker", topic: t.name, group: g.name, entryIds: g.lost })
         g.lost = []
@@ -658,6 +661,7 @@ export const make = (
         for (const p of g.pending.values()) {
           if (out.length >= max) {
             nextClaimAt = now
+            sub.leftWork = true
             break
           }
           if (p.dueAt !== undefined) {
@@ -677,6 +681,7 @@ export const make = (
       }
       // 4. keys released by an ack (ordered mode)
       while (g.ready.length > 0 && out.length < max) deliver(g.ready.shift()!, undefined)
+      if (g.ready.length > 0) sub.leftWork = true
       // 5. new entries
       const fresh: Array<Entry> = []
       let i = t.indexFrom(g.cursor)
@@ -696,6 +701,7 @@ export const make = (
         }
         fresh.push(entry)
       }
+      if (i < t.entries.length && t.entries[i]!.visibleAt <= now) sub.leftWork = true
       if (t.reorderWindow > 1 && fresh.length > 1) {
         for (let w = 0; w < fresh.length; w += t.reorderWindow) {
           const end = Math.min(fresh.length, w + t.reorderWindow)
@@ -747,6 +753,7 @@ export const make = (
             killed: false,
             firstRead: true,
             nextClaimAt: 0,
+            leftWork: false,
             wake: () => {}
           }
           core.subs.add(sub)
@@ -794,8 +801,8 @@ export const make = (
               for (const event of events) yield* onEvent(event)
               if (batch.length > 0) {
                 recreations = 0
-                // a full batch may have left work behind: the next waiting reader of the group takes it
-                if (batch.length >= max) core.wakeOne(t.name, g.name)
+                // a full batch that left work behind: the next waiting reader of the group takes it
+                if (sub.leftWork) core.wakeOne(t.name, g.name)
                 return batch as unknown as readonly [Broker.Delivery, ...Array<Broker.Delivery>]
               }
               if (events.length > 0) continue

@@ -159,7 +159,7 @@ const measure = async (batch: number, consumers: number): Promise<Array<Row>> =>
   return [
     row,
     {
-      bench: `${name}/jit-baseline`,
+      bench: `memory-vs-jit-baseline/batch=${batch}/consumers=${consumers}`,
       msgs_per_s: round(median(ours)),
       baseline: "array-queue+schema-jit+json",
       baseline_msgs_per_s: round(median(theirsCompiled)),

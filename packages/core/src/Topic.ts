@@ -227,6 +227,17 @@ const stringify = (encoded: unknown): Result.Result<string, JsonSyntaxError> => 
   }
 }
 
+/** The ASTs this module handed to the JIT: enabling one again would drop its compiled code and compile it anew. */
+const compiled = new WeakSet<SchemaAST.AST>()
+
+/** Registers Effect's Schema JIT for decoding (the AST) and encoding (its flipped AST), once per AST. */
+const compile = (ast: SchemaAST.AST): void => {
+  if (compiled.has(ast)) return
+  compiled.add(ast)
+  SchemaJITCompiler.enable(ast)
+  SchemaJITCompiler.enable(SchemaAST.flip(ast))
+}
+
 /**
  * Defines a topic. Throws {@link Name.InvalidName} for an invalid name or type
  * (see `Name` for the rules): topics are module-level constants, and a bad
@@ -250,11 +261,7 @@ export const make = <A, I>(name: string, schema: Schema.Codec<A, I>, options?: O
     throw new Name.InvalidName({ kind: "topic", name, rule: `maxBytes must be an integer >= 1 (got ${maxBytes})` })
   }
   const wire = wireSchema(schema)
-  if (options?.jit !== false) {
-    // decoding runs the Schema's AST, encoding its flipped AST: each is compiled on its own
-    SchemaJITCompiler.enable(wire.ast)
-    SchemaJITCompiler.enable(SchemaAST.flip(wire.ast))
-  }
+  if (options?.jit !== false) compile(wire.ast)
   const encodePayload = Schema.encodeUnknownResult(wire)
   const decodePayload = Schema.decodeUnknownResult(wire)
   return {

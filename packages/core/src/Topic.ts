@@ -88,7 +88,7 @@ export interface Options<A> {
   readonly maxBytes?: number | undefined
   /**
    * Compile the payload codec with Effect's Schema JIT (`effect/schema` `SchemaJITCompiler`; default
-   * `true`). Encoding and decoding a plain struct take about a tenth of the interpreter's time; what
+   * `true`). Encoding and decoding a plain struct take a sixth to a fourteenth of the interpreter's time; what
    * is accepted, what is produced and every error message stay the interpreter's (an input the
    * compiled code refuses is decoded again by the interpreter for its error). Where `new Function`
    * is not allowed, or a Schema cannot be compiled, the interpreter is used. The compiled codec is

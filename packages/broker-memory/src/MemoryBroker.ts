@@ -490,7 +490,7 @@ class MemoryDelivery implements Broker.Delivery {
       p.token = 0
       return false
     }
-    g.pending.delete(this.p.entry.seq)
+    g.pending.delete(p.entry.seq)
     this.core.release(t, g, p.entry)
     return true
   }
@@ -531,7 +531,7 @@ class MemoryDelivery implements Broker.Delivery {
       const closed = this.closed()
       if (closed !== undefined) return Effect.fail(closed)
       const { t, g, p } = this
-      g.pending.delete(this.p.entry.seq)
+      g.pending.delete(p.entry.seq)
       this.core.deadLetterEntry(t, g.name, p.entry, reason, p.count, now)
       this.core.release(t, g, p.entry)
       return Effect.void

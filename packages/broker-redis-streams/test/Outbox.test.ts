@@ -18,7 +18,7 @@ import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"
 import * as Redis from "effect/persistence/Redis"
-import { brokerLayer, freshStore, mainUrl, Prefix, pgUrl, streamKey } from "./helpers.ts"
+import { brokerLayer, effectCounts, freshStore, mainUrl, Prefix, pendingOf, pgUrl, streamKey } from "./helpers.ts"
 
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })
 const orders = Topic.make("orders", Order, { key: (o) => o.account })
@@ -108,19 +108,17 @@ describe("Outbox relay on Redis", () => {
             )
           )
         ).pipe(Layer.provideMerge(Inbox.layer()), Layer.provide(Layer.succeed(SqlStore.SqlStore, store)))
-        const effects = sql.unsafe<{ n: number; d: number }>(
-          `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
-        ).withoutTransform
+        const effects = effectCounts(sql, schema)
         yield* Effect.gen(function* () {
           for (let i = 0; i < 500; i++) {
-            if (Number((yield* effects)[0]!.d) >= total && deliveries >= total + republished) break
+            if ((yield* effects).distinct >= total && deliveries >= total + republished) break
             yield* Effect.sleep("20 millis")
           }
           yield* Effect.sleep("200 millis")
         }).pipe(Effect.provide(rescue))
-        const [row] = yield* effects
-        assert.strictEqual(Number(row!.d), total, "every message delivered")
-        assert.strictEqual(Number(row!.n), total, "every effect exactly once")
+        const counts = yield* effects
+        assert.strictEqual(counts.distinct, total, "every message delivered")
+        assert.strictEqual(counts.rows, total, "every effect exactly once")
         assert.strictEqual(
           deliveries,
           total + republished,
@@ -146,7 +144,6 @@ describe("Outbox relay on Redis", () => {
     ({ when, committed: expected }) =>
       Effect.gen(function* () {
         const { sql, schema, store } = yield* freshStore("kill", "order_id text NOT NULL")
-        const redis = yield* Redis.Redis
         const prefix = yield* Prefix
         const provideStore = <A, E, R>(e: Effect.Effect<A, E, R>) => Effect.provideService(e, SqlStore.SqlStore, store)
         const outbox = yield* provideStore(Outbox.make())
@@ -165,22 +162,13 @@ describe("Outbox relay on Redis", () => {
         const doomed = spawnFixture("doomed-inbox-consumer.ts", [pgUrl, schema, mainUrl, prefix, when], ["dying"])
         assert.strictEqual(yield* doomed.exited, "SIGKILL", "the consumer died by SIGKILL")
         assert.strictEqual(doomed.reported(), 10, "it died handling its first read, of 10")
-        const effects = sql.unsafe<{ n: number; d: number }>(
-          `SELECT count(*)::int AS n, count(DISTINCT order_id)::int AS d FROM ${schema}.effects`
-        ).withoutTransform
+        const effects = effectCounts(sql, schema)
         assert.strictEqual(
-          Number((yield* effects)[0]!.n),
+          (yield* effects).rows,
           expected,
           expected === 0 ? "nothing of it committed" : "its effects committed"
         )
-        const pending = Effect.map(
-          redis.send<[number, unknown, unknown, Array<[string, string]> | null]>(
-            "XPENDING",
-            streamKey(prefix, "orders"),
-            "ledger"
-          ),
-          (reply) => ({ count: Number(reply[0]), byConsumer: Object.fromEntries(reply[3] ?? []) })
-        )
+        const pending = pendingOf(streamKey(prefix, "orders"), "ledger")
         // its read was never acked (nor what it had read ahead): pending under the dead consumer's name
         const left = yield* pending
         assert.isAtLeast(left.count, 10)
@@ -209,13 +197,13 @@ describe("Outbox relay on Redis", () => {
         ).pipe(Layer.provide(Inbox.layer()), Layer.provide(Layer.succeed(SqlStore.SqlStore, store)))
         yield* Effect.gen(function* () {
           for (let i = 0; i < 500; i++) {
-            if (Number((yield* effects)[0]!.d) >= total && (yield* pending).count === 0) break
+            if ((yield* effects).distinct >= total && (yield* pending).count === 0) break
             yield* Effect.sleep("20 millis")
           }
         }).pipe(Effect.provide(rescuer))
-        const [row] = yield* effects
-        assert.strictEqual(Number(row!.d), total, "every message's effect applied")
-        assert.strictEqual(Number(row!.n), total, "each exactly once")
+        const counts = yield* effects
+        assert.strictEqual(counts.distinct, total, "every message's effect applied")
+        assert.strictEqual(counts.rows, total, "each exactly once")
         assert.strictEqual(fresh, total - expected, "what committed before the kill was skipped by the inbox")
         assert.strictEqual((yield* pending).count, 0, "and acked")
       }).pipe(

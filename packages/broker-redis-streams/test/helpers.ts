@@ -174,3 +174,31 @@ export const freshStore = (
     yield* sql.unsafe(`CREATE TABLE ${schema}.effects (${effectsColumns})`).raw
     return { sql, schema, store }
   })
+
+/**
+ * The test's `effects` table: how many rows it holds, and how many distinct message ids (`column`) among
+ * them. A test expects both to equal the message count: every effect applied, none twice.
+ */
+export const effectCounts = (
+  sql: SqlClient.SqlClient,
+  schema: string,
+  column = "order_id"
+): Effect.Effect<{ readonly rows: number; readonly distinct: number }, unknown> =>
+  Effect.map(
+    sql.unsafe<{ n: number; d: number }>(
+      `SELECT count(*)::int AS n, count(DISTINCT ${column})::int AS d FROM ${schema}.effects`
+    ).withoutTransform,
+    (result) => ({ rows: Number(result[0]!.n), distinct: Number(result[0]!.d) })
+  )
+
+/** What `group` has read from `stream` and not acked (the `XPENDING` summary): how many, and how many per consumer. */
+export const pendingOf = (
+  stream: string,
+  group: string
+): Effect.Effect<{ readonly count: number; readonly byConsumer: Record<string, string> }, unknown, Redis.Redis> =>
+  Effect.flatMap(Redis.Redis, (redis) =>
+    Effect.map(
+      redis.send<[number, unknown, unknown, Array<[string, string]> | null]>("XPENDING", stream, group),
+      (reply) => ({ count: Number(reply[0]), byConsumer: Object.fromEntries(reply[3] ?? []) })
+    )
+  )

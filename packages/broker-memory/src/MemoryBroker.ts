@@ -27,6 +27,7 @@
 import { Broker, BrokerError, Envelope, Name } from "@converge/core"
 import { Clock, Context, Duration, Effect, Layer, Result, Schedule, type Scope, Stream } from "effect"
 import type * as Cause from "effect/Cause"
+import type * as Scheduler from "effect/Scheduler"
 
 /**
  * Options of {@link layer}.
@@ -183,7 +184,22 @@ interface Sub {
   nextClaimAt: number
   /** The last read stopped at its batch size with deliverable work left behind. */
   leftWork: boolean
+  /** The most deliveries one read returns (`batchSize`). */
+  readonly batch: number
+  /** Resumes the subscription's reader now, if it is waiting (kill, close). */
   wake: () => void
+}
+
+/** A subscription's reader waiting for work. */
+interface Waiter {
+  readonly sub: Sub
+  /** Resumes the reader now, inside the caller, and removes the waiter. */
+  readonly now: () => void
+  /**
+   * Resumes the reader at the waiting fiber's dispatcher's next turn, i.e. after the caller yields. The
+   * waiter stays listed until then, so another wake-up can still make it `now`; calling it again is a no-op.
+   */
+  readonly soon: () => void
 }
 
 class GroupState {
@@ -243,18 +259,24 @@ const invalid = (argument: string, e: Name.InvalidName) =>
 // The broker
 // ---------------------------------------------------------------------------
 
-const wakeFirst = (set: Set<() => void> | undefined): void => {
+/**
+ * Wakes the first waiter of a group: now, inside the caller, when a full batch of it is waiting (a
+ * publisher runs at most one batch ahead of a reader that keeps up); else soon, after the caller yields, so
+ * the messages it publishes meanwhile come in one read instead of one read each.
+ */
+const wakeFirst = (set: Set<Waiter> | undefined, unread: number): void => {
   if (set === undefined) return
-  for (const f of set) {
-    f() // removes itself
+  for (const w of set) {
+    if (unread >= w.sub.batch) w.now()
+    else w.soon()
     return
   }
 }
 
 class Core {
   readonly topics = new Map<string, TopicState>()
-  /** Waiting subscriptions: topic → group → wake-up functions. */
-  readonly waiters = new Map<string, Map<string, Set<() => void>>>()
+  /** Waiting readers: topic → group → waiters, in the order they began to wait. */
+  readonly waiters = new Map<string, Map<string, Set<Waiter>>>()
   readonly subs = new Set<Sub>()
   /** Topic names already validated (names are checked once, not per message). */
   readonly validTopics = new Set<string>()
@@ -304,7 +326,7 @@ class Core {
     if (groups === undefined) return
     for (const set of groups.values()) {
       if (set.size === 0) continue
-      for (const f of Array.from(set)) f()
+      for (const w of Array.from(set)) w.now()
     }
   }
 
@@ -313,19 +335,33 @@ class Core {
    * topic: new work that one reader takes (a publish, a key handed over).
    * Waking every competing consumer for it would make all but one read
    * nothing; a reader that fills its batch wakes the next one, and a
-   * subscription that ends passes its wake-up on, so none is lost.
+   * subscription that ends passes its wake-up on, so none is lost. Whether
+   * the reader runs now or after the caller yields: see `wakeFirst`.
    */
   wakeOne(topic: string, group?: string): void {
     const groups = this.waiters.get(topic)
     if (groups === undefined) return
     if (group !== undefined) {
-      wakeFirst(groups.get(group))
+      const set = groups.get(group)
+      if (set !== undefined && set.size > 0) wakeFirst(set, this.unread(topic, group))
       return
     }
-    for (const set of groups.values()) wakeFirst(set)
+    for (const [name, set] of groups) if (set.size > 0) wakeFirst(set, this.unread(topic, name))
+  }
+
+  /** Entries a group can read without a claim: fresh ones past its cursor and keys handed over. */
+  unread(topic: string, group: string): number {
+    const t = this.topics.get(topic)
+    const g = t?.groups.get(group)
+    if (t === undefined || g === undefined) return Number.POSITIVE_INFINITY // let the reader find out
+    return t.entries.length - t.indexFrom(g.cursor) + g.ready.length
   }
 
   waitFor(topic: string, sub: Sub): Effect.Effect<void> {
+    return Effect.withFiber((fiber) => this.waitOn(topic, sub, fiber.currentDispatcher))
+  }
+
+  private waitOn(topic: string, sub: Sub, dispatcher: Scheduler.SchedulerDispatcher): Effect.Effect<void> {
     return Effect.callback<void>((resume) => {
       let groups = this.waiters.get(topic)
       if (groups === undefined) {
@@ -338,16 +374,30 @@ class Core {
         groups.set(sub.group, set)
       }
       const waiting = set
-      // a wake-up removes its function however it comes (one, all, kill, close): a stale one left in
-      // the set would swallow a later wakeOne
-      const f = () => {
-        waiting.delete(f)
+      // a wake-up removes its waiter however it comes (one, all, kill, close, interruption): a stale one
+      // left in the set would swallow a later wakeOne
+      let done = false
+      let scheduled = false
+      const now = () => {
+        if (done) return
+        done = true
+        waiting.delete(w)
         resume(Effect.void)
       }
-      set.add(f)
-      sub.wake = f
+      const w: Waiter = {
+        sub,
+        now,
+        soon: () => {
+          if (scheduled || done) return
+          scheduled = true
+          dispatcher.scheduleTask(now, 0)
+        }
+      }
+      set.add(w)
+      sub.wake = now
       return Effect.sync(() => {
-        set.delete(f)
+        done = true
+        set.delete(w)
       })
     })
   }
@@ -754,6 +804,7 @@ export const make = (
             firstRead: true,
             nextClaimAt: 0,
             leftWork: false,
+            batch: max,
             wake: () => {}
           }
           core.subs.add(sub)

@@ -360,6 +360,57 @@ describe("wake-ups", () => {
     }).pipe(Effect.provide(MemoryBroker.layer()))
   )
 
+  /** A background reader that records the message numbers of each read and acks it. */
+  const recordReads = (batchSize: number) =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const reads = yield* Ref.make<Array<ReadonlyArray<number>>>([])
+      yield* broker.subscribe({ topic: "t", group: "g", consumer: "c", batchSize }).pipe(
+        Stream.runForEachArray((ds) =>
+          Effect.andThen(
+            Ref.update(reads, (xs) => [...xs, ns(ds)]),
+            broker.ackAll(ds)
+          )
+        ),
+        Effect.forkScoped
+      )
+      yield* yieldMany // the reader is waiting
+      return reads
+    })
+
+  /** Publishes messages `from`..`to - 1` of topic `t`, one publish each, without yielding between them. */
+  const publishEach = (from: number, to: number) =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      for (const m of BrokerTest.messages("t", to - from, { from })) yield* broker.publish([m])
+    })
+
+  const range = (from: number, to: number) => Array.from({ length: to - from }, (_, i) => from + i)
+
+  it.effect("a woken reader runs after the publisher yields: publishes made meanwhile come in one read", () =>
+    Effect.gen(function* () {
+      const reads = yield* recordReads(100)
+      yield* publishEach(0, 10)
+      assert.deepStrictEqual(yield* Ref.get(reads), [], "the reader did not run inside a publish")
+      yield* yieldMany
+      assert.deepStrictEqual(yield* Ref.get(reads), [range(0, 10)], "one read of all ten, in order")
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+
+  it.effect("a reader runs inside the publish that completes its batch: a publisher runs one batch ahead", () =>
+    Effect.gen(function* () {
+      const reads = yield* recordReads(10)
+      yield* publishEach(0, 25)
+      assert.deepStrictEqual(
+        yield* Ref.get(reads),
+        [range(0, 10), range(10, 20)],
+        "a full batch was read as soon as it was published"
+      )
+      yield* yieldMany
+      assert.deepStrictEqual(yield* Ref.get(reads), [range(0, 10), range(10, 20), range(20, 25)])
+    }).pipe(Effect.provide(MemoryBroker.layer()))
+  )
+
   it.effect("a publish wakes one reader in each group: every group gets the message, once", () =>
     Effect.gen(function* () {
       const held = yield* Ref.make<Array<string>>([])

@@ -64,7 +64,9 @@
  * Closing the consumer's scope stops taking new deliveries, lets in-flight
  * handlers finish for up to `shutdownTimeout`, then interrupts them; an
  * interrupted handler's message stays pending (never acked) and is delivered
- * again later. A subscription that fails for a retryable reason is opened
+ * again later. A consumer reads nothing ahead of its handlers, so a shutdown
+ * within the deadline leaves nothing pending but a read that was arriving
+ * just as it stopped. A subscription that fails for a retryable reason is opened
  * again with backoff (100 ms doubling, at most 5 s); a permanent failure
  * (an invalid name, a closed broker) stops the consumer with an error log.
  *
@@ -688,7 +690,27 @@ export const make = <A, I, E extends Tagged = never, R = never>(
       })
 
     const readsInFlight = options.handleBatch !== undefined && !perKey ? concurrency : 1
+    // Shutdown. The subscription is pulled where its reads are handled (not through `Stream.interruptWhen`,
+    // whose merge pulls in a fiber of its own, one read ahead of the handlers: a read that stayed pending,
+    // unhandled, after every shutdown). Once stopping, no pull starts; with reads handled concurrently a
+    // pull runs beside the handlers, and a pull that is waiting then ends too. `handling` counts the reads
+    // being handled, and `idle` is completed when it drops to 0 while stopping.
     const stop = yield* Deferred.make<void>()
+    const idle = yield* Deferred.make<void>()
+    let stopping = false
+    let handling = 0
+    const handleTracked = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
+      Effect.suspend(() => {
+        // a read that completed after shutdown began (a pull that was waiting) is not handled: its messages
+        // stay pending for this consumer name and come back as its history, or are claimed
+        if (stopping) return Effect.void
+        handling++
+        return Effect.ensuring(
+          handleRead(batch),
+          Effect.suspend(() => (--handling === 0 && stopping ? Deferred.succeed(idle, undefined) : Effect.void))
+        )
+      })
+    const stopped = Effect.andThen(Deferred.await(stop), Cause.done())
     const fiber = yield* broker
       .subscribe({
         topic: topic.name,
@@ -699,15 +721,22 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         onEvent: options.onEvent
       })
       .pipe(
-        Stream.interruptWhen(Deferred.await(stop)),
+        (reads) =>
+          Stream.transformPull(reads, (pull) =>
+            Effect.succeed(
+              Effect.suspend(() =>
+                stopping ? Cause.done() : readsInFlight === 1 ? pull : Effect.raceFirst(pull, stopped)
+              )
+            )
+          ),
         // with handleBatch and no per-key order, `concurrency` reads are handled at once: the next read is
         // decoded while the previous one's transaction commits
         readsInFlight === 1
-          ? Stream.runForEachArray(handleRead)
+          ? Stream.runForEachArray(handleTracked)
           : (reads) =>
               reads.pipe(
                 Stream.chunks,
-                Stream.mapEffect(handleRead, { concurrency: readsInFlight, unordered: true }),
+                Stream.mapEffect(handleTracked, { concurrency: readsInFlight, unordered: true }),
                 Stream.runDrain
               ),
         // a subscription that fails for a retryable reason (a lost connection, a killed consumer)
@@ -723,15 +752,19 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         ),
         Effect.forkScoped
       )
-    // registered after the fork, so it runs before the fork is interrupted: stop taking
-    // deliveries, let in-flight handlers finish for up to shutdownTimeout, then interrupt
+    // registered after the fork, so it runs before the fork is interrupted: stop taking deliveries, let
+    // the reads being handled finish for up to shutdownTimeout, then interrupt what is left (a pull waiting
+    // for messages, or handlers past the deadline)
     yield* Effect.addFinalizer(() =>
-      Deferred.succeed(stop, undefined).pipe(
-        Effect.andThen(Fiber.await(fiber)),
+      Effect.suspend(() => {
+        stopping = true
+        return Deferred.succeed(stop, undefined)
+      }).pipe(
+        Effect.andThen(Effect.suspend(() => (handling === 0 ? Effect.void : Deferred.await(idle)))),
         Effect.timeoutOption(shutdownTimeout),
         Effect.flatMap((done) =>
           Option.isSome(done)
-            ? Effect.void
+            ? Fiber.interrupt(fiber)
             : Effect.andThen(
                 Effect.logWarning("consumer: in-flight handlers did not finish in time; interrupting them"),
                 Fiber.interrupt(fiber)

@@ -136,7 +136,10 @@ layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
               Consumer.make(slowOrders, {
                 group: "ledger",
                 consumer: "slow",
-                claimIdle: "300 millis",
+                // "fast" waits on slow's transaction for over a second after its claim: with 300 ms here too,
+                // slow's next read would claim the message back (a second false death, also kept single by
+                // the inbox); this test is about one
+                claimIdle: "1 minute",
                 handle: handler("slow")
               })
             )

@@ -264,8 +264,7 @@ const invalid = (argument: string, e: Name.InvalidName) =>
  * publisher runs at most one batch ahead of a reader that keeps up); else soon, after the caller yields, so
  * the messages it publishes meanwhile come in one read instead of one read each.
  */
-const wakeFirst = (set: Set<Waiter> | undefined, unread: number): void => {
-  if (set === undefined) return
+const wakeFirst = (set: Set<Waiter>, unread: number): void => {
   for (const w of set) {
     if (unread >= w.sub.batch) w.now()
     else w.soon()

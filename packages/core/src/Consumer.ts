@@ -64,9 +64,11 @@
  * Closing the consumer's scope stops taking new deliveries, lets in-flight
  * handlers finish for up to `shutdownTimeout`, then interrupts them; an
  * interrupted handler's message stays pending (never acked) and is delivered
- * again later. A consumer reads nothing ahead of its handlers, so a shutdown
- * within the deadline leaves nothing pending but a read that was arriving
- * just as it stopped. A subscription that fails for a retryable reason is opened
+ * again later. The consumer reads nothing ahead of its handlers (a broker
+ * may: the Redis broker keeps its next read on the wire, and what that read
+ * got stays pending under this consumer's name after a shutdown, read first
+ * when the name subscribes again, claimed by others after `claimIdle`
+ * otherwise; on the memory broker nothing is left). A subscription that fails for a retryable reason is opened
  * again with backoff (100 ms doubling, at most 5 s); a permanent failure
  * (an invalid name, a closed broker) stops the consumer with an error log.
  *
@@ -764,12 +766,10 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         Effect.timeoutOption(shutdownTimeout),
         Effect.flatMap((done) =>
           Option.isSome(done)
-            ? Fiber.interrupt(fiber)
-            : Effect.andThen(
-                Effect.logWarning("consumer: in-flight handlers did not finish in time; interrupting them"),
-                Fiber.interrupt(fiber)
-              )
-        )
+            ? Effect.void
+            : Effect.logWarning("consumer: in-flight handlers did not finish in time; interrupting them")
+        ),
+        Effect.andThen(Fiber.interrupt(fiber))
       )
     )
   }).pipe(Effect.withSpan("Consumer.make", { attributes: { topic: topic.name, group: options.group } }))

@@ -457,38 +457,4 @@ describe("batch settlement", () => {
       assert.strictEqual(error.reason._tag, "InvalidArgument")
     }).pipe(Effect.provide(MemoryBroker.layer()))
   )
-
-  it.effect("processAll: successes acked together, a failure nacked per policy, an interruption left pending", () =>
-    Effect.gen(function* () {
-      const memory = yield* MemoryBroker.MemoryBroker
-      const broker = yield* Broker.Broker
-      yield* publish("t", 3)
-      const ds = yield* take({ topic: "t", group: "g", consumer: "c" }, 3)
-      const acked = yield* Broker.processAll(
-        broker,
-        ds.slice(0, 2),
-        (d) => (d === ds[1] ? Effect.fail("boom") : Effect.void),
-        { onFailure: () => Broker.nack("1 minute") }
-      )
-      assert.strictEqual(acked, 1)
-      const pending = yield* memory.pending("t", "g")
-      assert.deepStrictEqual(
-        pending.map((p) => [p.entryId, p.delayed]),
-        [
-          [ds[1]!.entryId, true],
-          [ds[2]!.entryId, false]
-        ]
-      )
-      const started = yield* Deferred.make<void>()
-      const fiber = yield* Broker.processAll(broker, [ds[2]!], () =>
-        Effect.andThen(Deferred.succeed(started, undefined), Effect.never)
-      ).pipe(Effect.forkChild)
-      yield* Deferred.await(started)
-      yield* Fiber.interrupt(fiber)
-      assert.isTrue(
-        (yield* memory.pending("t", "g")).some((p) => p.entryId === ds[2]!.entryId && !p.delayed),
-        "the interrupted delivery is still pending, not settled"
-      )
-    }).pipe(Effect.provide(MemoryBroker.layer()))
-  )
 })

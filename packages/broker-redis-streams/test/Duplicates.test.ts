@@ -6,7 +6,8 @@
  * tell them apart: the inbox must apply each effect once, and the effects of
  * a key must still be applied in their order.
  */
-import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
+import { Consumer, DeadLetter, Publisher, Topic } from "@converge/core"
+import { Inbox, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Layer, Random, Redacted, Schema } from "effect"

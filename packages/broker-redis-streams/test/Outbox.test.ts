@@ -13,7 +13,8 @@
  */
 import { spawn } from "node:child_process"
 import { fileURLToPath } from "node:url"
-import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "@converge/core"
+import { Consumer, Topic } from "@converge/core"
+import { Inbox, Outbox, OutboxRelay, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"

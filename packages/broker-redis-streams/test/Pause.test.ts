@@ -10,7 +10,8 @@
  *
  * Either way nothing may be lost, and the inbox keeps every effect single.
  */
-import { Consumer, DeadLetter, Inbox, Publisher, SqlStore, Topic } from "@converge/core"
+import { Consumer, DeadLetter, Publisher, Topic } from "@converge/core"
+import { Inbox, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { afterAll, assert, beforeAll, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"

@@ -245,7 +245,7 @@ describe("RedisStreamsBroker", () => {
       const info = yield* redis.send<string>("INFO", "server")
       const [major, minor] = (/redis_version:(\d+)\.(\d+)/.exec(String(info)) ?? ["", "0", "0"]).slice(1).map(Number)
       const hasWaitaof = major! > 7 || (major === 7 && minor! >= 2)
-      const context = yield* Layer.build(RedisStreamsBroker.layer({ prefix, confirm: "waitaof-local" }))
+      const context = yield* Layer.build(RedisStreamsBroker.layer({ prefix, durability: "waitaof-local" }))
       const broker = Context.get(context, Broker.Broker)
       const exit = yield* Effect.exit(broker.publish(BrokerTest.messages("orders", 3)))
       if (hasWaitaof) {
@@ -273,7 +273,7 @@ describe("RedisStreamsBroker", () => {
         RedisStreamsBroker.layerConfig.pipe(
           Layer.provide(
             ConfigProvider.layer(
-              ConfigProvider.fromUnknown({ CONVERGE_REDIS_PREFIX: `${prefix}:cfg`, CONVERGE_REDIS_CONFIRM: "reply" })
+              ConfigProvider.fromUnknown({ CONVERGE_REDIS_PREFIX: `${prefix}:cfg`, CONVERGE_REDIS_DURABILITY: "reply" })
             )
           )
         )
@@ -283,11 +283,11 @@ describe("RedisStreamsBroker", () => {
       const bad = yield* Effect.flip(
         Layer.build(
           RedisStreamsBroker.layerConfig.pipe(
-            Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ CONVERGE_REDIS_CONFIRM: "maybe" })))
+            Layer.provide(ConfigProvider.layer(ConfigProvider.fromUnknown({ CONVERGE_REDIS_DURABILITY: "maybe" })))
           )
         ).pipe(Effect.scoped)
       )
-      assert.include(String(bad), "CONVERGE_REDIS_CONFIRM")
+      assert.include(String(bad), "CONVERGE_REDIS_DURABILITY")
     }).pipe(Effect.provide(brokerLayer()))
   )
 

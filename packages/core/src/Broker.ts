@@ -28,10 +28,10 @@
  * - **Delivery count**: every delivery carries how many times this message
  *   was delivered to this group, this one included (1 on first delivery). It
  *   grows on every redelivery, claim and delayed retry.
- * - **Settlement from the exit of the delivery's scope** ({@link process}):
- *   success → ack (the message leaves the pending list); a typed failure →
- *   the settlement the policy picks (nack with a delay, or dead-letter with a
- *   reason); interruption → nothing: the message stays pending and is
+ * - **Settlement from the exit of the handler**: the `Consumer` runtime (the
+ *   one way applications settle) acks on success (one `ackAll` per read),
+ *   nacks with a delay or dead-letters a failure per its retry policy, and
+ *   settles nothing on interruption: the message stays pending and is
  *   redelivered (to this consumer on resubscribe, or claimed by another).
  *   A delivery settles at most once: a second ack, nack or dead-letter, or
  *   one after the message was redelivered, claimed by another consumer or
@@ -64,13 +64,14 @@
  *
  * @since 0.1.0
  */
-import { Cause, Context, type Duration, Effect, Schema, type Stream } from "effect"
+import { Context, type Duration, Effect, Schema, type Stream } from "effect"
 import type { BrokerError } from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
 
 /**
  * What a consumer gets from a subscription: one message and its settlement.
- * Prefer {@link process} over calling `ack`/`nack`/`deadLetter` yourself.
+ * Applications do not settle by hand: the `Consumer` runtime calls these
+ * from the handler's exit. A broker layer implements them.
  *
  * @since 0.1.0
  */
@@ -218,121 +219,6 @@ export class Broker extends Context.Service<
     ) => Effect.Effect<number, BrokerError>
   }
 >()("@converge/core/Broker") {}
-
-/**
- * How a delivery is settled when its processing fails.
- *
- * @since 0.1.0
- */
-export type Settlement =
-  | { readonly _tag: "Nack"; readonly delay: Duration.Input; readonly attempt?: number | undefined }
-  | { readonly _tag: "DeadLetter"; readonly reason: DeadLetterReason }
-
-/**
- * Settle by redelivery after `delay`.
- *
- * @since 0.1.0
- */
-export const nack = (delay: Duration.Input = 0, attempt?: number): Settlement => ({ _tag: "Nack", delay, attempt })
-
-/**
- * Settle by dead-lettering.
- *
- * @since 0.1.0
- */
-export const deadLetter = (reason: string, error?: string, attempts?: number): Settlement => ({
-  _tag: "DeadLetter",
-  reason: { reason, error, attempts }
-})
-
-/**
- * Settle a failed delivery per its settlement.
- *
- * @since 0.1.0
- */
-export const settle = (delivery: Delivery, settlement: Settlement): Effect.Effect<void, BrokerError> =>
-  settlement._tag === "Nack"
-    ? delivery.nack(settlement.delay, { attempt: settlement.attempt })
-    : delivery.deadLetter(settlement.reason)
-
-/**
- * The default failure policy of {@link process}: redeliver at once.
- *
- * @since 0.1.0
- */
-export const nackAtOnce = (): Settlement => nack(0)
-
-/**
- * Runs `effect` as the scope of `delivery` and settles the delivery from its
- * exit: success → ack; failure → `onFailure(cause)` (default: nack without
- * delay); interruption → nothing (the message stays pending). A nack or a
- * dead-letter runs uninterruptibly, so it is never half-sent. A failed
- * settlement (e.g. the connection dropped) is in the error channel; the
- * message then stays pending and is redelivered.
- *
- * @since 0.1.0
- */
-export const process = <A, E, R>(
-  delivery: Delivery,
-  effect: Effect.Effect<A, E, R>,
-  onFailure: (cause: Cause.Cause<E>) => Settlement = nackAtOnce
-): Effect.Effect<A, E | BrokerError, R> =>
-  Effect.matchCauseEffect(effect, {
-    // an interrupted ack is harmless (acked or not: at-least-once either way), so it stays interruptible
-    onSuccess: (value) => Effect.as(delivery.ack, value),
-    onFailure: (cause) =>
-      Cause.hasInterruptsOnly(cause)
-        ? Effect.failCause(cause)
-        : Effect.andThen(Effect.uninterruptible(settle(delivery, onFailure(cause))), Effect.failCause(cause))
-  })
-
-/**
- * Options of {@link processAll}.
- *
- * @since 0.1.0
- */
-export interface ProcessAllOptions<E> {
-  /** How many deliveries are handled at once (default 1: in order). */
-  readonly concurrency?: number | "unbounded" | undefined
-  /** The settlement of a failed delivery (default: nack without delay). */
-  readonly onFailure?: ((cause: Cause.Cause<E>) => Settlement) | undefined
-}
-
-/**
- * Handles a batch of deliveries: `handle` runs for each; the ones that
- * succeed are acknowledged together with one `ackAll` at the end (one broker
- * round trip per batch); a failed one is settled at once by `onFailure`; an
- * interrupted one stays pending. Returns how many were acknowledged.
- *
- * The batch form of {@link process}: use it where handlers are cheap and
- * acks dominate (the broker round trip is paid once per batch).
- *
- * @since 0.1.0
- */
-export const processAll = <E, R>(
-  broker: Broker["Service"],
-  deliveries: ReadonlyArray<Delivery>,
-  handle: (delivery: Delivery) => Effect.Effect<void, E, R>,
-  options?: ProcessAllOptions<E>
-): Effect.Effect<number, BrokerError, R> =>
-  Effect.suspend(() => {
-    const done: Array<Delivery> = []
-    const onFailure = options?.onFailure ?? nackAtOnce
-    const one = (d: Delivery): Effect.Effect<void, BrokerError, R> =>
-      Effect.matchCauseEffect(handle(d), {
-        onSuccess: () => {
-          done.push(d)
-          return Effect.void
-        },
-        onFailure: (cause) =>
-          // an interrupted handler settles nothing: its message stays pending
-          Cause.hasInterruptsOnly(cause) ? Effect.interrupt : Effect.uninterruptible(settle(d, onFailure(cause)))
-      })
-    return Effect.andThen(
-      Effect.forEach(deliveries, one, { concurrency: options?.concurrency ?? 1, discard: true }),
-      Effect.suspend(() => (done.length === 0 ? Effect.succeed(0) : broker.ackAll(done)))
-    )
-  })
 
 /**
  * Default `onEvent`: logs the event as a warning.

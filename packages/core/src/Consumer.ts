@@ -84,95 +84,16 @@ import {
   Fiber,
   Layer,
   Option,
-  Predicate,
   Result,
-  Schedule,
+  type Schedule,
   type Scope,
   Stream
 } from "effect"
 import * as Broker from "./Broker.ts"
 import type * as Envelope from "./Envelope.ts"
-import { cappedExponential } from "./internal/schedule.ts"
 import * as Name from "./Name.ts"
+import * as Retry from "./Retry.ts"
 import type * as Topic from "./Topic.ts"
-
-/**
- * What happens to a message whose handler failed with a given error.
- *
- * - `"retry"`: step the retry schedule (in process, then through the broker),
- *   dead-letter with reason `exhausted` when it ends.
- * - `"dead-letter"`: a permanent failure; dead-letter at once with reason
- *   `permanent`.
- * - `"ignore"`: acknowledge the message and move on (log only).
- *
- * @since 0.1.0
- */
-export type Outcome = "retry" | "dead-letter" | "ignore"
-
-/**
- * Any tagged error.
- *
- * @since 0.1.0
- */
-export interface Tagged {
-  readonly _tag: string
-}
-
-/**
- * The tags of an error union.
- *
- * @since 0.1.0
- */
-export type Tags<E> = E extends { readonly _tag: infer T extends string } ? T : never
-
-/**
- * The tags that must be mapped: every tag whose error does not say
- * `isRetryable` itself.
- *
- * @since 0.1.0
- */
-export type RequiredTags<E> = E extends { readonly _tag: infer T extends string }
-  ? E extends { readonly isRetryable: boolean }
-    ? never
-    : T
-  : never
-
-/**
- * The outcome of one tag: a fixed outcome, or one computed from the error.
- *
- * @since 0.1.0
- */
-export type OutcomeOf<E> = Outcome | ((error: E) => Outcome)
-
-/**
- * The error classification of a handler with error union `E`: every tag of
- * `E` without `isRetryable` must be present.
- *
- * @since 0.1.0
- */
-export type Classification<E> = {
-  readonly [K in RequiredTags<E>]: OutcomeOf<Extract<E, { readonly _tag: K }>>
-} & {
-  readonly [K in Tags<E>]?: OutcomeOf<Extract<E, { readonly _tag: K }>>
-}
-
-/**
- * What the retry schedule sees as input: the handler's error, or a defect.
- *
- * @since 0.1.0
- */
-export type RetryInput<E> = E | Defect
-
-/**
- * A defect (an exception thrown by a handler, or `Effect.die`), as the retry
- * schedule sees it.
- *
- * @since 0.1.0
- */
-export interface Defect {
-  readonly _tag: "Defect"
-  readonly defect: unknown
-}
 
 /**
  * Metadata of the message being handled.
@@ -296,7 +217,7 @@ export interface BaseOptions<A, E, R> {
    * `Schedule.exponential("100 millis").pipe(Schedule.jittered, Schedule.upTo({ times: 5 }))`.
    * Default: exponential from 100 ms, doubling, capped at 30 s per delay, 10 retries.
    */
-  readonly retry?: Schedule.Schedule<unknown, NoInfer<RetryInput<E>>> | undefined
+  readonly retry?: Schedule.Schedule<unknown, NoInfer<Retry.RetryInput<E>>> | undefined
   /**
    * How many messages are handled at once (default 1). With `per-key`, how
    * many keys. With `handleBatch` (and no per-key order), how many reads.
@@ -342,50 +263,22 @@ export interface BaseOptions<A, E, R> {
  * @since 0.1.0
  */
 export type Options<A, E, R> = BaseOptions<A, E, R> &
-  ([RequiredTags<E>] extends [never]
-    ? { readonly errors?: NoInfer<Classification<E>> | undefined }
-    : { readonly errors: NoInfer<Classification<E>> })
+  ([Retry.RequiredTags<E>] extends [never]
+    ? { readonly errors?: NoInfer<Retry.Classification<E>> | undefined }
+    : { readonly errors: NoInfer<Retry.Classification<E>> })
 
 /** At most 1 000 characters of `text`, for a log line. */
 const truncate = (text: string): string =>
   text.length <= 1000 ? text : `${text.slice(0, 1000)}… (${text.length} chars)`
 
-/**
- * The default retry schedule: exponential from 100 ms, doubling, each delay
- * capped at 30 seconds, 10 retries.
- *
- * @since 0.1.0
- */
-export const defaultRetry: Schedule.Schedule<unknown, unknown> = cappedExponential("100 millis", "30 seconds").pipe(
-  Schedule.upTo({ times: 10 })
-)
-
 /** Backoff between subscription attempts after a retryable failure: 100 ms doubling, at most 5 s. */
-const resubscribeBackoff = cappedExponential("100 millis", "5 seconds")
+const resubscribeBackoff = Retry.exponential("100 millis", "5 seconds")
 
 const defaultConsumerName = (): string =>
   `${(globalThis.process?.env?.HOSTNAME ?? "host").replace(/[^A-Za-z0-9._-]/g, "-")}-${globalThis.process?.pid ?? 0}`.replace(
     /^[^A-Za-z0-9]+/,
     ""
   )
-
-/** Encodes an error for the dead-letter queue: JSON where it can, the message otherwise. */
-const encodeError = (error: unknown): string => {
-  if (Predicate.isObject(error)) {
-    const out: Record<string, unknown> = {}
-    for (const k of Object.keys(error)) out[k] = (error as Record<string, unknown>)[k]
-    if (error instanceof Error) {
-      if (error.message !== "") out.message ??= error.message
-      if (error.name !== "Error" && error.name !== out._tag) out.name ??= error.name
-    }
-    try {
-      return JSON.stringify(out)
-    } catch {
-      // fall through: circular or not serializable
-    }
-  }
-  return String(error)
-}
 
 /** Per-key FIFO locks: one holder per key, waiters served in arrival order. */
 class KeyLocks {
@@ -423,12 +316,6 @@ class KeyLocks {
   }
 }
 
-/** What to do after one failed attempt. */
-type Decision =
-  | { readonly _tag: "Ack" }
-  | { readonly _tag: "DeadLetter"; readonly reason: string; readonly error: string }
-  | { readonly _tag: "Retry"; readonly delay: Duration.Duration; readonly error: string }
-
 /**
  * Runs a consumer in the current scope: subscribes, handles messages in the
  * background until the scope closes (then shuts down gracefully). Fails at
@@ -436,7 +323,7 @@ type Decision =
  *
  * @since 0.1.0
  */
-export const make = <A, I, E extends Tagged = never, R = never>(
+export const make = <A, I, E extends Retry.Tagged = never, R = never>(
   topic: Topic.Topic<A, I>,
   options: Options<A, E, R>
 ): Effect.Effect<void, Name.InvalidName, Broker.Broker | R | Scope.Scope> =>
@@ -444,8 +331,10 @@ export const make = <A, I, E extends Tagged = never, R = never>(
     const group = yield* Name.validate("group", options.group)
     const consumer = yield* Name.validate("consumer", options.consumer ?? defaultConsumerName())
     const broker = yield* Broker.Broker
-    const errors = (options.errors ?? {}) as Record<string, OutcomeOf<unknown> | undefined>
-    const retry = (options.retry ?? defaultRetry) as Schedule.Schedule<unknown, unknown>
+    const policy: Retry.Policy<E> = {
+      errors: (options.errors ?? {}) as Retry.Classification<E>,
+      retry: options.retry ?? Retry.defaultSchedule
+    }
     const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1))
     const perKey = options.ordering === "per-key"
     const inProcessLimit = Duration.toMillis(options.inProcessDelayLimit ?? "1 second")
@@ -478,59 +367,6 @@ export const make = <A, I, E extends Tagged = never, R = never>(
         reason: decoded.failure._tag === "PayloadTooLarge" ? "oversized" : "decode",
         error: decoded.failure.message
       })
-    }
-
-    const classify = (error: unknown): Outcome => {
-      const tag = Predicate.hasProperty(error, "_tag") && typeof error._tag === "string" ? error._tag : undefined
-      const mapped = tag === undefined ? undefined : errors[tag]
-      if (mapped !== undefined) return typeof mapped === "function" ? mapped(error) : mapped
-      if (Predicate.hasProperty(error, "isRetryable") && typeof error.isRetryable === "boolean") {
-        return error.isRetryable ? "retry" : "dead-letter"
-      }
-      // an unmapped tag can only come from a cast; treat it as transient
-      return "retry"
-    }
-
-    /**
-     * The retry step for the attempt that just failed. The schedule is
-     * replayed for the earlier attempts (made before a redelivery or a
-     * restart), so it continues where it left off.
-     */
-    const nextDelay = (attempt: number, input: unknown) =>
-      Effect.gen(function* () {
-        const step = yield* Schedule.toStep(retry)
-        let delay = Duration.zero
-        for (let i = 1; i <= attempt; i++) {
-          const now = yield* Effect.clockWith((c) => c.currentTimeMillis)
-          const result = yield* Effect.result(step(now, input))
-          if (Result.isFailure(result)) return Option.none<Duration.Duration>()
-          delay = result.success[1]
-        }
-        return Option.some(delay)
-      }).pipe(Effect.catchCause(() => Effect.succeed(Option.none<Duration.Duration>())))
-
-    const decide = (cause: Cause.Cause<E>, attempt: number): Effect.Effect<Decision> => {
-      const failure = Cause.findErrorOption(cause)
-      if (Option.isSome(failure)) {
-        const error = failure.value
-        const outcome = classify(error)
-        if (outcome === "ignore") return Effect.succeed({ _tag: "Ack" })
-        if (outcome === "dead-letter") {
-          return Effect.succeed({ _tag: "DeadLetter", reason: "permanent", error: encodeError(error) })
-        }
-        return Effect.map(nextDelay(attempt, error), (delay) =>
-          Option.isSome(delay)
-            ? { _tag: "Retry", delay: delay.value, error: encodeError(error) }
-            : { _tag: "DeadLetter", reason: "exhausted", error: encodeError(error) }
-        )
-      }
-      const defect = Cause.squash(cause)
-      const input: Defect = { _tag: "Defect", defect }
-      return Effect.map(nextDelay(attempt, input), (delay) =>
-        Option.isSome(delay)
-          ? { _tag: "Retry", delay: delay.value, error: encodeError(defect) }
-          : { _tag: "DeadLetter", reason: "defect", error: encodeError(defect) }
-      )
     }
 
     /**
@@ -581,7 +417,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
           },
           onFailure: (cause) => {
             if (Cause.hasInterruptsOnly(cause)) return Effect.failCause(cause as Cause.Cause<never>)
-            return Effect.flatMap(decide(cause, attempt), (decision): Effect.Effect<void, never, R> => {
+            return Effect.flatMap(Retry.decide(policy, cause, attempt), (decision): Effect.Effect<void, never, R> => {
               switch (decision._tag) {
                 case "Ack":
                   acks.push(delivery)
@@ -779,7 +615,7 @@ export const make = <A, I, E extends Tagged = never, R = never>(
  *
  * @since 0.1.0
  */
-export const layer = <A, I, E extends Tagged = never, R = never>(
+export const layer = <A, I, E extends Retry.Tagged = never, R = never>(
   topic: Topic.Topic<A, I>,
   options: Options<A, E, R>
 ): Layer.Layer<never, Name.InvalidName, Broker.Broker | R> => Layer.effectDiscard(make(topic, options))

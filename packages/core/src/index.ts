@@ -1,5 +1,7 @@
 /**
- * `@converge/core` — topics, envelopes, the `Broker` contract, publishing.
+ * `@converge/core` — the pattern: topics, envelopes, the `Broker` contract,
+ * publishing, the consumer runtime, retry and dead letters. Depends on
+ * `effect` alone; stores and brokers are packages of their own.
  *
  * Each concept is one module, imported whole:
  * `import { Topic, Publisher } from "@converge/core"`.
@@ -11,23 +13,19 @@
 export * as Broker from "./Broker.ts"
 /** The one error of every broker operation, with a `reason` that says `isRetryable`. */
 export * as BrokerError from "./BrokerError.ts"
-/** The consumer runtime: typed handlers, classification, retries, order, shutdown. */
+/** The consumer runtime: typed handlers, order, batches, shutdown. */
 export * as Consumer from "./Consumer.ts"
 /** The dead-letter queue: list, show, replay, purge. */
 export * as DeadLetter from "./DeadLetter.ts"
 /** The message model, its wire forms and the CloudEvents mapping. */
 export * as Envelope from "./Envelope.ts"
-/** Exactly-once effects: the idempotent inbox, in the handler's transaction. */
-export * as Inbox from "./Inbox.ts"
 /** Name validation for topics, groups, consumers and headers. */
 export * as Name from "./Name.ts"
-/** The transactional outbox: publish in the caller's SQL transaction. */
-export * as Outbox from "./Outbox.ts"
-/** The relay that moves committed outbox rows to the broker. */
-export * as OutboxRelay from "./OutboxRelay.ts"
+/** The one partition function every store and broker uses. */
+export * as Partition from "./Partition.ts"
 /** Typed, direct publishing. */
 export * as Publisher from "./Publisher.ts"
-/** The Postgres schema of the outbox and inbox: tables, migrations, settings. */
-export * as SqlStore from "./SqlStore.ts"
+/** Error classification, retry schedules and the decision after a failed attempt. */
+export * as Retry from "./Retry.ts"
 /** Topics: a name and a payload Schema. */
 export * as Topic from "./Topic.ts"

@@ -1,4 +1,4 @@
-import { InboxStoreTest, OutboxStoreTest } from "@converge/core/testing"
+import { InboxStoreTest, OutboxStoreTest } from "@converge/store-postgres/testing"
 import { pgliteLayer } from "../src/embedded.ts"
 
 // The embedded default runs the same store suites. PGlite serves one connection at a time and has no

@@ -43,6 +43,56 @@ import * as Envelope from "../Envelope.ts"
 import * as Name from "../Name.ts"
 import * as Topic from "../Topic.ts"
 
+// Settling from the exit of a handler, as the `Consumer` runtime does, in the few lines a conformance case
+// needs: success → ack (or one `ackAll` per read), typed failure → the settlement `onFailure` picks,
+// interruption → nothing (the message stays pending).
+
+/** How a failed delivery is settled. */
+type Settlement =
+  | { readonly _tag: "Nack"; readonly delay: Duration.Input }
+  | { readonly _tag: "DeadLetter"; readonly reason: Broker.DeadLetterReason }
+
+const nack = (delay: Duration.Input = 0): Settlement => ({ _tag: "Nack", delay })
+
+const settle = (delivery: Broker.Delivery, settlement: Settlement): Effect.Effect<void, BrokerError.BrokerError> =>
+  settlement._tag === "Nack" ? delivery.nack(settlement.delay) : delivery.deadLetter(settlement.reason)
+
+const processOne = <E>(
+  delivery: Broker.Delivery,
+  effect: Effect.Effect<void, E>,
+  onFailure: (cause: Cause.Cause<E>) => Settlement = () => nack(0)
+): Effect.Effect<void, E | BrokerError.BrokerError> =>
+  Effect.matchCauseEffect(effect, {
+    onSuccess: () => delivery.ack,
+    onFailure: (cause) =>
+      Cause.hasInterruptsOnly(cause)
+        ? Effect.failCause(cause)
+        : Effect.andThen(Effect.uninterruptible(settle(delivery, onFailure(cause))), Effect.failCause(cause))
+  })
+
+const processAll = <E>(
+  broker: Broker.Broker["Service"],
+  deliveries: ReadonlyArray<Broker.Delivery>,
+  handle: (delivery: Broker.Delivery) => Effect.Effect<void, E>,
+  onFailure: (cause: Cause.Cause<E>) => Settlement = () => nack(0)
+): Effect.Effect<number, BrokerError.BrokerError> =>
+  Effect.suspend(() => {
+    const done: Array<Broker.Delivery> = []
+    const one = (d: Broker.Delivery): Effect.Effect<void, BrokerError.BrokerError> =>
+      Effect.matchCauseEffect(handle(d), {
+        onSuccess: () => {
+          done.push(d)
+          return Effect.void
+        },
+        onFailure: (cause) =>
+          Cause.hasInterruptsOnly(cause) ? Effect.interrupt : Effect.uninterruptible(settle(d, onFailure(cause)))
+      })
+    return Effect.andThen(
+      Effect.forEach(deliveries, one, { discard: true }),
+      Effect.suspend(() => (done.length === 0 ? Effect.succeed(0) : broker.ackAll(done)))
+    )
+  })
+
 /**
  * What a broker layer supports, and the hooks the suite needs for the cases
  * that simulate faults. A missing hook or a `false` skips the cases that need
@@ -180,8 +230,8 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
   const consume = (
     options: Broker.SubscribeOptions,
     handler: (d: Broker.Delivery) => Effect.Effect<void, unknown> = () => Effect.void,
-    onFailure?: (cause: Cause.Cause<unknown>) => Broker.Settlement,
-    /** Settle whole reads with `Broker.processAll` (one `ackAll` per read) instead of one `process` each. */
+    onFailure?: (cause: Cause.Cause<unknown>) => Settlement,
+    /** Settle whole reads with `processAll` (one `ackAll` per read) instead of one `processOne` each. */
     mode: "each" | "batch" = "each"
   ) =>
     Effect.gen(function* () {
@@ -197,7 +247,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
               .pipe(
                 Stream.runForEach((d) =>
                   Ref.update(deliveries, (all) => [...all, d]).pipe(
-                    Effect.andThen(Broker.process(d, handler(d), onFailure)),
+                    Effect.andThen(processOne(d, handler(d), onFailure)),
                     ignoreFailures
                   )
                 )
@@ -207,7 +257,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
               .pipe(
                 Stream.runForEachArray((ds) =>
                   Ref.update(deliveries, (all) => [...all, ...ds]).pipe(
-                    Effect.andThen(Broker.processAll(broker, ds, handler, { onFailure })),
+                    Effect.andThen(processAll(broker, ds, handler, onFailure)),
                     ignoreFailures
                   )
                 )
@@ -438,7 +488,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
               return Ref.update(applied, (m) => ({ ...m, [d.envelope.key!]: [...(m[d.envelope.key!] ?? []), p.n] }))
             },
             // back off, so that later messages of the key would overtake if the key were not parked
-            () => Broker.nack(features.delayedDelivery ? 100 : 0)
+            () => nack(features.delayedDelivery ? 100 : 0)
           )
         )
         const total = Effect.map(Ref.get(applied), (m) => Object.values(m).reduce((a, xs) => a + xs.length, 0))
@@ -659,7 +709,7 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         const r = yield* consume(
           { topic, group: "g", consumer: "c" },
           (d) => (d.deliveryCount === 1 ? Effect.fail("later") : Effect.void),
-          () => Broker.nack(delay)
+          () => nack(delay)
         )
         yield* eventually(countOf(r), (n) => n >= 1, "first delivery")
         const nackedAt = yield* Effect.clockWith((c) => c.currentTimeMillis)

@@ -17,7 +17,8 @@
  * running `OutboxRelay`): the tests run it on the memory broker and PGlite,
  * `main.ts` picks the layers.
  */
-import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "@converge/core"
+import { Consumer, Topic } from "@converge/core"
+import { Inbox, Outbox, OutboxRelay, SqlStore } from "@converge/store-postgres"
 import { Data, Effect, Layer, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 
@@ -104,7 +105,7 @@ export const program = Effect.gen(function* () {
         )(order, ctx)
       ),
     // An outbox publish that cannot encode its message (or names a bad header) will not succeed on a retry.
-    errors: { PayloadError: "dead-letter", MalformedEnvelope: "dead-letter", InvalidName: "dead-letter" }
+    errors: Outbox.publishErrors
   })
 
   // Mailer: sends the invoice.

@@ -6,14 +6,11 @@
  * @since 0.1.0
  */
 import { randomUUID } from "node:crypto"
+import { Broker, BrokerError, type Envelope, Topic } from "@converge/core"
 import { layer } from "@effect/vitest"
 import { Effect, Layer, Schema, type Scope, Stream } from "effect"
 import { SqlClient } from "effect/sql"
-import * as Broker from "../Broker.ts"
-import * as BrokerError from "../BrokerError.ts"
-import type * as Envelope from "../Envelope.ts"
 import * as SqlStore from "../SqlStore.ts"
-import * as Topic from "../Topic.ts"
 
 /**
  * What a SQL backend supports.

@@ -5,11 +5,12 @@
  * an inbox applies them. Nothing committed is lost; every effect is single.
  */
 import { MemoryBroker } from "@converge/broker-memory"
+import { Consumer, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Fiber, Layer, Redacted, Schedule, Schema } from "effect"
 import { SqlClient } from "effect/sql"
-import { Consumer, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
+import { Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
 import { available, ownedPostgres } from "./helpers/OwnedPostgres.ts"
 
 const Order = Schema.Struct({ id: Schema.String, account: Schema.String })

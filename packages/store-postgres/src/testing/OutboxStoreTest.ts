@@ -19,6 +19,7 @@
  * @since 0.1.0
  */
 
+import { Partition, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe } from "@effect/vitest"
 import { Deferred, Effect, Fiber, Layer, Queue } from "effect"
@@ -26,7 +27,6 @@ import { SqlClient } from "effect/sql"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
 import * as SqlStore from "../SqlStore.ts"
-import * as Topic from "../Topic.ts"
 import { count, type Features, freshStore, Item, items, recordingBroker, storeSuite } from "./StoreHarness.ts"
 
 /** What a SQL backend supports (shared with the other store suite). */
@@ -164,7 +164,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
             const row = rows[i]!
             assert.deepStrictEqual(payloadOf(row.data), many[i])
             assert.strictEqual(row.key, many[i]!.key)
-            assert.strictEqual(Number(row.partition), SqlStore.partitionOf(many[i]!.key, store.partitions))
+            assert.strictEqual(Number(row.partition), Partition.of(many[i]!.key, store.partitions))
             assert.strictEqual(row.topic, items.name)
             assert.strictEqual(Number(row.attempt), 1)
             assert.deepStrictEqual(typeof row.headers === "string" ? JSON.parse(row.headers) : row.headers, {
@@ -174,7 +174,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           }
           for (const row of rows.slice(2500)) {
             assert.strictEqual(row.key, null, "a topic without a key function stores no key")
-            assert.strictEqual(Number(row.partition), SqlStore.partitionOf(row.message_id, store.partitions))
+            assert.strictEqual(Number(row.partition), Partition.of(row.message_id, store.partitions))
             assert.strictEqual(row.topic, plain.name)
           }
           while ((yield* relay.drain) > 0) {}

@@ -27,10 +27,11 @@
  *
  * @since 0.1.0
  */
+
+import { Name, Partition } from "@converge/core"
 import { Context, Effect, Latch, Layer, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import type { SqlError } from "effect/sql/SqlError"
-import * as Name from "./Name.ts"
 
 /**
  * The store's settings disagree with the database, or the database is not
@@ -38,7 +39,7 @@ import * as Name from "./Name.ts"
  *
  * @since 0.1.0
  */
-export class StoreMismatch extends Schema.TaggedError<StoreMismatch>("@converge/core/SqlStore/StoreMismatch")(
+export class StoreMismatch extends Schema.TaggedError<StoreMismatch>("@converge/store-postgres/SqlStore/StoreMismatch")(
   "StoreMismatch",
   { message: Schema.String }
 ) {}
@@ -93,7 +94,7 @@ export class SqlStore extends Context.Service<
     /** The nudges since the last {@link takeWakeups}, without resetting them. */
     readonly peekWakeups: () => Wakeups
   }
->()("@converge/core/SqlStore") {}
+>()("@converge/store-postgres/SqlStore") {}
 
 /**
  * Nudges received by a store since they were last taken.
@@ -134,24 +135,8 @@ export const defaultSchema = "converge"
  */
 export const defaultPartitions = 16
 
-/** 32-bit FNV-1a, as a signed int (an advisory lock key half). */
-export const fnv1a32 = (text: string): number => {
-  let h = 0x811c9dc5
-  for (let i = 0; i < text.length; i++) {
-    h ^= text.charCodeAt(i)
-    h = Math.imul(h, 0x01000193)
-  }
-  return h | 0
-}
-
-/**
- * The partition of a message: FNV-1a of its key (of its id when it has no
- * key) modulo the partition count. Publishers and relays agree on it.
- *
- * @since 0.1.0
- */
-export const partitionOf = (key: string, partitions: number): number =>
-  partitions === 1 ? 0 : (fnv1a32(key) >>> 0) % partitions
+/** 32-bit FNV-1a as a signed int (an advisory lock key half): `Partition.hash`, the one hash of the project. */
+const fnv1a32 = (text: string): number => Partition.hash(text) | 0
 
 const migrations = (
   s: string,

@@ -25,13 +25,12 @@
  *
  * @since 0.1.0
  */
+
+import { Envelope, type Name, Partition, type Retry, type Topic } from "@converge/core"
 import { Clock, Context, Effect, Layer, Option, Result } from "effect"
 import type { SqlClient } from "effect/sql"
 import { isSqlError, type SqlError } from "effect/sql/SqlError"
-import * as Envelope from "./Envelope.ts"
-import type { InvalidName } from "./Name.ts"
-import { outboxColumns, partitionOf, SqlStore } from "./SqlStore.ts"
-import type * as Topic from "./Topic.ts"
+import { outboxColumns, SqlStore } from "./SqlStore.ts"
 
 /**
  * Proof that the code runs inside a SQL transaction opened by
@@ -42,7 +41,7 @@ import type * as Topic from "./Topic.ts"
 export class Transaction extends Context.Service<
   Transaction,
   { readonly state: { afterCommitRegistered: boolean; xid: string | undefined } }
->()("@converge/core/Outbox/Transaction") {}
+>()("@converge/store-postgres/Outbox/Transaction") {}
 
 /**
  * Runs `effect` in a SQL transaction of the store's client (a savepoint when
@@ -122,7 +121,30 @@ export interface Receipt {
  *
  * @since 0.1.0
  */
-export type PublishError = SqlError | Envelope.PayloadError | Envelope.MalformedEnvelope | InvalidName
+export type PublishError = SqlError | Envelope.PayloadError | Envelope.MalformedEnvelope | Name.InvalidName
+
+/**
+ * The classification of {@link PublishError} for a consumer whose handler
+ * publishes through the outbox: a message that cannot be encoded, or names
+ * a bad header or topic, fails the same way on every retry, so it is
+ * dead-lettered (`SqlError` classifies itself by `isRetryable`). Spread it
+ * into the consumer's `errors`:
+ *
+ * ```ts
+ * Consumer.make(orders, {
+ *   group: "billing",
+ *   handle: Inbox.handler((order, ctx) => chargeAndPublish(order, ctx)),
+ *   errors: { ...Outbox.publishErrors, CardDeclined: "dead-letter" }
+ * })
+ * ```
+ *
+ * @since 0.1.0
+ */
+export const publishErrors: Retry.Classification<PublishError> = {
+  PayloadError: "dead-letter",
+  MalformedEnvelope: "dead-letter",
+  InvalidName: "dead-letter"
+}
 
 /**
  * Options of {@link layer}.
@@ -155,7 +177,7 @@ export class Outbox extends Context.Service<
       options?: Envelope.MakeOptions
     ) => Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction>
   }
->()("@converge/core/Outbox") {}
+>()("@converge/store-postgres/Outbox") {}
 
 const columns = outboxColumns.join(", ")
 const chunkRows = 2000
@@ -215,7 +237,7 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
           const keys: Array<string | null> = []
           let keyed = false
           for (const e of chunk) {
-            partitionsOf.push(partitionOf(e.key ?? e.id, partitions))
+            partitionsOf.push(Partition.of(e.key ?? e.id, partitions))
             ids.push(e.id)
             data.push(e.data)
             keys.push(e.key ?? null)

@@ -33,10 +33,10 @@
  *
  * @since 0.1.0
  */
+
+import { type Consumer, Name } from "@converge/core"
 import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
-import type { BatchItem, MessageContext } from "./Consumer.ts"
-import * as Name from "./Name.ts"
 import { requireOpenTransaction, Transaction, transactionIn } from "./Outbox.ts"
 import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
@@ -47,10 +47,9 @@ import { deleteExpired, SqlStore } from "./SqlStore.ts"
  *
  * @since 0.1.0
  */
-export class AlreadyProcessed extends Schema.TaggedError<AlreadyProcessed>("@converge/core/Inbox/AlreadyProcessed")(
-  "AlreadyProcessed",
-  { consumer: Schema.String, messageId: Schema.String }
-) {
+export class AlreadyProcessed extends Schema.TaggedError<AlreadyProcessed>(
+  "@converge/store-postgres/Inbox/AlreadyProcessed"
+)("AlreadyProcessed", { consumer: Schema.String, messageId: Schema.String }) {
   /** Names the consumer and the message. */
   override get message(): string {
     return `message ${this.messageId} was already processed by ${this.consumer}`
@@ -110,7 +109,7 @@ export class Inbox extends Context.Service<
     /** Deletes rows older than the retention; returns how many. */
     readonly cleanup: Effect.Effect<number, SqlError>
   }
->()("@converge/core/Inbox") {}
+>()("@converge/store-postgres/Inbox") {}
 
 /**
  * The default inbox retention.
@@ -254,8 +253,8 @@ export const once = <A, E, R>(
  * @since 0.1.0
  */
 export const handler =
-  <A, E, R>(handle: (message: A, context: MessageContext) => Effect.Effect<void, E, R>) =>
-  (message: A, context: MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
+  <A, E, R>(handle: (message: A, context: Consumer.MessageContext) => Effect.Effect<void, E, R>) =>
+  (message: A, context: Consumer.MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
     Inbox.use((inbox) => Effect.asVoid(inbox.once(context.group, context.id, handle(message, context))))
 
 /**
@@ -278,17 +277,17 @@ export const handler =
  * @since 0.1.0
  */
 export const handlers = <A, E, R>(
-  handle: (items: ReadonlyArray<BatchItem<A>>) => Effect.Effect<unknown, E, R>
+  handle: (items: ReadonlyArray<Consumer.BatchItem<A>>) => Effect.Effect<unknown, E, R>
 ): {
   readonly handle: (
     message: A,
-    context: MessageContext
+    context: Consumer.MessageContext
   ) => Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>>
   readonly handleBatch: (
-    items: ReadonlyArray<BatchItem<A>>
+    items: ReadonlyArray<Consumer.BatchItem<A>>
   ) => Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>>
 } => {
-  const handleBatch = (items: ReadonlyArray<BatchItem<A>>) =>
+  const handleBatch = (items: ReadonlyArray<Consumer.BatchItem<A>>) =>
     Inbox.use((inbox) =>
       items.length === 0
         ? Effect.void

@@ -1,9 +1,10 @@
 import { MemoryBroker } from "@converge/broker-memory"
+import { Consumer, DeadLetter, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
 import { Data, Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
-import { Consumer, DeadLetter, Inbox, Outbox, OutboxRelay, SqlStore, Topic } from "../src/index.ts"
+import { Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
 
 const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_outbox_test_${process.pid}`

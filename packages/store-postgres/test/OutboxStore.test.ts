@@ -1,4 +1,4 @@
-import { InboxStoreTest, OutboxStoreTest } from "@converge/core/testing"
+import { InboxStoreTest, OutboxStoreTest } from "@converge/store-postgres/testing"
 import { PgClient } from "@effect/sql-pg"
 import { Redacted } from "effect"
 

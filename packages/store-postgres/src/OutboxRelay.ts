@@ -47,15 +47,12 @@
  *
  * @since 0.1.0
  */
+
+import { Broker, BrokerError, type Envelope, Name, Retry } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, type Schedule, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import type { SqlError } from "effect/sql/SqlError"
-import { Broker } from "./Broker.ts"
-import * as BrokerError from "./BrokerError.ts"
-import type * as Envelope from "./Envelope.ts"
-import { cappedExponential } from "./internal/schedule.ts"
-import * as Name from "./Name.ts"
 import { sqlDefectsAsFailures } from "./Outbox.ts"
 import { deleteExpired, outboxColumns, parseXid, SqlStore } from "./SqlStore.ts"
 
@@ -167,7 +164,7 @@ export class OutboxRelay extends Context.Service<
     /** Counters since this relay was built. */
     readonly stats: Effect.Effect<Stats>
   }
->()("@converge/core/OutboxRelay") {}
+>()("@converge/store-postgres/OutboxRelay") {}
 
 /**
  * A row in `outbox_dead`.
@@ -194,9 +191,12 @@ export const DeadReason = {
   rejected: "rejected"
 } as const
 
-class RowMalformed extends Schema.TaggedError<RowMalformed>("@converge/core/OutboxRelay/RowMalformed")("RowMalformed", {
-  message: Schema.String
-}) {}
+class RowMalformed extends Schema.TaggedError<RowMalformed>("@converge/store-postgres/OutboxRelay/RowMalformed")(
+  "RowMalformed",
+  {
+    message: Schema.String
+  }
+) {}
 
 interface Row {
   readonly seq: string
@@ -280,7 +280,7 @@ const safeParse = (text: string): unknown => {
  *
  * @since 0.1.0
  */
-export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], never, SqlStore | Broker> =>
+export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], never, SqlStore | Broker.Broker> =>
   Effect.map(makeRelay(options), (relay) => relay.service)
 
 /** A relay: its service, and what its background loops need besides. */
@@ -293,10 +293,10 @@ interface Relay {
 
 type Counters = { -readonly [K in keyof Stats]: Stats[K] }
 
-const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Broker> =>
+const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Broker.Broker> =>
   Effect.gen(function* () {
     const store = yield* SqlStore
-    const broker = yield* Broker
+    const broker = yield* Broker.Broker
     const { sql, partitions, lockSpace } = store
     const outbox = store.table("outbox")
     const dead = store.table("outbox_dead")
@@ -513,7 +513,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
  *
  * @since 0.1.0
  */
-export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker> =>
+export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker.Broker> =>
   Effect.flatMap(makeRelay(options), (relay) => runWith(relay, options))
 
 /** The background loops of {@link run} over a relay already built (the layer's own). */
@@ -525,7 +525,7 @@ const runWith = (
     const store = yield* SqlStore
     const pollInterval = Duration.fromInputUnsafe(options?.pollInterval ?? "1 second")
     const cleanupInterval = Duration.fromInputUnsafe(options?.cleanupInterval ?? "1 minute")
-    const retry: Schedule.Schedule<unknown, unknown> = options?.retry ?? cappedExponential("100 millis", "5 seconds")
+    const retry: Schedule.Schedule<unknown, unknown> = options?.retry ?? Retry.exponential("100 millis", "5 seconds")
 
     if (options?.listen !== false) {
       const pg = yield* Effect.serviceOption(PgClient.PgClient)
@@ -612,7 +612,7 @@ const listen = (
     Effect.tapError((cause) =>
       Effect.logWarning("converge: outbox LISTEN failed; relying on the poll, listening again later", cause)
     ),
-    Effect.retry(cappedExponential("500 millis", "30 seconds")),
+    Effect.retry(Retry.exponential("500 millis", "30 seconds")),
     Effect.ignore
   )
 
@@ -622,7 +622,7 @@ const listen = (
  *
  * @since 0.1.0
  */
-export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlStore | Broker> =>
+export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlStore | Broker.Broker> =>
   Layer.effect(
     OutboxRelay,
     Effect.gen(function* () {

@@ -1,0 +1,180 @@
+/**
+ * One delivery of the Redis Streams layer: its settlement commands (`XACK`,
+ * the nack and dead-letter scripts), each reporting to the subscription's
+ * per-key parking once Redis confirmed it.
+ *
+ * @internal
+ */
+import { type Broker, BrokerError, Envelope } from "@converge/core"
+import { Clock, Duration, Effect } from "effect"
+import type * as Redis from "effect/persistence/Redis"
+import { fail, fromRedis } from "./errors.ts"
+import { internalFields, isInternal, type Keys, type Part } from "./keys.ts"
+import { deadLetterScript, nackScript } from "./scripts.ts"
+
+/** What every delivery of one broker instance shares. */
+export interface Impl {
+  readonly redis: Redis.Redis["Service"]
+  readonly keys: (topic: string) => Keys
+}
+
+/** The envelope of a malformed entry (never handled: dead-lettered at once). */
+export const placeholder: Envelope.Encoded = {
+  id: "malformed",
+  topic: "malformed",
+  type: "malformed",
+  source: "malformed",
+  key: undefined,
+  time: "1970-01-01T00:00:00.000Z",
+  attempt: 1,
+  headers: {},
+  data: "null"
+}
+
+/** A delivery read from `stream` (a partition's stream or its group's retry stream). */
+export class RedisDelivery implements Broker.Delivery {
+  readonly entryId: string
+  readonly envelope: Envelope.Encoded
+  readonly deliveryCount: number
+  readonly topic: string
+  readonly group: string
+  readonly consumer: string
+  readonly stream: string
+  readonly fields: Record<string, string>
+  readonly impl: Impl
+  readonly part: Part
+  readonly fromRetry: boolean
+  /** Told about a settlement (per-key parking of ordered subscriptions). */
+  onSettled: ((delivery: RedisDelivery, outcome: "done" | "delayed") => void) | undefined
+  constructor(
+    impl: Impl,
+    sub: Broker.SubscribeOptions,
+    part: Part,
+    stream: string,
+    entryId: string,
+    fields: Record<string, string>,
+    envelope: Envelope.Encoded,
+    deliveryCount: number
+  ) {
+    this.impl = impl
+    this.part = part
+    this.fromRetry = stream === part.retry
+    this.onSettled = undefined
+    this.topic = sub.topic
+    this.group = sub.group
+    this.consumer = sub.consumer
+    this.stream = stream
+    this.entryId = entryId
+    this.fields = fields
+    this.envelope = envelope
+    this.deliveryCount = deliveryCount
+  }
+  /** Reports the settlement, once the broker confirmed it. */
+  settled(outcome: "done" | "delayed"): void {
+    this.onSettled?.(this, outcome)
+  }
+  /** A settling command's reply: 1 settles the delivery; 0 means the entry was no longer pending. */
+  confirm(n: number, outcome: "done" | "delayed"): Effect.Effect<void, BrokerError.BrokerError> {
+    if (n !== 1) {
+      return fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+    }
+    this.settled(outcome)
+    return Effect.void
+  }
+  get ack(): Effect.Effect<void, BrokerError.BrokerError> {
+    return Effect.flatMap(
+      Effect.mapError(this.impl.redis.send<number>("XACK", this.stream, this.group, this.entryId), fromRedis("XACK")),
+      (n) => this.confirm(n, "done")
+    )
+  }
+  nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
+    const attempt = options?.attempt ?? this.envelope.attempt
+    if (!Number.isInteger(attempt) || attempt < 1) {
+      return fail(new BrokerError.InvalidArgument({ argument: "attempt", message: "attempt must be an integer >= 1" }))
+    }
+    return Effect.flatMap(Clock.currentTimeMillis, (now) => {
+      const fields: Record<string, string> = { ...this.fields }
+      fields[Envelope.FieldNames.attempt] = String(attempt)
+      fields[internalFields.deliveries] = String(this.deliveryCount)
+      fields[internalFields.origin] = this.entryId
+      const member = JSON.stringify(Object.entries(fields).flat())
+      return Effect.flatMap(
+        Effect.mapError(
+          this.impl.redis.eval(nackScript)(
+            this.stream,
+            this.part.delayed,
+            this.group,
+            this.entryId,
+            now + Math.max(0, Duration.toMillis(delay)),
+            member
+          ),
+          fromRedis("nack")
+        ),
+        (n) => this.confirm(n, "delayed")
+      )
+    })
+  }
+  deadLetter(reason: Broker.DeadLetterReason): Effect.Effect<void, BrokerError.BrokerError> {
+    return Effect.flatMap(Clock.currentTimeMillis, (now) => {
+      const fields: Array<string> = []
+      for (const [k, v] of Object.entries(this.fields)) if (!isInternal(k)) fields.push(k, v)
+      fields.push(internalFields.dlqReason, reason.reason)
+      if (reason.error !== undefined) fields.push(internalFields.dlqError, reason.error)
+      fields.push(
+        internalFields.dlqGroup,
+        this.group,
+        internalFields.dlqEntry,
+        this.entryId,
+        internalFields.dlqAttempts,
+        String(reason.attempts ?? this.envelope.attempt),
+        internalFields.dlqDeliveries,
+        String(this.deliveryCount),
+        internalFields.dlqTime,
+        new Date(now).toISOString()
+      )
+      return Effect.flatMap(
+        Effect.mapError(
+          this.impl.redis.eval(deadLetterScript)(
+            this.stream,
+            this.impl.keys(this.topic).dlq,
+            this.group,
+            this.entryId,
+            ...fields
+          ),
+          fromRedis("dead-letter")
+        ),
+        (n) => this.confirm(n, "done")
+      )
+    })
+  }
+}
+
+/**
+ * Acknowledges deliveries of this broker instance with one `XACK` per stream
+ * and group; returns how many Redis acknowledged (stale ones are skipped by
+ * Redis, never confused with another entry).
+ */
+export const ackAll = (impl: Impl) => (deliveries: ReadonlyArray<Broker.Delivery>) =>
+  Effect.gen(function* () {
+    const byStream = new Map<string, { group: string; stream: string; batch: Array<RedisDelivery> }>()
+    for (const d of deliveries) {
+      if (!(d instanceof RedisDelivery) || d.impl !== impl) {
+        return yield* fail(
+          new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
+        )
+      }
+      const key = `${d.group}\u0000${d.stream}`
+      const entry = byStream.get(key)
+      if (entry === undefined) byStream.set(key, { group: d.group, stream: d.stream, batch: [d] })
+      else entry.batch.push(d)
+    }
+    let acked = 0
+    for (const { group, stream, batch } of byStream.values()) {
+      acked += yield* impl.redis
+        .send<number>("XACK", stream, group, ...batch.map((d) => d.entryId))
+        .pipe(Effect.mapError(fromRedis("XACK")))
+      // ordered subscriptions release the keys of what was acked (a no-op for a stale delivery)
+      for (const d of batch) d.settled("done")
+    }
+    return acked
+  })

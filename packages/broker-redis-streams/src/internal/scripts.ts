@@ -1,0 +1,125 @@
+/**
+ * The Lua scripts of the Redis Streams layer. Each touches the keys of one
+ * partition of one topic (plus the topic's dead-letter stream, which shares
+ * its hash tag), so every script stays in one Redis Cluster slot.
+ *
+ * @internal
+ */
+import * as Redis from "effect/persistence/Redis"
+
+/** Ack an entry and park it in the delayed set (atomic). Returns 0 when it was not pending. */
+export const nackScript = Redis.script(
+  (stream: string, delayed: string, group: string, id: string, dueAt: number, member: string) => [
+    stream,
+    delayed,
+    group,
+    id,
+    dueAt,
+    member
+  ],
+  {
+    numberOfKeys: 2,
+    lua: `
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+return 1`
+  }
+).withReturnType<number>()
+
+/** Ack an entry and append it with the reason to the dead-letter stream (atomic). */
+export const deadLetterScript = Redis.script(
+  (stream: string, dlq: string, group: string, id: string, ...fields: Array<string>) => [
+    stream,
+    dlq,
+    group,
+    id,
+    ...fields
+  ],
+  {
+    numberOfKeys: 2,
+    lua: `
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local fields = {}
+for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], '*', unpack(fields))
+return 1`
+  }
+).withReturnType<number>()
+
+/**
+ * Append a batch to one stream in one round trip (atomic: all or none).
+ * ARGV: for each entry, its field count followed by its fields.
+ */
+export const addBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
+  numberOfKeys: 1,
+  lua: `
+local ids = {}
+local i = 1
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return ids`
+}).withReturnType<ReadonlyArray<string>>()
+
+/**
+ * Trim a stream to about `maxLen` entries, never removing an entry that is
+ * pending in a group or not yet delivered to one: `XTRIM MINID` at the oldest
+ * of (the oldest entry `maxLen` keeps, each group's oldest pending entry, each
+ * group's last delivered entry). Returns how many entries were removed.
+ */
+export const trimScript = Redis.script((stream: string, maxLen: number) => [stream, maxLen], {
+  numberOfKeys: 1,
+  lua: `
+local maxLen = tonumber(ARGV[1])
+if redis.call('XLEN', KEYS[1]) <= maxLen then return 0 end
+local function parse(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+local function older(a, b)
+  local am, as = parse(a)
+  local bm, bs = parse(b)
+  return am < bm or (am == bm and as < bs)
+end
+local kept = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', maxLen)
+local bound = kept[#kept][1]
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  local limit = info['last-delivered-id']
+  if tonumber(info['pending']) > 0 then
+    limit = redis.call('XPENDING', KEYS[1], info['name'])[2]
+  end
+  if older(limit, bound) then bound = limit end
+end
+return redis.call('XTRIM', KEYS[1], 'MINID', bound)`
+}).withReturnType<number>()
+
+/** Move due delayed entries to the group's retry stream (atomic). Returns how many. */
+export const moveScript = Redis.script(
+  (delayed: string, retry: string, now: number, limit: number) => [delayed, retry, now, limit],
+  {
+    numberOfKeys: 2,
+    lua: `
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, member in ipairs(due) do
+  redis.call('XADD', KEYS[2], '*', unpack(cjson.decode(member)))
+  redis.call('ZREM', KEYS[1], member)
+end
+return #due`
+  }
+).withReturnType<number>()
+
+/** Renews a partition lease held by `me` (0: not held any more). */
+export const renewScript = Redis.script((lease: string, me: string, ms: number) => [lease, me, ms], {
+  numberOfKeys: 1,
+  lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0`
+}).withReturnType<number>()
+
+/** Gives back a partition lease held by `me` (0: not held). */
+export const releaseScript = Redis.script((lease: string, me: string) => [lease, me], {
+  numberOfKeys: 1,
+  lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`
+}).withReturnType<number>()

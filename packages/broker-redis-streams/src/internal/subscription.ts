@@ -1,0 +1,318 @@
+/**
+ * The read loop of one subscription: own pending history first, then new
+ * entries, with `XREADGROUP` on a reserved connection (replaced with backoff
+ * when it fails), periodic claims of idle entries (`XAUTOCLAIM`; deleted ids
+ * become `LostInBroker`), the move of due delayed redeliveries, group
+ * recreation on `NOGROUP`, malformed entries dead-lettered on receipt, and one
+ * read kept ahead of the consumer. Ordered subscriptions read only the
+ * partitions they lease, and park keys (see `parking.ts`, `leases.ts`).
+ *
+ * @internal
+ */
+import { Broker, BrokerError, Envelope } from "@converge/core"
+import { Clock, Duration, Effect, Exit, Fiber, Result, Scope, Stream } from "effect"
+import type * as Redis from "effect/persistence/Redis"
+import { type BrokerContext, checkName } from "./context.ts"
+import { placeholder, RedisDelivery } from "./delivery.ts"
+import { fail, fromRedis, isNoGroup } from "./errors.ts"
+import { internalFields, type Part } from "./keys.ts"
+import * as Leases from "./leases.ts"
+import { Parking } from "./parking.ts"
+import * as Replies from "./replies.ts"
+import { moveScript } from "./scripts.ts"
+
+/** Creates a group on a stream from its start (`MKSTREAM`); an existing group is fine. */
+export const createGroup = (ctx: BrokerContext, stream: string, group: string) =>
+  ctx.redis.send("XGROUP", "CREATE", stream, group, "0", "MKSTREAM").pipe(
+    Effect.catchIf(
+      (e) => String(e.cause).includes("BUSYGROUP"),
+      () => Effect.void
+    ),
+    Effect.mapError(fromRedis("XGROUP CREATE")),
+    Effect.asVoid
+  )
+
+export const subscribe = (
+  ctx: BrokerContext,
+  sub: Broker.SubscribeOptions
+): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
+  Stream.unwrap(
+    Effect.gen(function* () {
+      yield* checkName("topic", sub.topic)
+      yield* checkName("group", sub.group)
+      yield* checkName("consumer", sub.consumer)
+      const { redis, impl, keys, partitions, ordered, leaseMs, blockMs, moveEvery, sessions } = ctx
+      const k = keys(sub.topic)
+      const all = Array.from({ length: partitions }, (_, i) => k.partition(sub.group, i))
+      const count = String(Math.max(1, Math.floor(sub.batchSize ?? 100)))
+      const claimIdle = Math.max(1, Duration.toMillis(sub.claimIdle ?? "30 seconds"))
+      const onEvent = sub.onEvent ?? Broker.logEvent
+      const ensureGroups = (parts: ReadonlyArray<Part>) =>
+        Effect.forEach(
+          parts,
+          (p) => Effect.andThen(createGroup(ctx, p.stream, sub.group), createGroup(ctx, p.retry, sub.group)),
+          {
+            discard: true
+          }
+        )
+
+      // Partitions this subscription reads: all of them, or (ordered) the ones it holds a lease on.
+      const ownership: Leases.Ownership = { owned: new Map(), history: new Map() }
+      const { owned, history } = ownership
+      const resetHistory = () => {
+        for (const p of owned.values()) Leases.own(ownership, p)
+      }
+      if (!ordered) {
+        yield* ensureGroups(all)
+        for (const p of all) Leases.own(ownership, p)
+      }
+
+      const parking = new Parking()
+      const admit = (d: RedisDelivery): boolean => !ordered || parking.admit(d)
+
+      let nextMoveAt = 0
+      let nextClaimAt = 0
+      let nextLeaseAt = 0
+      let recreations = 0
+
+      const leases = Leases.make(ctx, sub, k, all, ownership, parking, ensureGroups)
+      if (ordered) yield* Effect.addFinalizer(() => leases.releaseAll)
+
+      /** Delivery counts of entries read from history or claimed (one XPENDING per stream). */
+      const countsOf = (stream: string, entries: ReadonlyArray<Replies.StreamEntry>) =>
+        entries.length === 0
+          ? Effect.succeed(new Map<string, number>())
+          : redis
+              .send<unknown>(
+                "XPENDING",
+                stream,
+                sub.group,
+                entries[0]!.id,
+                entries[entries.length - 1]!.id,
+                String(entries.length),
+                sub.consumer
+              )
+              .pipe(Effect.map(Replies.pendingCountsOf), Effect.mapError(fromRedis("XPENDING")))
+
+      /** Turns entries into deliveries; malformed ones are dead-lettered, deleted ones reported. */
+      const toDeliveries = (
+        part: Part,
+        stream: string,
+        entries: ReadonlyArray<Replies.StreamEntry>,
+        counts: Map<string, number> | undefined
+      ): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
+        Effect.gen(function* () {
+          const out: Array<Broker.Delivery> = []
+          const lost: Array<string> = []
+          for (const entry of entries) {
+            if (entry.fields === undefined) {
+              lost.push(entry.id)
+              continue
+            }
+            const base = Number(entry.fields[internalFields.deliveries] ?? 0)
+            const count = base + (counts?.get(entry.id) ?? 1)
+            const read = Envelope.fromFields(entry.fields)
+            if (Result.isFailure(read)) {
+              const malformed = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, placeholder, count)
+              yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
+              yield* onEvent({
+                _tag: "Malformed",
+                topic: sub.topic,
+                entryId: entry.id,
+                reason: read.failure.message
+              })
+              continue
+            }
+            const d = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, read.success, count)
+            if (admit(d)) out.push(d)
+          }
+          if (lost.length > 0) {
+            // deleted while pending (a trim): report them, then drop them from the PEL
+            yield* onEvent({ _tag: "LostInBroker", topic: sub.topic, group: sub.group, entryIds: lost })
+            yield* redis.send("XACK", stream, sub.group, ...lost).pipe(Effect.mapError(fromRedis("XACK")))
+          }
+          return out
+        })
+
+      const readOnce = (conn: Redis.Connection): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
+        Effect.gen(function* () {
+          const now = yield* Clock.currentTimeMillis
+          const out: Array<Broker.Delivery> = []
+          if (ordered && now >= nextLeaseAt) {
+            nextLeaseAt = now + Math.max(50, Math.floor(leaseMs / 3))
+            yield* leases.rebalance(now)
+          }
+          const parts = Array.from(owned.values())
+          if (parts.length === 0) {
+            // no partition to read (ordered, the others hold them): wait for the next rebalance
+            yield* Effect.sleep(Math.max(1, nextLeaseAt - now))
+            return out
+          }
+          if (now >= nextMoveAt) {
+            nextMoveAt = now + moveEvery
+            for (const p of parts) {
+              yield* redis
+                .eval(moveScript)(p.delayed, p.retry, now, 1000)
+                .pipe(Effect.mapError(fromRedis("move delayed")))
+            }
+          }
+          if (now >= nextClaimAt) {
+            nextClaimAt = now + Math.max(50, Math.floor(claimIdle / 2))
+            for (const p of parts) {
+              for (const stream of [p.retry, p.stream]) {
+                const reply = Replies.autoclaimOf(
+                  yield* redis
+                    .send<unknown>(
+                      "XAUTOCLAIM",
+                      stream,
+                      sub.group,
+                      sub.consumer,
+                      String(claimIdle),
+                      "0-0",
+                      "COUNT",
+                      count
+                    )
+                    .pipe(Effect.mapError(fromRedis("XAUTOCLAIM")))
+                )
+                if (reply.deleted.length > 0) {
+                  yield* onEvent({
+                    _tag: "LostInBroker",
+                    topic: sub.topic,
+                    group: sub.group,
+                    entryIds: reply.deleted
+                  })
+                }
+                const counts = yield* countsOf(stream, reply.claimed)
+                out.push(...(yield* toDeliveries(p, stream, reply.claimed, counts)))
+              }
+            }
+            if (out.length > 0) return out
+          }
+          // own pending history first (from where the last history read stopped), then new
+          // entries; retry streams first, since a redelivery is the head of its key
+          const streams: Array<[Part, string]> = []
+          for (const p of parts) streams.push([p, p.retry], [p, p.stream])
+          const inHistory = streams.some(([, stream]) => history.has(stream))
+          const ids = streams.map(([, stream]) => (inHistory ? (history.get(stream) ?? ">") : ">"))
+          const args = ["GROUP", sub.group, sub.consumer, "COUNT", count]
+          if (!inHistory) {
+            const wait = Math.min(blockMs, nextMoveAt - now, ordered ? nextLeaseAt - now : blockMs)
+            args.push("BLOCK", String(Math.max(1, wait)))
+          }
+          const reply = Replies.streamsOf(
+            yield* conn
+              .send<unknown>("XREADGROUP", ...args, "STREAMS", ...streams.map(([, s]) => s), ...ids)
+              .pipe(Effect.mapError(fromRedis("XREADGROUP")))
+          )
+          for (const [part, stream] of streams) {
+            const entries = reply.get(stream) ?? []
+            if (inHistory && history.has(stream)) {
+              if (entries.length === 0) history.delete(stream)
+              else history.set(stream, entries[entries.length - 1]!.id)
+            }
+            const counts = inHistory ? yield* countsOf(stream, entries) : undefined
+            out.push(...(yield* toDeliveries(part, stream, entries, counts)))
+          }
+          return out
+        })
+
+      const backoff = () =>
+        Duration.toMillis(
+          Duration.min(Duration.times(Duration.millis(100), 2 ** Math.min(recreations, 6)), Duration.seconds(5))
+        )
+
+      // The reserved connection lives in a scope of its own: when it fails (a restart, a
+      // dropped socket) that scope is closed and a fresh connection reserved, with backoff.
+      let connScope: Scope.Closeable | undefined
+      let conn: Redis.Connection | undefined
+      const dropConnection = Effect.suspend(() => {
+        const scope = connScope
+        connScope = undefined
+        conn = undefined
+        return scope === undefined ? Effect.void : Scope.close(scope, Exit.void)
+      })
+      sessions.add(dropConnection)
+      yield* Effect.addFinalizer(() =>
+        Effect.suspend(() => {
+          sessions.delete(dropConnection)
+          return dropConnection
+        })
+      )
+
+      type Batch = readonly [Broker.Delivery, ...Array<Broker.Delivery>]
+      /** Reads until there is a non-empty batch (or a permanent failure). */
+      const fetch: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
+        while (true) {
+          if (ctx.isClosed())
+            return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
+          if (conn === undefined) {
+            const scope = yield* Scope.make()
+            connScope = scope
+            const reserved = yield* Effect.result(
+              redis.reserve.pipe(Scope.provide(scope), Effect.mapError(fromRedis("reserve")))
+            )
+            if (Result.isFailure(reserved)) {
+              yield* dropConnection
+              yield* Effect.logWarning(`redis-streams: ${reserved.failure.message}; retrying`)
+              yield* Effect.sleep(backoff())
+              recreations++
+              continue
+            }
+            conn = reserved.success
+          }
+          const result = yield* Effect.result(readOnce(conn))
+          if (Result.isSuccess(result)) {
+            recreations = 0
+            if (result.success.length > 0) {
+              return result.success as unknown as readonly [Broker.Delivery, ...Array<Broker.Delivery>]
+            }
+            continue
+          }
+          const error = result.failure
+          if (isNoGroup(error)) {
+            // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
+            yield* Effect.sleep(backoff())
+            recreations++
+            yield* ensureGroups(Array.from(owned.values()))
+            resetHistory()
+            yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
+            continue
+          }
+          if (!error.isRetryable) return yield* Effect.fail(error)
+          // the connection dropped: a fresh reserved connection, with backoff
+          yield* Effect.logWarning(`redis-streams: ${error.message}; reconnecting`)
+          yield* dropConnection
+          yield* Effect.sleep(backoff())
+          recreations++
+        }
+      })
+      // Read one batch ahead: while the consumer handles and acks a batch, the next
+      // XREADGROUP is already on the wire (prefetched entries that are never handled stay
+      // pending, and are redelivered like any unacked entry).
+      const streamScope = yield* Effect.scope
+      let ahead: Fiber.Fiber<Batch, BrokerError.BrokerError> | undefined
+      const takeReleased = (): Batch => parking.takeReleased() as unknown as Batch
+      const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
+        if (parking.released.length > 0) return takeReleased()
+        if (ahead === undefined) ahead = yield* Effect.forkIn(fetch, streamScope)
+        const reading = ahead
+        // ordered: a settlement can release a parked message while a read is blocked
+        const current = ordered
+          ? yield* Effect.raceFirst(
+              Effect.map(Fiber.join(reading), (batch) => ({ batch })),
+              Effect.callback<{ readonly batch: undefined }>((resume) => {
+                parking.wakeReleased = () => resume(Effect.succeed({ batch: undefined }))
+                if (parking.released.length > 0) parking.wakeReleased()
+                return Effect.sync(() => {
+                  parking.wakeReleased = undefined
+                })
+              })
+            )
+          : { batch: yield* Fiber.join(reading) }
+        if (current.batch === undefined) return takeReleased()
+        ahead = yield* Effect.forkIn(fetch, streamScope)
+        return current.batch
+      })
+      return Stream.fromPull(Effect.succeed(pull))
+    })
+  )

@@ -1,0 +1,11 @@
+/**
+ * `@converge/store-postgres/testing` — the outbox and inbox store suites, run
+ * against any `SqlClient` layer speaking Postgres (needs `@effect/vitest`).
+ *
+ * @since 0.1.0
+ */
+
+/** The inbox store suite (I01–I08). */
+export * as InboxStoreTest from "./InboxStoreTest.ts"
+/** The outbox store suite (O01–O13). */
+export * as OutboxStoreTest from "./OutboxStoreTest.ts"

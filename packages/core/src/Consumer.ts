@@ -580,13 +580,29 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         // a subscription that fails for a retryable reason (a lost connection, a killed consumer)
         // is opened again with backoff; its unsettled messages come back as this consumer's history
         Effect.tapError((e) =>
-          Effect.logWarning("consumer: subscription failed; subscribing again", e).pipe(
-            Effect.annotateLogs({ topic: topic.name, group, consumer })
-          )
+          e.isRetryable
+            ? Effect.logWarning("consumer: subscription failed; subscribing again", e).pipe(
+                Effect.annotateLogs({ topic: topic.name, group, consumer })
+              )
+            : Effect.void
         ),
         Effect.retry({ schedule: resubscribeBackoff, while: (e) => e.isRetryable }),
+        // the broker layer closed before this consumer's scope (`Effect.provide(layer)` inside the scope
+        // that runs the consumer): a normal shutdown in the other order, not a failure; what was read and
+        // not settled stays pending in the broker
+        Effect.catchIf(
+          (e) => e.reason._tag === "BrokerClosed",
+          () =>
+            Effect.logInfo("consumer stopped: the broker was shut down").pipe(
+              Effect.annotateLogs({ topic: topic.name, group, consumer })
+            )
+        ),
         Effect.tapCause((cause) =>
-          Cause.hasInterruptsOnly(cause) ? Effect.void : Effect.logError("consumer stopped", cause)
+          Cause.hasInterruptsOnly(cause)
+            ? Effect.void
+            : Effect.logError("consumer stopped", cause).pipe(
+                Effect.annotateLogs({ topic: topic.name, group, consumer })
+              )
         ),
         Effect.forkScoped
       )

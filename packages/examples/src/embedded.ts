@@ -9,13 +9,13 @@
  * does not work through the socket — the relay runs with `listen: false` and
  * is woken by the in-process nudge after each commit, or by its poll.
  *
- * `DATABASE_URL` switches to a real server (see {@link databaseLayer}).
+ * `DATABASE_URL` switches to a real server (see {@link databaseLayer} and `config.ts`).
  */
 import { createServer } from "node:net"
 import { PgClient } from "@effect/sql-pg"
 import { PGlite } from "@electric-sql/pglite"
 import { PGLiteSocketServer } from "@electric-sql/pglite-socket"
-import { Effect, Layer, Redacted } from "effect"
+import { Effect, Layer, Option, Redacted } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
 
 /** A free loopback port (the OS picks it). */
@@ -59,12 +59,8 @@ export const pgliteLayer: Layer.Layer<PgClient.PgClient | import("effect/sql").S
     })
   )
 
-/** Where the data lives: `"embedded"` (PGlite) or the server of `DATABASE_URL`. */
-export const databaseKind = (): "embedded" | "server" =>
-  process.env.DATABASE_URL === undefined || process.env.DATABASE_URL === "" ? "embedded" : "server"
-
-/** PGlite by default; the server of `DATABASE_URL` when it is set. */
-export const databaseLayer = (): Layer.Layer<PgClient.PgClient | import("effect/sql").SqlClient.SqlClient, SqlError> =>
-  databaseKind() === "embedded"
-    ? pgliteLayer
-    : PgClient.layer({ url: Redacted.make(process.env.DATABASE_URL!), maxConnections: 8 })
+/** PGlite when `databaseUrl` is `None` (the embedded default); the server it names otherwise. */
+export const databaseLayer = (
+  databaseUrl: Option.Option<Redacted.Redacted<string>>
+): Layer.Layer<PgClient.PgClient | import("effect/sql").SqlClient.SqlClient, SqlError> =>
+  Option.isNone(databaseUrl) ? pgliteLayer : PgClient.layer({ url: databaseUrl.value, maxConnections: 8 })

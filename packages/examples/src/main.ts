@@ -6,65 +6,83 @@
  * dead-lettered) and example 02 (transactional outbox, relay, idempotent
  * inbox) on the in-memory broker and an embedded Postgres (PGlite): no
  * server needed. `REDIS_URL` switches to the Redis Streams broker,
- * `DATABASE_URL` to a Postgres server.
+ * `DATABASE_URL` to a Postgres server (read through `effect/Config`, see
+ * `config.ts`: a bad value is an error naming the variable, and no log line
+ * shows a password).
  */
 import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { Publisher } from "@converge/core"
 import { NodeRedis, NodeRuntime } from "@effect/platform-node"
-import { Console, Effect, Layer } from "effect"
+import { Console, Effect, Layer, Option, Redacted } from "effect"
 import { SqlClient } from "effect/sql"
 import { program } from "./01-orders/program.ts"
 import * as Outboxes from "./02-outbox/program.ts"
-import { databaseKind, databaseLayer } from "./embedded.ts"
+import { describeUrl, settings } from "./config.ts"
+import { databaseLayer } from "./embedded.ts"
 
-// REDIS_URL switches to the Redis Streams broker (each run uses keys of its own prefix)
-const redisUrl = process.env.REDIS_URL
-const BrokerLive =
-  redisUrl === undefined || redisUrl === ""
+/** The broker: in memory, or Redis Streams when `REDIS_URL` is set (each run uses keys of its own prefix). */
+const brokerLayer = (redisUrl: Option.Option<Redacted.Redacted<string>>) =>
+  Option.isNone(redisUrl)
     ? MemoryBroker.layer({ orderedPerKey: true })
     : RedisStreamsBroker.layer({ prefix: `converge-demo:${randomUUID().slice(0, 8)}` }).pipe(
-        Layer.provide(NodeRedis.layer({ url: redisUrl }))
+        Layer.provide(NodeRedis.layer({ url: Redacted.value(redisUrl.value) }))
       )
-const AppLive = Publisher.layer({ source: "urn:example:shop" }).pipe(Layer.provideMerge(BrokerLive))
 
 const main = Effect.gen(function* () {
-  yield* Console.log(`Converge demo: orders on ${redisUrl ? `Redis Streams at ${redisUrl}` : "the in-memory broker"}\n`)
-  const summary = yield* Effect.scoped(program)
-  yield* Console.log("\nSummary")
-  yield* Console.log(`  published:     ${summary.published.length} orders (ids ${summary.published.join(", ")})`)
-  yield* Console.log(`  billed:        ${summary.billed.map((b) => `${b.orderId} (attempt ${b.attempt})`).join(", ")}`)
-  yield* Console.log(`  shipped:       ${summary.shipped.join(", ")}`)
-  yield* Console.log(`  dead letters:  ${summary.deadLetters.length}`)
-  for (const d of summary.deadLetters) {
-    yield* Console.log(`    - group ${d.group}: ${d.reason}: ${d.error.split("\n").join(" ")}`)
-  }
-
-  const embedded = databaseKind() === "embedded"
-  const schema = embedded ? "shop" : `converge_demo_${randomUUID().replaceAll("-", "").slice(0, 8)}`
-  yield* Console.log(
-    `\nExample 02: outbox → relay → inbox on ${embedded ? "an embedded Postgres (PGlite, in memory)" : `the Postgres of DATABASE_URL (schema ${schema}, dropped at the end)`}\n`
-  )
-  const outbox = yield* Effect.scoped(
-    Effect.gen(function* () {
-      const sql = yield* SqlClient.SqlClient
-      if (!embedded)
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-      return yield* Effect.scoped(Outboxes.program).pipe(Effect.provide(Outboxes.storeLayer({ schema })))
-    })
-  ).pipe(Effect.provide(databaseLayer()))
-  yield* Console.log("\nSummary")
-  yield* Console.log(
-    `  committed:     ${outbox.committed.join(", ")} (rejected and rolled back: ${outbox.rejected.join(", ")})`
-  )
-  yield* Console.log(
-    `  billing:       ${outbox.billingDeliveries} deliveries, ${outbox.invoices.length} invoices (${outbox.invoices.map((i) => i.invoiceId).join(", ")}): the duplicate was skipped by the inbox`
-  )
-  yield* Console.log(`  mailer:        emailed ${outbox.emailed.join(", ")}`)
-  yield* Console.log(
-    `  outbox:        ${outbox.unpublished} rows waiting for the relay (published rows are deleted on confirmation)`
+  const { redisUrl, databaseUrl } = yield* settings
+  yield* demo(redisUrl, databaseUrl).pipe(
+    Effect.provide(Publisher.layer({ source: "urn:example:shop" }).pipe(Layer.provideMerge(brokerLayer(redisUrl))))
   )
 })
 
-NodeRuntime.runMain(main.pipe(Effect.provide(AppLive)))
+const demo = (
+  redisUrl: Option.Option<Redacted.Redacted<string>>,
+  databaseUrl: Option.Option<Redacted.Redacted<string>>
+) =>
+  Effect.gen(function* () {
+    const broker = Option.match(redisUrl, {
+      onNone: () => "the in-memory broker",
+      onSome: (url) => `Redis Streams at ${describeUrl(url)}`
+    })
+    yield* Console.log(`Converge demo: orders on ${broker}\n`)
+    const summary = yield* Effect.scoped(program)
+    yield* Console.log("\nSummary")
+    yield* Console.log(`  published:     ${summary.published.length} orders (ids ${summary.published.join(", ")})`)
+    yield* Console.log(
+      `  billed:        ${summary.billed.map((b) => `${b.orderId} (attempt ${b.attempt})`).join(", ")}`
+    )
+    yield* Console.log(`  shipped:       ${summary.shipped.join(", ")}`)
+    yield* Console.log(`  dead letters:  ${summary.deadLetters.length}`)
+    for (const d of summary.deadLetters) {
+      yield* Console.log(`    - group ${d.group}: ${d.reason}: ${d.error.split("\n").join(" ")}`)
+    }
+
+    const embedded = Option.isNone(databaseUrl)
+    const schema = embedded ? "shop" : `converge_demo_${randomUUID().replaceAll("-", "").slice(0, 8)}`
+    yield* Console.log(
+      `\nExample 02: outbox → relay → inbox on ${embedded ? "an embedded Postgres (PGlite, in memory)" : `the Postgres at ${Option.match(databaseUrl, { onNone: () => "", onSome: describeUrl })} (schema ${schema}, dropped at the end)`}\n`
+    )
+    const outbox = yield* Effect.scoped(
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        if (!embedded)
+          yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+        return yield* Effect.scoped(Outboxes.program).pipe(Effect.provide(Outboxes.storeLayer({ schema })))
+      })
+    ).pipe(Effect.provide(databaseLayer(databaseUrl)))
+    yield* Console.log("\nSummary")
+    yield* Console.log(
+      `  committed:     ${outbox.committed.join(", ")} (rejected and rolled back: ${outbox.rejected.join(", ")})`
+    )
+    yield* Console.log(
+      `  billing:       ${outbox.billingDeliveries} deliveries, ${outbox.invoices.length} invoices (${outbox.invoices.map((i) => i.invoiceId).join(", ")}): the duplicate was skipped by the inbox`
+    )
+    yield* Console.log(`  mailer:        emailed ${outbox.emailed.join(", ")}`)
+    yield* Console.log(
+      `  outbox:        ${outbox.unpublished} rows waiting for the relay (published rows are deleted on confirmation)`
+    )
+  })
+
+NodeRuntime.runMain(main)

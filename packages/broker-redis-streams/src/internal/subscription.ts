@@ -269,6 +269,10 @@ export const subscribe = (
             continue
           }
           const error = result.failure
+          // the layer shut down under the read (its connection was released): not a failure to retry
+          if (ctx.isClosed()) {
+            return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
+          }
           if (isNoGroup(error)) {
             // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
             yield* Effect.sleep(backoff())

@@ -154,27 +154,29 @@ export class RedisDelivery implements Broker.Delivery {
  * and group; returns how many Redis acknowledged (stale ones are skipped by
  * Redis, never confused with another entry).
  */
-export const ackAll = (impl: Impl) => (deliveries: ReadonlyArray<Broker.Delivery>) =>
-  Effect.gen(function* () {
-    const byStream = new Map<string, { group: string; stream: string; batch: Array<RedisDelivery> }>()
-    for (const d of deliveries) {
-      if (!(d instanceof RedisDelivery) || d.impl !== impl) {
-        return yield* fail(
-          new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
-        )
+export const ackAll =
+  (impl: Impl): Broker.Broker["Service"]["ackAll"] =>
+  (deliveries) =>
+    Effect.gen(function* () {
+      const byStream = new Map<string, { group: string; stream: string; batch: Array<RedisDelivery> }>()
+      for (const d of deliveries) {
+        if (!(d instanceof RedisDelivery) || d.impl !== impl) {
+          return yield* fail(
+            new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
+          )
+        }
+        const key = `${d.group}\u0000${d.stream}`
+        const entry = byStream.get(key)
+        if (entry === undefined) byStream.set(key, { group: d.group, stream: d.stream, batch: [d] })
+        else entry.batch.push(d)
       }
-      const key = `${d.group}\u0000${d.stream}`
-      const entry = byStream.get(key)
-      if (entry === undefined) byStream.set(key, { group: d.group, stream: d.stream, batch: [d] })
-      else entry.batch.push(d)
-    }
-    let acked = 0
-    for (const { group, stream, batch } of byStream.values()) {
-      acked += yield* impl.redis
-        .send<number>("XACK", stream, group, ...batch.map((d) => d.entryId))
-        .pipe(Effect.mapError(fromRedis("XACK")))
-      // ordered subscriptions release the keys of what was acked (a no-op for a stale delivery)
-      for (const d of batch) d.settled("done")
-    }
-    return acked
-  })
+      let acked = 0
+      for (const { group, stream, batch } of byStream.values()) {
+        acked += yield* impl.redis
+          .send<number>("XACK", stream, group, ...batch.map((d) => d.entryId))
+          .pipe(Effect.mapError(fromRedis("XACK")))
+        // ordered subscriptions release the keys of what was acked (a no-op for a stale delivery)
+        for (const d of batch) d.settled("done")
+      }
+      return acked
+    })

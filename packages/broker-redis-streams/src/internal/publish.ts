@@ -6,14 +6,14 @@
  *
  * @internal
  */
-import { BrokerError, Envelope, Partition } from "@converge/core"
+import { type Broker, BrokerError, Envelope, Partition } from "@converge/core"
 import { Clock, Effect } from "effect"
 import { type BrokerContext, checkName } from "./context.ts"
 import { fail, fromRedis } from "./errors.ts"
 import { addBatchScript, trimScript } from "./scripts.ts"
 
 /** The publish operation of one broker instance. */
-export const make = (ctx: BrokerContext) => {
+export const make = (ctx: BrokerContext): Broker.Broker["Service"]["publish"] => {
   const { redis, keys, partitions, durability, replicas, durabilityTimeoutMs, maxLen, trimEvery } = ctx
 
   /** The partition stream keys of a topic (computed once per topic, not per message). */
@@ -60,7 +60,7 @@ export const make = (ctx: BrokerContext) => {
   })
 
   const validTopics = new Set<string>()
-  return (messages: ReadonlyArray<Envelope.Encoded>) =>
+  return (messages) =>
     Effect.gen(function* () {
       for (const m of messages) {
         if (validTopics.has(m.topic)) continue

@@ -18,8 +18,8 @@ const program = Effect.gen(function* () {
   yield* sql.unsafe(`CREATE TABLE ${invoices} (order_id text PRIMARY KEY)`).raw
   const done = yield* Deferred.make<void>()
   let handled = 0
-  const handle = Inbox.handler((order: typeof Order.Type) =>
-    sql.unsafe(`INSERT INTO ${invoices} (order_id) VALUES ($1)`, [order.orderId]).raw
+  const handle = Inbox.handler(
+    (order: typeof Order.Type) => sql.unsafe(`INSERT INTO ${invoices} (order_id) VALUES ($1)`, [order.orderId]).raw
   )
   yield* Consumer.make(orders, {
     group: "billing",
@@ -49,9 +49,8 @@ const program = Effect.gen(function* () {
 })
 
 const Sql = Layer.unwrap(
-  Effect.map(
-    Config.String("DATABASE_URL").pipe(Config.withDefault("postgres://postgres@127.0.0.1:5432/test")),
-    (url) => PgClient.layer({ url: Redacted.make(url) })
+  Effect.map(Config.String("DATABASE_URL").pipe(Config.withDefault("postgres://postgres@127.0.0.1:5432/test")), (url) =>
+    PgClient.layer({ url: Redacted.make(url) })
   )
 )
 const Store = SqlStore.layer({ schema })
@@ -59,7 +58,10 @@ const App = Layer.mergeAll(Outbox.layer(), OutboxRelay.layer(), Inbox.layer()).p
   Layer.provideMerge(Store),
   Layer.provideMerge(MemoryBroker.layer())
 )
-const dropSchema = Effect.flatMap(SqlClient.SqlClient, (sql) => sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw)
+const dropSchema = Effect.flatMap(
+  SqlClient.SqlClient,
+  (sql) => sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
+)
 
 const main = program.pipe(
   Effect.scoped,

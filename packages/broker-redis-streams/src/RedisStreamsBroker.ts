@@ -178,7 +178,7 @@ export const make = (
       isClosed: () => closed
     }
 
-    // RELIABILITY trap 3: an evicting Redis can drop a stream key with its groups
+    // docs/reliability.md, trap 3: an evicting Redis can drop a stream key with its groups
     yield* redis.send<unknown>("CONFIG", "GET", "maxmemory-policy").pipe(
       Effect.flatMap((reply) => {
         const policy = Replies.configOf(reply)["maxmemory-policy"]

@@ -19,7 +19,7 @@
  * A handler receives the decoded, typed payload and a {@link MessageContext}
  * (message id, key, headers, attempt, delivery count). Its error channel must
  * be tagged errors (`Schema.TaggedError`, `Data.TaggedError`): each tag is
- * mapped to an {@link Outcome} in `errors`, and **a mapping that misses a tag
+ * mapped to a `Retry.Outcome` in `errors`, and **a mapping that misses a tag
  * does not compile**. Errors that carry `isRetryable` (like `SqlError` and
  * `BrokerError`) may be left out: they are retried when `isRetryable` is true
  * and dead-lettered otherwise. Defects (thrown exceptions, `Effect.die`) are
@@ -390,7 +390,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       const encoded = delivery.envelope
       const decoded = decodeOrRefuse(delivery)
       if (Result.isFailure(decoded)) {
-        // refused or undecodable: permanent, no retries, no handler call (RELIABILITY trap 5)
+        // refused or undecodable: permanent, no retries, no handler call (docs/reliability.md, trap 5)
         return deadLetter(delivery, { reason: decoded.failure.reason, error: decoded.failure.error, attempts: 0 })
       }
       const payload = decoded.success

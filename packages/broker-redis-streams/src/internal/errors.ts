@@ -27,5 +27,5 @@ export const fromRedis =
     )
   }
 
-/** The stream or its group is gone (RELIABILITY trap 3). */
+/** The stream or its group is gone (docs/reliability.md, trap 3). */
 export const isNoGroup = (e: Redis.RedisError | BrokerError.BrokerError): boolean => String(e.cause).includes("NOGROUP")

@@ -274,7 +274,7 @@ export const subscribe = (
             return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
           }
           if (isNoGroup(error)) {
-            // RELIABILITY trap 3: the key (and its groups) vanished: recreate from 0, with backoff
+            // docs/reliability.md, trap 3: the key (and its groups) vanished: recreate from 0, with backoff
             yield* Effect.sleep(backoff())
             recreations++
             yield* ensureGroups(Array.from(owned.values()))

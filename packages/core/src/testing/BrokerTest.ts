@@ -1,7 +1,7 @@
 /**
- * `BrokerTest` — the broker conformance suite (cases C01–C25 of
- * RELIABILITY.md). Every broker layer, a custom one included, runs it in one
- * line from a vitest file:
+ * `BrokerTest` — the broker conformance suite (cases C01–C25; each case's
+ * name says what it checks). Every broker layer, a custom one included, runs
+ * it in one line from a vitest file:
  *
  * ```ts
  * import { BrokerTest } from "@converge/core/testing"

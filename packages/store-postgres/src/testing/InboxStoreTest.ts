@@ -1,5 +1,5 @@
 /**
- * `InboxStoreTest` — the inbox store suite (RELIABILITY.md): the first claim
+ * `InboxStoreTest` — the inbox store suite (docs/outbox-inbox.md): the first claim
  * commits the effect and the claim together; a duplicate claim in a second
  * transaction is refused and its effects roll back; a rolled-back claim
  * leaves no trace; concurrent claims run the effect once; consumers are

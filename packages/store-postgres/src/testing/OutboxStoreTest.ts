@@ -1,5 +1,5 @@
 /**
- * `OutboxStoreTest` — the outbox store suite (RELIABILITY.md): uncommitted is
+ * `OutboxStoreTest` — the outbox store suite (docs/outbox-inbox.md): uncommitted is
  * not stored; a committed row is relayed once confirmed; a batch publish
  * stores one row per message, in order; rows committed out
  * of sequence order are not missed; two relays never reorder a key; a long

@@ -123,3 +123,75 @@ export const releaseScript = Redis.script((lease: string, me: string) => [lease,
   numberOfKeys: 1,
   lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`
 }).withReturnType<number>()
+
+/**
+ * Claims entries of *other* consumers idle at least `minIdle` ms (at most `count`), atomically:
+ * `XAUTOCLAIM` would also claim this consumer's own idle entries (a handler slower than the idle time,
+ * parked entries), seeing its own message a second time and inflating its delivery count. Scans the
+ * group's idle pending entries (`XPENDING ... IDLE`, pages of 1 000, at most 10 pages), skips this
+ * consumer's, claims the rest (`XCLAIM`, which counts a delivery), and reports entries that were deleted
+ * while pending (removed from the pending list here, never claimed). Returns `XAUTOCLAIM`'s shape:
+ * `{ "0-0", claimed entries, deleted ids }`.
+ */
+export const claimOthersScript = Redis.script(
+  (stream: string, group: string, me: string, minIdle: number, count: number) => [
+    stream,
+    group,
+    me,
+    minIdle,
+    count
+  ],
+  {
+    numberOfKeys: 1,
+    lua: `
+local group, me, minIdle, want = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local claimed, deleted = {}, {}
+local start = '-'
+for page = 1, 10 do
+  local pending = redis.call('XPENDING', KEYS[1], group, 'IDLE', minIdle, start, '+', 1000)
+  if #pending == 0 then break end
+  for _, p in ipairs(pending) do
+    if p[2] ~= me then
+      if #redis.call('XRANGE', KEYS[1], p[1], p[1]) == 0 then
+        redis.call('XACK', KEYS[1], group, p[1])
+        deleted[#deleted + 1] = p[1]
+      else
+        local got = redis.call('XCLAIM', KEYS[1], group, me, minIdle, p[1])
+        if #got > 0 then claimed[#claimed + 1] = got[1] end
+      end
+      if #claimed >= want then return { '0-0', claimed, deleted } end
+    end
+  end
+  if #pending < 1000 then break end
+  start = '(' .. pending[#pending][1]
+end
+return { '0-0', claimed, deleted }`
+  }
+).withReturnType<unknown>()
+
+/**
+ * Releases this consumer's pending entries of a stream (at most 10 000) for others to claim at once:
+ * `XCLAIM ... IDLE <idle> JUSTID` to itself keeps the owner and the delivery count and makes the entries
+ * look idle for `idle` ms, so another consumer's next claim scan takes them. Returns how many.
+ */
+export const releaseOwnScript = Redis.script(
+  (stream: string, group: string, me: string, idle: number) => [stream, group, me, idle],
+  {
+    numberOfKeys: 1,
+    lua: `
+local group, me, idle = ARGV[1], ARGV[2], ARGV[3]
+local pending = redis.call('XPENDING', KEYS[1], group, '-', '+', 10000, me)
+local n = 0
+for i = 1, #pending, 500 do
+  -- unpack() expands fully only as the last argument: build the whole argument list first
+  local args = { 'XCLAIM', KEYS[1], group, me, 0 }
+  for j = i, math.min(i + 499, #pending) do args[#args + 1] = pending[j][1] end
+  n = n + #args - 5
+  args[#args + 1] = 'IDLE'
+  args[#args + 1] = idle
+  args[#args + 1] = 'JUSTID'
+  redis.call(unpack(args))
+end
+return n`
+  }
+).withReturnType<number>()

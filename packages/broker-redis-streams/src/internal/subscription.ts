@@ -19,7 +19,10 @@ import { internalFields, type Part } from "./keys.ts"
 import * as Leases from "./leases.ts"
 import { Parking } from "./parking.ts"
 import * as Replies from "./replies.ts"
-import { moveScript } from "./scripts.ts"
+import { claimOthersScript, moveScript, releaseOwnScript } from "./scripts.ts"
+
+/** The idle time released entries get: older than any `claimIdle`, so the next claim scan takes them. */
+const releasedIdleMs = 365 * 24 * 60 * 60 * 1000
 
 /** Creates a group on a stream from its start (`MKSTREAM`); an existing group is fine. */
 export const createGroup = (ctx: BrokerContext, stream: string, group: string) =>
@@ -156,23 +159,18 @@ export const subscribe = (
                 .pipe(Effect.mapError(fromRedis("move delayed")))
             }
           }
-          if (now >= nextClaimAt) {
+          // claims only once this consumer's own history is read: a claimed entry joins its pending list, and
+          // a history read after the claim would deliver it a second time
+          const historyPending = parts.some((p) => history.has(p.retry) || history.has(p.stream))
+          if (now >= nextClaimAt && !historyPending) {
             nextClaimAt = now + Math.max(50, Math.floor(claimIdle / 2))
             for (const p of parts) {
               for (const stream of [p.retry, p.stream]) {
+                // only other consumers' entries: this consumer's own idle ones are a slow handler or parked
                 const reply = Replies.autoclaimOf(
                   yield* redis
-                    .send<unknown>(
-                      "XAUTOCLAIM",
-                      stream,
-                      sub.group,
-                      sub.consumer,
-                      String(claimIdle),
-                      "0-0",
-                      "COUNT",
-                      count
-                    )
-                    .pipe(Effect.mapError(fromRedis("XAUTOCLAIM")))
+                    .eval(claimOthersScript)(stream, sub.group, sub.consumer, claimIdle, Number(count))
+                    .pipe(Effect.mapError(fromRedis("claim")))
                 )
                 if (reply.deleted.length > 0) {
                   yield* onEvent({
@@ -231,6 +229,17 @@ export const subscribe = (
         conn = undefined
         return scope === undefined ? Effect.void : Scope.close(scope, Exit.void)
       })
+      // On close, this consumer's pending entries are released for the others (registered before the
+      // connection's finalizer, so it runs after the read in flight was cut off): the read kept ahead of the
+      // consumer, and anything read but never settled, would otherwise wait `claimIdle` for a claim. The
+      // owner and the delivery counts stay; the same name subscribing again still reads them as its history.
+      yield* Effect.addFinalizer(() =>
+        Effect.forEach(
+          Array.from(owned.values()).flatMap((p) => [p.retry, p.stream]),
+          (stream) => redis.eval(releaseOwnScript)(stream, sub.group, sub.consumer, releasedIdleMs),
+          { discard: true }
+        ).pipe(Effect.ignore)
+      )
       sessions.add(dropConnection)
       yield* Effect.addFinalizer(() =>
         Effect.suspend(() => {

@@ -2,11 +2,12 @@
  * The Redis layer under hand-over, slow handlers and shutdowns: claims take only other consumers' entries,
  * and a closing subscription releases what it read and did not settle.
  */
-import { Broker, Consumer, Publisher, Topic } from "@converge/core"
+import { Broker, type BrokerError, Consumer, Partition, Publisher, Topic } from "@converge/core"
 import { BrokerTest } from "@converge/core/testing"
 import { assert, describe, it } from "@effect/vitest"
-import { Deferred, Effect, Fiber, Layer, Ref, Schema, Stream } from "effect"
-import { brokerLayer } from "./helpers.ts"
+import { Clock, Deferred, Effect, Fiber, Layer, Queue, Ref, Schema, Stream } from "effect"
+import * as Redis from "effect/persistence/Redis"
+import { brokerLayer, mainUrl, Prefix } from "./helpers.ts"
 
 const Item = Schema.Struct({ n: Schema.Int })
 const items = Topic.make("items", Item, { key: (i) => `k${i.n}` })
@@ -81,6 +82,153 @@ describe("RedisStreamsBroker hand-over", () => {
       assert.isTrue(
         claimed.every((x) => x.count === 2),
         "delivery counts kept: read once by a, once by b"
+      )
+    }).pipe(Effect.provide(brokerLayer()))
+  )
+
+  it.live(
+    "a key backing off when its partition moves away is not stuck when the partition comes back",
+    () =>
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        // K and J hash to different partitions of 2
+        const keys = Array.from({ length: 50 }, (_, i) => `key-${i}`)
+        const K = keys.find((k) => Partition.of(k, 2) === 0)!
+        const J = keys.find((k) => Partition.of(k, 2) === 1)!
+        const message = (key: string, n: number) => ({ ...BrokerTest.messages("items", 1, { from: n })[0]!, key })
+        yield* broker.publish([message(K, 1), message(J, 1)])
+        const take = (consumer: string) =>
+          Effect.gen(function* () {
+            const queue = yield* Queue.unbounded<Broker.Delivery>()
+            const fiber = yield* broker.subscribe({ topic: "items", group: "g", consumer, claimIdle: "1 minute" }).pipe(
+              Stream.runForEach((d) => Queue.offer(queue, d)),
+              Effect.forkChild
+            )
+            return { queue, fiber }
+          })
+        const next = (q: Queue.Queue<Broker.Delivery>, what: string) =>
+          Queue.take(q).pipe(
+            Effect.timeoutOrElse({
+              duration: "8 seconds",
+              orElse: () => Effect.die(`timed out waiting for ${what}`)
+            })
+          )
+        const a = yield* take("a")
+        const first = [yield* next(a.queue, "a's first delivery"), yield* next(a.queue, "a's second delivery")]
+        const m1 = first.find((d) => d.envelope.key === K)!
+        const j1 = first.find((d) => d.envelope.key === J)!
+        // M1 of K backs off; J1 stays in flight, so a keeps J's partition and gives K's away
+        yield* m1.nack("1 second", { attempt: 2 })
+        const b = yield* take("b")
+        const retried = yield* next(b.queue, "M1's retry at b")
+        assert.strictEqual(retried.envelope.id, m1.envelope.id)
+        yield* retried.ack
+        yield* Fiber.interrupt(b.fiber) // b leaves and gives the partition back
+        const m2Published = message(K, 2)
+        yield* broker.publish([m2Published])
+        // a takes K's partition again: M2 of K must reach it (before: K stayed parked behind M1's old back-off)
+        const m2 = yield* next(a.queue, "M2 of K at a")
+        assert.strictEqual(m2.envelope.key, K)
+        assert.strictEqual(m2.envelope.id, m2Published.id)
+        yield* j1.ack
+        yield* m2.ack
+      }).pipe(Effect.provide(brokerLayer(mainUrl, { orderedPerKey: true, partitions: 2, leaseTime: "1 second" }))),
+    30_000
+  )
+
+  it.live(
+    "batches slower than the lease: the lease is renewed meanwhile, and every message runs once",
+    () =>
+      Effect.gen(function* () {
+        const runs = yield* Ref.make<Array<{ readonly id: string; readonly at: number; readonly until: number }>>([])
+        const handle = (_: typeof Item.Type, ctx: Consumer.MessageContext) =>
+          Effect.gen(function* () {
+            const at = yield* Clock.currentTimeMillis
+            yield* Effect.sleep("100 millis")
+            const until = yield* Clock.currentTimeMillis
+            yield* Ref.update(runs, (xs) => [...xs, { id: ctx.id, at, until }])
+          })
+        for (const consumer of ["c1", "c2"]) {
+          yield* Consumer.make(items, { group: "g", consumer, batchSize: 8, ordering: "per-key", handle })
+        }
+        yield* Publisher.publishAll(
+          items,
+          Array.from({ length: 40 }, (_, n) => ({ n }))
+        )
+        yield* until(
+          Effect.map(Ref.get(runs), (xs) => xs.length >= 40),
+          30_000,
+          "40 messages handled"
+        )
+        yield* Effect.sleep("1 second")
+        const all = yield* Ref.get(runs)
+        // before: a standby took the lease during a slow batch and ran messages the owner was running
+        assert.strictEqual(all.length, 40, "each message ran exactly once")
+        assert.strictEqual(new Set(all.map((r) => r.id)).size, 40)
+      }).pipe(
+        Effect.provide(
+          Publisher.layer().pipe(
+            Layer.provideMerge(brokerLayer(mainUrl, { orderedPerKey: true, partitions: 1, leaseTime: "600 millis" }))
+          )
+        )
+      ),
+    60_000
+  )
+
+  it.live("a settlement after the lease moved fails with DeliveryClosed and changes nothing", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      yield* broker.publish(BrokerTest.messages("items", 3, { keyOf: () => "k" }))
+      const got = yield* Deferred.make<Broker.Delivery>()
+      const reader = yield* broker.subscribe({ topic: "items", group: "g", consumer: "old", batchSize: 1 }).pipe(
+        Stream.runForEach((d) => Deferred.succeed(got, d)),
+        Effect.forkChild
+      )
+      const d = yield* Deferred.await(got)
+      // the lease passes to another consumer (as when it expired and was taken)
+      const lease = `${prefix}:{items}:lease:g:p0`
+      yield* redis.send("SET", lease, "someone-else/1", "PX", "60000")
+      const closed = (e: BrokerError.BrokerError) => assert.strictEqual(e.reason._tag, "DeliveryClosed")
+      closed(yield* Effect.flip(d.ack))
+      closed(yield* Effect.flip(d.nack("1 second")))
+      closed(yield* Effect.flip(d.deadLetter({ reason: "permanent" })))
+      assert.strictEqual(yield* broker.ackAll([d]), 0)
+      const pending = yield* redis.send<Array<Array<unknown>>>(
+        "XPENDING",
+        `${prefix}:{items}`,
+        "g",
+        d.entryId,
+        d.entryId,
+        "1"
+      )
+      assert.strictEqual(pending.length, 1, "still pending, for the new owner")
+      assert.strictEqual(Number(yield* redis.send<number>("ZCARD", `${prefix}:{items}:delayed:g`)), 0, "no retry")
+      assert.deepStrictEqual(yield* broker.deadLetters("items"), [], "not dead-lettered")
+      yield* Fiber.interrupt(reader)
+    }).pipe(Effect.provide(brokerLayer(mainUrl, { orderedPerKey: true, leaseTime: "30 seconds" })))
+  )
+
+  it.live("unordered: a settlement after another consumer claimed the entry fails with DeliveryClosed", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      yield* broker.publish(BrokerTest.messages("items", 1))
+      const [d] = yield* Stream.runCollect(
+        Stream.take(broker.subscribe({ topic: "items", group: "g", consumer: "slow" }), 1)
+      )
+      yield* redis.send("XCLAIM", `${prefix}:{items}`, "g", "rescuer", "0", d!.entryId)
+      const closed = (e: BrokerError.BrokerError) => assert.strictEqual(e.reason._tag, "DeliveryClosed")
+      closed(yield* Effect.flip(d!.nack("1 second")))
+      closed(yield* Effect.flip(d!.deadLetter({ reason: "permanent" })))
+      closed(yield* Effect.flip(d!.ack))
+      assert.deepStrictEqual(yield* broker.deadLetters("items"), [], "a stale dead-letter copies nothing")
+      const pending = yield* redis.send<Array<Array<unknown>>>("XPENDING", `${prefix}:{items}`, "g", "-", "+", "10")
+      assert.deepStrictEqual(
+        pending.map((p) => String(p[1])),
+        ["rescuer"]
       )
     }).pipe(Effect.provide(brokerLayer()))
   )

@@ -10,7 +10,7 @@ import { Clock, Duration, Effect } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import { fail, fromRedis } from "./errors.ts"
 import { internalFields, isInternal, type Keys, type Part } from "./keys.ts"
-import { deadLetterScript, nackScript } from "./scripts.ts"
+import { ackScript, deadLetterScript, nackScript } from "./scripts.ts"
 
 /** What every delivery of one broker instance shares. */
 export interface Impl {
@@ -44,6 +44,8 @@ export class RedisDelivery implements Broker.Delivery {
   readonly impl: Impl
   readonly part: Part
   readonly fromRetry: boolean
+  /** The partition lease token this delivery was read under ('' when unordered): its settlements are fenced by it. */
+  readonly token: string
   /** Told about a settlement (per-key parking of ordered subscriptions). */
   onSettled: ((delivery: RedisDelivery, outcome: "done" | "delayed") => void) | undefined
   constructor(
@@ -54,9 +56,11 @@ export class RedisDelivery implements Broker.Delivery {
     entryId: string,
     fields: Record<string, string>,
     envelope: Envelope.Encoded,
-    deliveryCount: number
+    deliveryCount: number,
+    token: string
   ) {
     this.impl = impl
+    this.token = token
     this.part = part
     this.fromRetry = stream === part.retry
     this.onSettled = undefined
@@ -73,17 +77,42 @@ export class RedisDelivery implements Broker.Delivery {
   settled(outcome: "done" | "delayed"): void {
     this.onSettled?.(this, outcome)
   }
-  /** A settling command's reply: 1 settles the delivery; 0 means the entry was no longer pending. */
+  /**
+   * A settling command's reply: 1 settles the delivery; 0 means it can no longer be settled by this consumer
+   * (already settled, claimed by another consumer, or the partition's lease moved).
+   */
   confirm(n: number, outcome: "done" | "delayed"): Effect.Effect<void, BrokerError.BrokerError> {
     if (n !== 1) {
-      return fail(new BrokerError.DeliveryClosed({ entryId: this.entryId, message: "the entry is no longer pending" }))
+      return fail(
+        new BrokerError.DeliveryClosed({
+          entryId: this.entryId,
+          message:
+            this.token === ""
+              ? "the entry is no longer pending to this consumer (settled, or claimed by another)"
+              : "the entry is no longer pending to this consumer, or its partition's lease moved"
+        })
+      )
     }
     this.settled(outcome)
     return Effect.void
   }
+  /** The lease key the settlement scripts check (the stream itself when unordered: same slot, never read). */
+  get leaseKey(): string {
+    return this.token === "" ? this.stream : this.part.lease
+  }
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
     return Effect.flatMap(
-      Effect.mapError(this.impl.redis.send<number>("XACK", this.stream, this.group, this.entryId), fromRedis("XACK")),
+      Effect.mapError(
+        this.impl.redis.eval(ackScript)(
+          this.stream,
+          this.leaseKey,
+          this.group,
+          this.consumer,
+          this.token,
+          this.entryId
+        ),
+        fromRedis("ack")
+      ),
       (n) => this.confirm(n, "done")
     )
   }
@@ -103,7 +132,10 @@ export class RedisDelivery implements Broker.Delivery {
           this.impl.redis.eval(nackScript)(
             this.stream,
             this.part.delayed,
+            this.leaseKey,
             this.group,
+            this.consumer,
+            this.token,
             this.entryId,
             now + Math.max(0, Duration.toMillis(delay)),
             member
@@ -137,7 +169,10 @@ export class RedisDelivery implements Broker.Delivery {
           this.impl.redis.eval(deadLetterScript)(
             this.stream,
             this.impl.keys(this.topic).dlq,
+            this.leaseKey,
             this.group,
+            this.consumer,
+            this.token,
             this.entryId,
             ...fields
           ),
@@ -158,25 +193,28 @@ export const ackAll =
   (impl: Impl): Broker.Broker["Service"]["ackAll"] =>
   (deliveries) =>
     Effect.gen(function* () {
-      const byStream = new Map<string, { group: string; stream: string; batch: Array<RedisDelivery> }>()
+      const byStream = new Map<string, Array<RedisDelivery>>()
       for (const d of deliveries) {
         if (!(d instanceof RedisDelivery) || d.impl !== impl) {
           return yield* fail(
             new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
           )
         }
-        const key = `${d.group}\u0000${d.stream}`
-        const entry = byStream.get(key)
-        if (entry === undefined) byStream.set(key, { group: d.group, stream: d.stream, batch: [d] })
-        else entry.batch.push(d)
+        const key = `${d.group}\u0000${d.consumer}\u0000${d.stream}\u0000${d.token}`
+        const batch = byStream.get(key)
+        if (batch === undefined) byStream.set(key, [d])
+        else batch.push(d)
       }
       let acked = 0
-      for (const { group, stream, batch } of byStream.values()) {
-        acked += yield* impl.redis
-          .send<number>("XACK", stream, group, ...batch.map((d) => d.entryId))
-          .pipe(Effect.mapError(fromRedis("XACK")))
-        // ordered subscriptions release the keys of what was acked (a no-op for a stale delivery)
-        for (const d of batch) d.settled("done")
+      for (const batch of byStream.values()) {
+        const d = batch[0]!
+        const n = yield* impl.redis
+          .eval(ackScript)(d.stream, d.leaseKey, d.group, d.consumer, d.token, ...batch.map((b) => b.entryId))
+          .pipe(Effect.mapError(fromRedis("ack")))
+        acked += n
+        // ordered subscriptions release the keys of what was acked; a fenced-off read (0: the lease moved)
+        // releases nothing, since its partition's state went with the lease
+        if (n > 0) for (const b of batch) b.settled("done")
       }
       return acked
     })

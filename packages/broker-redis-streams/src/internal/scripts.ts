@@ -7,40 +7,121 @@
  */
 import * as Redis from "effect/persistence/Redis"
 
-/** Ack an entry and park it in the delayed set (atomic). Returns 0 when it was not pending. */
-export const nackScript = Redis.script(
-  (stream: string, delayed: string, group: string, id: string, dueAt: number, member: string) => [
+/**
+ * The fence every settlement passes (Lua, shared by the settlement scripts): in ordered mode the partition's
+ * lease must still hold this subscription's token, and the entry must still be pending to this consumer (not
+ * claimed by another). A settlement that fails it changes nothing and reports 0 (`DeliveryClosed`).
+ */
+const fence = `
+local function leaseHeld(lease, token)
+  return token == '' or redis.call('GET', lease) == token
+end
+local function mine(stream, group, me, id)
+  local p = redis.call('XPENDING', stream, group, id, id, 1)
+  return #p == 1 and p[1][2] == me
+end
+`
+
+/**
+ * Acknowledges entries of one stream (atomic), fenced: returns how many were acknowledged; an entry
+ * claimed by another consumer, or every entry when the lease is gone, is left alone. KEYS: stream,
+ * lease (the stream itself when unordered). ARGV: group, consumer, token ('' when unordered), ids...
+ */
+export const ackScript = Redis.script(
+  (stream: string, lease: string, group: string, me: string, token: string, ...ids: Array<string>) => [
     stream,
-    delayed,
+    lease,
     group,
-    id,
-    dueAt,
-    member
+    me,
+    token,
+    ...ids
   ],
   {
     numberOfKeys: 2,
-    lua: `
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('ZADD', KEYS[2], ARGV[3], ARGV[4])
+    lua: `${fence}
+local group, me, token = ARGV[1], ARGV[2], ARGV[3]
+if not leaseHeld(KEYS[2], token) then return 0 end
+local n = #ARGV - 3
+local ids = {}
+if n == 1 then
+  if mine(KEYS[1], group, me, ARGV[4]) then ids[1] = ARGV[4] end
+else
+  -- one range query for the whole read, exact per-id checks only for what it does not show
+  local function parse(id)
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    return tonumber(ms), tonumber(seq)
+  end
+  local function older(a, b)
+    local am, as = parse(a)
+    local bm, bs = parse(b)
+    return am < bm or (am == bm and as < bs)
+  end
+  local lo, hi = ARGV[4], ARGV[4]
+  for i = 5, #ARGV do
+    if older(ARGV[i], lo) then lo = ARGV[i] end
+    if older(hi, ARGV[i]) then hi = ARGV[i] end
+  end
+  local owned = {}
+  for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, lo, hi, n * 4 + 1000, me)) do owned[p[1]] = true end
+  for i = 4, #ARGV do
+    if owned[ARGV[i]] or mine(KEYS[1], group, me, ARGV[i]) then ids[#ids + 1] = ARGV[i] end
+  end
+end
+if #ids == 0 then return 0 end
+return redis.call('XACK', KEYS[1], group, unpack(ids))`
+  }
+).withReturnType<number>()
+
+/**
+ * Acks an entry and parks it in the delayed set (atomic), fenced. Returns 0 when the entry is not pending
+ * to this consumer any more, or the lease is gone. KEYS: stream, delayed set, lease.
+ */
+export const nackScript = Redis.script(
+  (
+    stream: string,
+    delayed: string,
+    lease: string,
+    group: string,
+    me: string,
+    token: string,
+    id: string,
+    dueAt: number,
+    member: string
+  ) => [stream, delayed, lease, group, me, token, id, dueAt, member],
+  {
+    numberOfKeys: 3,
+    lua: `${fence}
+local group, me, token, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if not leaseHeld(KEYS[3], token) or not mine(KEYS[1], group, me, id) then return 0 end
+redis.call('XACK', KEYS[1], group, id)
+redis.call('ZADD', KEYS[2], ARGV[5], ARGV[6])
 return 1`
   }
 ).withReturnType<number>()
 
-/** Ack an entry and append it with the reason to the dead-letter stream (atomic). */
+/**
+ * Acks an entry and appends it with the reason to the dead-letter stream (atomic), fenced. Returns 0 when
+ * the entry is not pending to this consumer any more, or the lease is gone. KEYS: stream, dlq, lease.
+ */
 export const deadLetterScript = Redis.script(
-  (stream: string, dlq: string, group: string, id: string, ...fields: Array<string>) => [
-    stream,
-    dlq,
-    group,
-    id,
-    ...fields
-  ],
+  (
+    stream: string,
+    dlq: string,
+    lease: string,
+    group: string,
+    me: string,
+    token: string,
+    id: string,
+    ...fields: Array<string>
+  ) => [stream, dlq, lease, group, me, token, id, ...fields],
   {
-    numberOfKeys: 2,
-    lua: `
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+    numberOfKeys: 3,
+    lua: `${fence}
+local group, me, token, id = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if not leaseHeld(KEYS[3], token) or not mine(KEYS[1], group, me, id) then return 0 end
+redis.call('XACK', KEYS[1], group, id)
 local fields = {}
-for i = 3, #ARGV do fields[#fields + 1] = ARGV[i] end
+for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
 redis.call('XADD', KEYS[2], '*', unpack(fields))
 return 1`
   }
@@ -112,14 +193,14 @@ return #due`
   }
 ).withReturnType<number>()
 
-/** Renews a partition lease held by `me` (0: not held any more). */
-export const renewScript = Redis.script((lease: string, me: string, ms: number) => [lease, me, ms], {
+/** Renews a partition lease held with `token` (0: not held any more). */
+export const renewScript = Redis.script((lease: string, token: string, ms: number) => [lease, token, ms], {
   numberOfKeys: 1,
   lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0`
 }).withReturnType<number>()
 
-/** Gives back a partition lease held by `me` (0: not held). */
-export const releaseScript = Redis.script((lease: string, me: string) => [lease, me], {
+/** Gives back a partition lease held with `token` (0: not held). */
+export const releaseScript = Redis.script((lease: string, token: string) => [lease, token], {
   numberOfKeys: 1,
   lua: `if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0`
 }).withReturnType<number>()
@@ -134,13 +215,7 @@ export const releaseScript = Redis.script((lease: string, me: string) => [lease,
  * `{ "0-0", claimed entries, deleted ids }`.
  */
 export const claimOthersScript = Redis.script(
-  (stream: string, group: string, me: string, minIdle: number, count: number) => [
-    stream,
-    group,
-    me,
-    minIdle,
-    count
-  ],
+  (stream: string, group: string, me: string, minIdle: number, count: number) => [stream, group, me, minIdle, count],
   {
     numberOfKeys: 1,
     lua: `

@@ -63,11 +63,15 @@ export const subscribe = (
       const ownership: Leases.Ownership = { owned: new Map(), history: new Map() }
       const { owned, history } = ownership
       const resetHistory = () => {
-        for (const p of owned.values()) Leases.own(ownership, p)
+        for (const o of owned.values()) {
+          history.set(o.part.retry, "0")
+          history.set(o.part.stream, "0")
+        }
       }
       if (!ordered) {
         yield* ensureGroups(all)
-        for (const p of all) Leases.own(ownership, p)
+        const now = yield* Clock.currentTimeMillis
+        for (const p of all) Leases.own(ownership, p, "", now)
       }
 
       const parking = new Parking()
@@ -75,11 +79,17 @@ export const subscribe = (
 
       let nextMoveAt = 0
       let nextClaimAt = 0
-      let nextLeaseAt = 0
       let recreations = 0
+      const leaseEvery = Math.max(50, Math.floor(leaseMs / 3))
 
       const leases = Leases.make(ctx, sub, k, all, ownership, parking, ensureGroups)
-      if (ordered) yield* Effect.addFinalizer(() => leases.releaseAll)
+      if (ordered) {
+        yield* Effect.addFinalizer(() => leases.releaseAll)
+        // leases are taken and renewed on a schedule of their own, never by the read loop (trap 9)
+        yield* Effect.forkScoped(
+          Effect.forever(Effect.andThen(Effect.flatMap(Clock.currentTimeMillis, leases.tick), Effect.sleep(leaseEvery)))
+        )
+      }
 
       /** Delivery counts of entries read from history or claimed (one XPENDING per stream). */
       const countsOf = (stream: string, entries: ReadonlyArray<Replies.StreamEntry>) =>
@@ -100,6 +110,7 @@ export const subscribe = (
       /** Turns entries into deliveries; malformed ones are dead-lettered, deleted ones reported. */
       const toDeliveries = (
         part: Part,
+        token: string,
         stream: string,
         entries: ReadonlyArray<Replies.StreamEntry>,
         counts: Map<string, number> | undefined
@@ -116,8 +127,26 @@ export const subscribe = (
             const count = base + (counts?.get(entry.id) ?? 1)
             const read = Envelope.fromFields(entry.fields)
             if (Result.isFailure(read)) {
-              const malformed = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, placeholder, count)
-              yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
+              // read under a lease this subscription no longer holds: the partition's owner deals with it
+              if (token === "lost") continue
+              const malformed = new RedisDelivery(
+                impl,
+                sub,
+                part,
+                stream,
+                entry.id,
+                entry.fields,
+                placeholder,
+                count,
+                token
+              )
+              yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 }).pipe(
+                // claimed by another consumer meanwhile: it dead-letters it in turn
+                Effect.catchIf(
+                  (e) => e.reason._tag === "DeliveryClosed",
+                  () => Effect.void
+                )
+              )
               yield* onEvent({
                 _tag: "Malformed",
                 topic: sub.topic,
@@ -126,7 +155,7 @@ export const subscribe = (
               })
               continue
             }
-            const d = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, read.success, count)
+            const d = new RedisDelivery(impl, sub, part, stream, entry.id, entry.fields, read.success, count, token)
             if (admit(d)) out.push(d)
           }
           if (lost.length > 0) {
@@ -137,18 +166,24 @@ export const subscribe = (
           return out
         })
 
+      /**
+       * The lease token a partition is read under now ("" when unordered). A read that comes back after its
+       * partition's lease went gets a token no parking state knows: its entries are not handed out.
+       */
+      const tokenOf = (p: Part): string => owned.get(p.index)?.token ?? "lost"
+
       const readOnce = (conn: Redis.Connection): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
         Effect.gen(function* () {
           const now = yield* Clock.currentTimeMillis
           const out: Array<Broker.Delivery> = []
-          if (ordered && now >= nextLeaseAt) {
-            nextLeaseAt = now + Math.max(50, Math.floor(leaseMs / 3))
-            yield* leases.rebalance(now)
-          }
-          const parts = Array.from(owned.values())
+          // between reads, no read of a partition is on the wire: the moment to give back what is beyond the
+          // fair share (a read in flight could otherwise take entries of a partition already handed over)
+          if (ordered) yield* leases.giveBack
+          const held = Array.from(owned.values())
+          const parts = held.map((o) => o.part)
           if (parts.length === 0) {
-            // no partition to read (ordered, the others hold them): wait for the next rebalance
-            yield* Effect.sleep(Math.max(1, nextLeaseAt - now))
+            // no partition to read (ordered, the others hold them): wait for the lease loop
+            yield* Effect.sleep(leaseEvery)
             return out
           }
           if (now >= nextMoveAt) {
@@ -181,7 +216,7 @@ export const subscribe = (
                   })
                 }
                 const counts = yield* countsOf(stream, reply.claimed)
-                out.push(...(yield* toDeliveries(p, stream, reply.claimed, counts)))
+                out.push(...(yield* toDeliveries(p, tokenOf(p), stream, reply.claimed, counts)))
               }
             }
             if (out.length > 0) return out
@@ -194,7 +229,8 @@ export const subscribe = (
           const ids = streams.map(([, stream]) => (inHistory ? (history.get(stream) ?? ">") : ">"))
           const args = ["GROUP", sub.group, sub.consumer, "COUNT", count]
           if (!inHistory) {
-            const wait = Math.min(blockMs, nextMoveAt - now, ordered ? nextLeaseAt - now : blockMs)
+            // ordered: a partition taken meanwhile is read from the next read on, so reads stay short
+            const wait = Math.min(blockMs, nextMoveAt - now, ordered ? leaseEvery : blockMs)
             args.push("BLOCK", String(Math.max(1, wait)))
           }
           const reply = Replies.streamsOf(
@@ -209,7 +245,7 @@ export const subscribe = (
               else history.set(stream, entries[entries.length - 1]!.id)
             }
             const counts = inHistory ? yield* countsOf(stream, entries) : undefined
-            out.push(...(yield* toDeliveries(part, stream, entries, counts)))
+            out.push(...(yield* toDeliveries(part, tokenOf(part), stream, entries, counts)))
           }
           return out
         })
@@ -235,7 +271,7 @@ export const subscribe = (
       // owner and the delivery counts stay; the same name subscribing again still reads them as its history.
       yield* Effect.addFinalizer(() =>
         Effect.forEach(
-          Array.from(owned.values()).flatMap((p) => [p.retry, p.stream]),
+          Array.from(owned.values()).flatMap((o) => [o.part.retry, o.part.stream]),
           (stream) => redis.eval(releaseOwnScript)(stream, sub.group, sub.consumer, releasedIdleMs),
           { discard: true }
         ).pipe(Effect.ignore)
@@ -286,7 +322,7 @@ export const subscribe = (
             // docs/reliability.md, trap 3: the key (and its groups) vanished: recreate from 0, with backoff
             yield* Effect.sleep(backoff())
             recreations++
-            yield* ensureGroups(Array.from(owned.values()))
+            yield* ensureGroups(Array.from(owned.values(), (o) => o.part))
             resetHistory()
             yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
             continue

@@ -18,6 +18,18 @@ export interface Impl {
   readonly keys: (topic: string) => Keys
 }
 
+/**
+ * Acknowledges entries of one stream read under `d`'s lease. Ordered: fenced by the lease (a script). Unordered:
+ * a plain `XACK`, which also acknowledges an entry another consumer claimed meanwhile — harmless, since the
+ * handler that acks it succeeded (the claimer's own settlement then fails with `DeliveryClosed`); fencing it
+ * too cost 15% of the consume rate (`redis/consume` 0.92x -> 0.78x of the raw loop, measured). Nacks and
+ * dead-letters are fenced in both modes.
+ */
+const ackEntries = (impl: Impl, d: RedisDelivery, ids: ReadonlyArray<string>) =>
+  d.token === ""
+    ? impl.redis.send<number>("XACK", d.stream, d.group, ...ids)
+    : impl.redis.eval(ackScript)(d.stream, d.part.lease, d.group, d.token, ...ids)
+
 /** The envelope of a malformed entry (never handled: dead-lettered at once). */
 export const placeholder: Envelope.Encoded = {
   id: "malformed",
@@ -101,19 +113,8 @@ export class RedisDelivery implements Broker.Delivery {
     return this.token === "" ? this.stream : this.part.lease
   }
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
-    return Effect.flatMap(
-      Effect.mapError(
-        this.impl.redis.eval(ackScript)(
-          this.stream,
-          this.leaseKey,
-          this.group,
-          this.consumer,
-          this.token,
-          this.entryId
-        ),
-        fromRedis("ack")
-      ),
-      (n) => this.confirm(n, "done")
+    return Effect.flatMap(Effect.mapError(ackEntries(this.impl, this, [this.entryId]), fromRedis("ack")), (n) =>
+      this.confirm(n, "done")
     )
   }
   nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
@@ -208,9 +209,11 @@ export const ackAll =
       let acked = 0
       for (const batch of byStream.values()) {
         const d = batch[0]!
-        const n = yield* impl.redis
-          .eval(ackScript)(d.stream, d.leaseKey, d.group, d.consumer, d.token, ...batch.map((b) => b.entryId))
-          .pipe(Effect.mapError(fromRedis("ack")))
+        const n = yield* ackEntries(
+          impl,
+          d,
+          batch.map((b) => b.entryId)
+        ).pipe(Effect.mapError(fromRedis("ack")))
         acked += n
         // ordered subscriptions release the keys of what was acked; a fenced-off read (0: the lease moved)
         // releases nothing, since its partition's state went with the lease

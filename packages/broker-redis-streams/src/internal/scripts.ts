@@ -23,52 +23,24 @@ end
 `
 
 /**
- * Acknowledges entries of one stream (atomic), fenced: returns how many were acknowledged; an entry
- * claimed by another consumer, or every entry when the lease is gone, is left alone. KEYS: stream,
- * lease (the stream itself when unordered). ARGV: group, consumer, token ('' when unordered), ids...
+ * Acknowledges entries of one stream of an ordered subscription (atomic), fenced by the partition's lease:
+ * returns how many were acknowledged, 0 when the lease no longer holds `token`. (In ordered mode entries
+ * change owner only with the lease, so the lease is the whole fence; unordered subscriptions ack with a
+ * plain `XACK`, see `delivery.ts`.) KEYS: stream, lease. ARGV: group, token, ids...
  */
 export const ackScript = Redis.script(
-  (stream: string, lease: string, group: string, me: string, token: string, ...ids: Array<string>) => [
+  (stream: string, lease: string, group: string, token: string, ...ids: Array<string>) => [
     stream,
     lease,
     group,
-    me,
     token,
     ...ids
   ],
   {
     numberOfKeys: 2,
-    lua: `${fence}
-local group, me, token = ARGV[1], ARGV[2], ARGV[3]
-if not leaseHeld(KEYS[2], token) then return 0 end
-local n = #ARGV - 3
-local ids = {}
-if n == 1 then
-  if mine(KEYS[1], group, me, ARGV[4]) then ids[1] = ARGV[4] end
-else
-  -- one range query for the whole read, exact per-id checks only for what it does not show
-  local function parse(id)
-    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
-    return tonumber(ms), tonumber(seq)
-  end
-  local function older(a, b)
-    local am, as = parse(a)
-    local bm, bs = parse(b)
-    return am < bm or (am == bm and as < bs)
-  end
-  local lo, hi = ARGV[4], ARGV[4]
-  for i = 5, #ARGV do
-    if older(ARGV[i], lo) then lo = ARGV[i] end
-    if older(hi, ARGV[i]) then hi = ARGV[i] end
-  end
-  local owned = {}
-  for _, p in ipairs(redis.call('XPENDING', KEYS[1], group, lo, hi, n * 4 + 1000, me)) do owned[p[1]] = true end
-  for i = 4, #ARGV do
-    if owned[ARGV[i]] or mine(KEYS[1], group, me, ARGV[i]) then ids[#ids + 1] = ARGV[i] end
-  end
-end
-if #ids == 0 then return 0 end
-return redis.call('XACK', KEYS[1], group, unpack(ids))`
+    lua: `
+if redis.call('GET', KEYS[2]) ~= ARGV[2] then return 0 end
+return redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 3))`
   }
 ).withReturnType<number>()
 

@@ -238,4 +238,67 @@ describe("RedisStreamsBroker hand-over", () => {
       yield* d!.ack
     }).pipe(Effect.provide(brokerLayer()))
   )
+
+  it.live("a delayed entry the mover cannot move is dead-lettered with its reason, and reading goes on", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      const got = yield* Ref.make<Array<number>>([])
+      yield* broker.subscribe({ topic: "items", group: "g", consumer: "c" }).pipe(
+        Stream.runForEach((d) =>
+          Effect.andThen(
+            Ref.update(got, (xs) => [...xs, JSON.parse(d.envelope.data).n]),
+            d.ack
+          )
+        ),
+        Effect.forkScoped
+      )
+      yield* broker.publish(BrokerTest.messages("items", 1))
+      yield* until(Effect.map(Ref.get(got), (xs) => xs.length >= 1))
+      // a due entry nobody can move: not JSON (written by hand, or damaged)
+      yield* redis.send("ZADD", `${prefix}:{items}:delayed:g`, "0", "not json at all")
+      yield* Effect.sleep("300 millis")
+      yield* broker.publish(BrokerTest.messages("items", 1, { from: 1 }))
+      // before: the mover's error aborted every read, and the group stopped for good
+      yield* until(Effect.map(Ref.get(got), (xs) => xs.length >= 2))
+      assert.deepStrictEqual(yield* Ref.get(got), [0, 1])
+      const dead = yield* broker.deadLetters("items")
+      assert.strictEqual(dead.length, 1)
+      assert.strictEqual(dead[0]!.reason, "unmovable")
+      assert.strictEqual(dead[0]!.group, "g")
+      assert.include(dead[0]!.error!, "field/value pairs")
+      assert.strictEqual(Number(yield* redis.send<number>("ZCARD", `${prefix}:{items}:delayed:g`)), 0)
+    }).pipe(Effect.provide(brokerLayer()))
+  )
+
+  it.live("a group's retry stream is trimmed to what the group still needs", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      const acked = yield* Ref.make(0)
+      yield* broker.subscribe({ topic: "items", group: "g", consumer: "c" }).pipe(
+        // every message is nacked once (a short delayed redelivery through the retry stream), then acked
+        Stream.runForEach((d) =>
+          d.deliveryCount === 1
+            ? d.nack("10 millis")
+            : Effect.andThen(
+                d.ack,
+                Ref.update(acked, (n) => n + 1)
+              )
+        ),
+        Effect.forkScoped
+      )
+      yield* broker.publish(BrokerTest.messages("items", 20))
+      yield* until(Effect.map(Ref.get(acked), (n) => n >= 20))
+      const retry = `${prefix}:{items}:retry:g`
+      // before: every redelivery copy stayed in the retry stream for good (20 here)
+      yield* until(
+        Effect.map(redis.send<number>("XLEN", retry), (n) => Number(n) <= 1),
+        5_000,
+        "the retry stream trimmed"
+      )
+    }).pipe(Effect.provide(brokerLayer(mainUrl, { trimInterval: "200 millis" })))
+  )
 })

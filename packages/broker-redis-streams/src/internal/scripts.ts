@@ -117,10 +117,11 @@ return ids`
 }).withReturnType<ReadonlyArray<string>>()
 
 /**
- * Trim a stream to about `maxLen` entries, never removing an entry that is
- * pending in a group or not yet delivered to one: `XTRIM MINID` at the oldest
- * of (the oldest entry `maxLen` keeps, each group's oldest pending entry, each
- * group's last delivered entry). Returns how many entries were removed.
+ * Trims a stream to about `maxLen` entries, never removing an entry that is pending in a group or not yet
+ * delivered to one: `XTRIM MINID` at the oldest of (the oldest entry `maxLen` keeps, each group's oldest
+ * pending entry, each group's last delivered entry). `maxLen` 0 keeps only what a group still needs (a
+ * group's retry stream: once read and acked, a redelivery copy is garbage); a stream without a group is then
+ * left alone. Returns how many entries were removed.
  */
 export const trimScript = Redis.script((stream: string, maxLen: number) => [stream, maxLen], {
   numberOfKeys: 1,
@@ -136,8 +137,11 @@ local function older(a, b)
   local bm, bs = parse(b)
   return am < bm or (am == bm and as < bs)
 end
-local kept = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', maxLen)
-local bound = kept[#kept][1]
+local bound = nil
+if maxLen > 0 then
+  local kept = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', maxLen)
+  bound = kept[#kept][1]
+end
 for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   local info = {}
   for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
@@ -145,23 +149,70 @@ for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
   if tonumber(info['pending']) > 0 then
     limit = redis.call('XPENDING', KEYS[1], info['name'])[2]
   end
-  if older(limit, bound) then bound = limit end
+  if bound == nil or older(limit, bound) then bound = limit end
 end
+if bound == nil then return 0 end
 return redis.call('XTRIM', KEYS[1], 'MINID', bound)`
 }).withReturnType<number>()
 
-/** Move due delayed entries to the group's retry stream (atomic). Returns how many. */
+/**
+ * Moves due delayed entries (at most `limit`) to the group's retry stream (atomic). An entry that cannot be
+ * moved (its member is not a JSON list of field/value pairs, or Redis refuses the `XADD`) is dead-lettered
+ * with reason `unmovable` and the error instead, so one bad entry never stops the mover (docs/reliability.md,
+ * trap 11). KEYS: delayed set, retry stream, dead-letter stream. Returns how many were moved.
+ */
 export const moveScript = Redis.script(
-  (delayed: string, retry: string, now: number, limit: number) => [delayed, retry, now, limit],
+  (delayed: string, retry: string, dlq: string, now: number, limit: number, group: string, time: string) => [
+    delayed,
+    retry,
+    dlq,
+    now,
+    limit,
+    group,
+    time
+  ],
   {
-    numberOfKeys: 2,
+    numberOfKeys: 3,
     lua: `
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+local moved = 0
 for _, member in ipairs(due) do
-  redis.call('XADD', KEYS[2], '*', unpack(cjson.decode(member)))
+  local ok, fields = pcall(cjson.decode, member)
+  local err = nil
+  if not ok or type(fields) ~= 'table' or #fields == 0 or #fields % 2 ~= 0 or #fields > 7000 then
+    err = 'the delayed entry is not a list of field/value pairs'
+  else
+    for i = 1, #fields do
+      if type(fields[i]) ~= 'string' then err = 'the delayed entry has a field or value that is not a string' end
+    end
+  end
+  if err == nil then
+    local r = redis.pcall('XADD', KEYS[2], '*', unpack(fields))
+    if type(r) == 'table' and r.err then err = r.err else moved = moved + 1 end
+  end
+  if err ~= nil then
+    local dl = {}
+    if ok and type(fields) == 'table' and #fields % 2 == 0 and #fields <= 7000 then
+      for i = 1, #fields, 2 do
+        if type(fields[i]) == 'string' and type(fields[i + 1]) == 'string' and string.sub(fields[i], 1, 3) ~= 'cv_' then
+          dl[#dl + 1] = fields[i]
+          dl[#dl + 1] = fields[i + 1]
+        end
+      end
+    else
+      dl[#dl + 1] = 'cv_dlq_raw'
+      dl[#dl + 1] = string.sub(member, 1, 65536)
+    end
+    for _, kv in ipairs({ { 'cv_dlq_reason', 'unmovable' }, { 'cv_dlq_error', err }, { 'cv_dlq_group', ARGV[3] },
+      { 'cv_dlq_time', ARGV[4] } }) do
+      dl[#dl + 1] = kv[1]
+      dl[#dl + 1] = kv[2]
+    end
+    redis.call('XADD', KEYS[3], '*', unpack(dl))
+  end
   redis.call('ZREM', KEYS[1], member)
 end
-return #due`
+return moved`
   }
 ).withReturnType<number>()
 

@@ -19,7 +19,7 @@ import { internalFields, type Part } from "./keys.ts"
 import * as Leases from "./leases.ts"
 import { Parking } from "./parking.ts"
 import * as Replies from "./replies.ts"
-import { claimOthersScript, moveScript, releaseOwnScript } from "./scripts.ts"
+import { claimOthersScript, moveScript, releaseOwnScript, trimScript } from "./scripts.ts"
 
 /** The idle time released entries get: older than any `claimIdle`, so the next claim scan takes them. */
 const releasedIdleMs = 365 * 24 * 60 * 60 * 1000
@@ -79,6 +79,7 @@ export const subscribe = (
 
       let nextMoveAt = 0
       let nextClaimAt = 0
+      let nextRetryTrimAt = 0
       let recreations = 0
       const leaseEvery = Math.max(50, Math.floor(leaseMs / 3))
 
@@ -186,12 +187,28 @@ export const subscribe = (
             yield* Effect.sleep(leaseEvery)
             return out
           }
+          // side jobs never stop reading (docs/reliability.md, trap 11): a failed move or trim is logged, and
+          // an entry the mover cannot move is dead-lettered by the script itself
           if (now >= nextMoveAt) {
             nextMoveAt = now + moveEvery
+            const time = new Date(now).toISOString()
             for (const p of parts) {
               yield* redis
-                .eval(moveScript)(p.delayed, p.retry, now, 1000)
-                .pipe(Effect.mapError(fromRedis("move delayed")))
+                .eval(moveScript)(p.delayed, p.retry, k.dlq, now, 1000, sub.group, time)
+                .pipe(
+                  Effect.catch((e) =>
+                    Effect.logWarning("redis-streams: moving due redeliveries failed; reading goes on", e)
+                  )
+                )
+            }
+          }
+          // a retry stream keeps only what its group still needs: a redelivery copy read and acked is garbage
+          if (now >= nextRetryTrimAt) {
+            nextRetryTrimAt = now + ctx.trimEvery
+            for (const p of parts) {
+              yield* redis
+                .eval(trimScript)(p.retry, 0)
+                .pipe(Effect.catch((e) => Effect.logWarning("redis-streams: trimming a retry stream failed", e)))
             }
           }
           // claims only once this consumer's own history is read: a claimed entry joins its pending list, and

@@ -204,6 +204,29 @@ export const make = (
         return Effect.succeed(ids)
       })
 
+    /** Per-message outcomes: a message of an invalid topic fails alone; every other one is stored. */
+    const publishEach = (messages: ReadonlyArray<Envelope.Encoded>) =>
+      Effect.flatMap(Clock.currentTimeMillis, (now) => {
+        if (core.closed)
+          return Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
+        const touched = new Set<string>()
+        const outcomes = messages.map((m): Broker.PublishOutcome => {
+          if (!core.validTopics.has(m.topic)) {
+            const ok = Name.check("topic", m.topic)
+            if (Result.isFailure(ok)) return { _tag: "Failed", error: invalid("topic", ok.failure) }
+            core.validTopics.add(m.topic)
+          }
+          touched.add(m.topic)
+          return { _tag: "Stored", entryId: core.append(core.topic(m.topic), m, undefined, m.key, now).id }
+        })
+        for (const topic of touched) {
+          const t = core.topics.get(topic)!
+          if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
+          core.wakeOne(topic)
+        }
+        return Effect.succeed(outcomes)
+      })
+
     const subscribe = (options: Broker.SubscribeOptions): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
       Stream.unwrap(
         Effect.gen(function* () {
@@ -334,7 +357,10 @@ export const make = (
       groups: (topic) => Effect.sync(() => Array.from(core.topics.get(topic)?.groups.keys() ?? []))
     })
 
-    return { broker: Broker.Broker.of({ publish, subscribe, ackAll, deadLetters, purgeDeadLetters }), memory }
+    return {
+      broker: Broker.Broker.of({ publish, publishEach, subscribe, ackAll, deadLetters, purgeDeadLetters }),
+      memory
+    }
   })
 
 /**

@@ -125,6 +125,35 @@ const integerOption = (argument: string, value: number, min: number, max: number
       )
 
 /**
+ * Refuses, at construction, a durability level the server cannot meet, instead of failing (or, before,
+ * republishing) on every publish: `WAITAOF` needs Redis >= 7.2, `waitaof-local` an AOF
+ * (`appendonly yes`), `waitaof-replicas` at least `replicas` connected replicas (checked now; fewer later
+ * makes a publish fail `NotConfirmed`, retryable).
+ */
+const checkDurability = (redis: Redis.Redis["Service"], durability: Durability, replicas: number) =>
+  Effect.gen(function* () {
+    const refuse = (message: string) =>
+      fail(new BrokerError.InvalidArgument({ argument: "durability", message: `durability ${durability}: ${message}` }))
+    const probe = yield* Effect.result(redis.send<unknown>("WAITAOF", "0", "0", "0"))
+    if (probe._tag === "Failure") {
+      const info = yield* redis.send<string>("INFO", "server").pipe(Effect.orElseSucceed(() => ""))
+      const version = /redis_version:([\d.]+)/.exec(String(info))?.[1] ?? "unknown"
+      return yield* refuse(`this server (Redis ${version}) has no WAITAOF, which needs Redis >= 7.2; use "reply"`)
+    }
+    const aof = yield* Effect.result(redis.send<unknown>("CONFIG", "GET", "appendonly"))
+    if (aof._tag === "Success" && Replies.configOf(aof.success).appendonly === "no") {
+      return yield* refuse("this server runs without an AOF (appendonly no), so nothing is ever fsynced to one")
+    }
+    if (durability === "waitaof-replicas") {
+      const info = yield* redis.send<string>("INFO", "replication").pipe(Effect.orElseSucceed(() => ""))
+      const connected = Number(/connected_slaves:(\d+)/.exec(String(info))?.[1] ?? 0)
+      if (connected < replicas) {
+        return yield* refuse(`${replicas} replica(s) must confirm, and ${connected} are connected`)
+      }
+    }
+  })
+
+/**
  * Builds the broker over the `Redis` service in context. Invalid options
  * fail with `InvalidArgument` naming the option.
  *
@@ -178,6 +207,8 @@ export const make = (
       isClosed: () => closed
     }
 
+    if (ctx.durability !== "reply") yield* checkDurability(redis, ctx.durability, replicas)
+
     // docs/reliability.md, trap 3: an evicting Redis can drop a stream key with its groups
     yield* redis.send<unknown>("CONFIG", "GET", "maxmemory-policy").pipe(
       Effect.flatMap((reply) => {
@@ -191,8 +222,10 @@ export const make = (
       Effect.catch((e) => Effect.logDebug("could not read maxmemory-policy (CONFIG may be disabled)", e))
     )
 
+    const { publish, publishEach } = Publish.make(ctx)
     return Broker.Broker.of({
-      publish: Publish.make(ctx),
+      publish,
+      publishEach,
       subscribe: (sub) => subscribe(ctx, sub),
       ackAll: ackAll(impl),
       deadLetters: DeadLetterQueue.list(ctx),

@@ -4,7 +4,7 @@ import { Broker, BrokerError, Consumer, DeadLetter, Publisher, Topic } from "@co
 import { BrokerTest } from "@converge/core/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { assert, describe, it } from "@effect/vitest"
-import { Cause, ConfigProvider, Context, Data, Effect, Fiber, Layer, Ref, Schedule, Schema, Stream } from "effect"
+import { ConfigProvider, Context, Data, Effect, Fiber, Layer, Ref, Schedule, Schema, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { RedisStreamsBroker } from "../src/index.ts"
 import { brokerLayer, mainUrl, Prefix, streamKey } from "./helpers.ts"
@@ -235,33 +235,6 @@ describe("RedisStreamsBroker", () => {
       assert.strictEqual(yield* length, 10, "trimmed to maxLen once nothing needs the old entries")
       const bad = yield* Effect.flip(Layer.build(RedisStreamsBroker.layer({ prefix, maxLen: 0 })).pipe(Effect.scoped))
       assert.strictEqual(bad.reason._tag, "InvalidArgument")
-    }).pipe(Effect.provide(brokerLayer()))
-  )
-
-  it.live("confirmation levels: waitaof-local is confirmed by WAITAOF, or fails typed where the server lacks it", () =>
-    Effect.gen(function* () {
-      const redis = yield* Redis.Redis
-      const prefix = yield* Prefix
-      const info = yield* redis.send<string>("INFO", "server")
-      const [major, minor] = (/redis_version:(\d+)\.(\d+)/.exec(String(info)) ?? ["", "0", "0"]).slice(1).map(Number)
-      const hasWaitaof = major! > 7 || (major === 7 && minor! >= 2)
-      const context = yield* Layer.build(RedisStreamsBroker.layer({ prefix, durability: "waitaof-local" }))
-      const broker = Context.get(context, Broker.Broker)
-      const exit = yield* Effect.exit(broker.publish(BrokerTest.messages("orders", 3)))
-      if (hasWaitaof) {
-        // the machine's Redis runs without AOF: WAITAOF answers local=0, which is not a confirmation
-        const aof = String(yield* redis.send<unknown>("CONFIG", "GET", "appendonly")).includes("yes")
-        assert.strictEqual(exit._tag === "Success", aof)
-      } else {
-        assert.isTrue(exit._tag === "Failure", "WAITAOF does not exist before Redis 7.2")
-        const error = exit._tag === "Failure" ? Cause.findErrorOption(exit.cause) : undefined
-        assert.isTrue(
-          error?._tag === "Some" &&
-            error.value.reason._tag === "CommandFailed" &&
-            error.value.message.includes("WAITAOF"),
-          "a typed CommandFailed naming WAITAOF"
-        )
-      }
     }).pipe(Effect.provide(brokerLayer()))
   )
 

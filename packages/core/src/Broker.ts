@@ -195,6 +195,17 @@ export class Broker extends Context.Service<
     /** Appends messages to their topics (each envelope names its topic); returns the entry ids, in order. */
     readonly publish: (messages: ReadonlyArray<Envelope.Encoded>) => Effect.Effect<ReadonlyArray<string>, BrokerError>
     /**
+     * Appends messages and reports each one's outcome, in order (see {@link PublishOutcome}): a message the
+     * broker refuses for good fails alone, the others are stored; after a retryable failure, the later
+     * messages of the same partition are not attempted (they fail, retryable), so per-key order holds. It
+     * fails as a whole only when nothing is known of the batch (then some of it may have been stored). The
+     * outbox relay publishes this way, so one refused row never holds back, or duplicates, the rest of its
+     * batch. {@link publishEachBySplitting} derives it from `publish` for a broker that cannot tell.
+     */
+    readonly publishEach: (
+      messages: ReadonlyArray<Envelope.Encoded>
+    ) => Effect.Effect<ReadonlyArray<PublishOutcome>, BrokerError>
+    /**
      * Subscribes a consumer of a group to a topic. The subscription is open
      * while the stream runs; deliveries arrive in batches of at most
      * `batchSize`.
@@ -219,6 +230,40 @@ export class Broker extends Context.Service<
     ) => Effect.Effect<number, BrokerError>
   }
 >()("@converge/core/Broker") {}
+
+/**
+ * The outcome of one message of `publishEach`: stored (at the broker's confirmation level), or failed with
+ * an error that says whether trying it again may succeed.
+ *
+ * @since 0.1.0
+ */
+export type PublishOutcome =
+  | { readonly _tag: "Stored"; readonly entryId: string }
+  | { readonly _tag: "Failed"; readonly error: BrokerError }
+
+/**
+ * `publishEach` for a broker whose `publish` cannot say which messages of a failed batch were stored: the
+ * batch is published whole, and when that fails for good, one message at a time (a retryable failure of
+ * the batch fails every message, retryable). Messages stored before a batch failed may be stored twice;
+ * consumers dedupe by message id. A broker that knows per message does better (the Redis layer does).
+ *
+ * @since 0.1.0
+ */
+export const publishEachBySplitting =
+  (publish: Broker["Service"]["publish"]) =>
+  (messages: ReadonlyArray<Envelope.Encoded>): Effect.Effect<ReadonlyArray<PublishOutcome>, BrokerError> =>
+    Effect.matchEffect(publish(messages), {
+      onSuccess: (ids) => Effect.succeed(ids.map((entryId): PublishOutcome => ({ _tag: "Stored", entryId }))),
+      onFailure: (error) =>
+        error.isRetryable || messages.length === 1
+          ? Effect.succeed(messages.map((): PublishOutcome => ({ _tag: "Failed", error })))
+          : Effect.forEach(messages, (m) =>
+              Effect.match(publish([m]), {
+                onSuccess: (ids): PublishOutcome => ({ _tag: "Stored", entryId: ids[0]! }),
+                onFailure: (error): PublishOutcome => ({ _tag: "Failed", error })
+              })
+            )
+    })
 
 /**
  * Default `onEvent`: logs the event as a warning.

@@ -36,21 +36,25 @@ export class ConnectionLost extends Schema.TaggedError<ConnectionLost>("@converg
 }
 
 /**
- * The broker answered but refused or failed the command (out of memory, a
- * read-only replica, a script error). Retryable, since most such refusals are
- * load- or failover-related.
+ * The broker answered but refused or failed the command. `retryable` says
+ * whether the same command may succeed later: `true` for load or failover
+ * states (out of memory, loading, a read-only replica during a failover),
+ * `false` for a refusal that will recur (a script error, a wrong key type, a
+ * missing permission, an entry the broker cannot store, a command the server
+ * does not have). A refusal is not retried forever: the outbox relay moves a
+ * refused row aside with its reason.
  *
  * @since 0.1.0
  */
 export class CommandFailed extends Schema.TaggedError<CommandFailed>("@converge/core/BrokerError/CommandFailed")(
   "CommandFailed",
-  { ...ReasonFields, command: Schema.String }
+  { ...ReasonFields, command: Schema.String, retryable: Schema.Boolean }
 ) {
   /** @internal */
   readonly [ReasonTypeId] = ReasonTypeId
-  /** Always `true`. */
+  /** The broker's own verdict (`retryable`). */
   get isRetryable(): boolean {
-    return true
+    return this.retryable
   }
 }
 

@@ -351,7 +351,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
       INSERT INTO ${dead} SELECT moved.*, $2, $3, $4 FROM moved`
 
     const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
-      broker.publish(messages).pipe(
+      broker.publishEach(messages).pipe(
         Effect.timeoutOrElse({
           duration: publishTimeout,
           orElse: () =>
@@ -386,7 +386,9 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
             // `horizon`: what this cycle read past, when it held every partition and read less than a batch
             // (the read's snapshot is at least as new as the lock statement's: its xmin is no lower)
             const readPast = held.length === partitions && rows.length < batchSize ? BigInt(locked[0]!.h) : undefined
-            if (rows.length === 0) return { partitions: held.length, published: 0, dead: 0, horizon: readPast }
+            if (rows.length === 0) {
+              return { partitions: held.length, published: 0, dead: 0, horizon: readPast, retryLater: undefined }
+            }
             const now = yield* Clock.currentTimeMillis
             const nowIso = new Date(now).toISOString()
             // the well-formed rows: their envelopes and, at the same index, their seqs
@@ -400,23 +402,18 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
                 seqs.push(row.seq)
               } else poison.push({ seq: row.seq, reason: DeadReason.malformed, error: enc.failure.message })
             }
-            let published: ReadonlyArray<string> = []
+            // every message's own outcome: stored rows are marked, rows refused for good go aside, and rows
+            // that failed for now stay for the next cycle. Nothing is published twice by this cycle, and one
+            // refused row holds back nothing else
+            const published: Array<string> = []
+            let retryLater: BrokerError.BrokerError | undefined
             if (messages.length > 0) {
-              const batch = yield* Effect.result(publish(messages))
-              if (Result.isSuccess(batch)) {
-                published = seqs
-              } else if (batch.failure.isRetryable) {
-                return yield* batch.failure
-              } else {
-                // A permanent refusal: find the rows the broker refuses, one by one, in order.
-                const accepted: Array<string> = []
-                for (let i = 0; i < messages.length; i++) {
-                  const one = yield* Effect.result(publish([messages[i]!]))
-                  if (Result.isSuccess(one)) accepted.push(seqs[i]!)
-                  else if (one.failure.isRetryable) return yield* one.failure
-                  else poison.push({ seq: seqs[i]!, reason: DeadReason.rejected, error: one.failure.message })
-                }
-                published = accepted
+              const outcomes = yield* publish(messages)
+              for (let i = 0; i < outcomes.length; i++) {
+                const o = outcomes[i]!
+                if (o._tag === "Stored") published.push(seqs[i]!)
+                else if (o.error.isRetryable) retryLater ??= o.error
+                else poison.push({ seq: seqs[i]!, reason: DeadReason.rejected, error: o.error.message })
               }
             }
             if (published.length > 0) {
@@ -430,7 +427,9 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
               partitions: held.length,
               published: published.length,
               dead: poison.length,
-              horizon: readPast
+              // rows left for later: nothing is read past, and the cycle fails once committed (backoff)
+              horizon: retryLater === undefined ? readPast : undefined,
+              retryLater
             }
           })
         )
@@ -447,11 +446,15 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
               const r = exit.value
               counters.published += r.published
               counters.dead += r.dead
+              if (r.retryLater !== undefined) counters.failedCycles++
               // committed: only now is what it read past really behind us
               if (r.horizon !== undefined && r.horizon > horizon) horizon = r.horizon
             })
           ),
-          Effect.map(({ horizon: _, ...result }): CycleResult => result)
+          // committed what it could; rows the broker failed for now make the cycle fail (and back off)
+          Effect.flatMap(({ horizon: _, retryLater, ...result }) =>
+            retryLater === undefined ? Effect.succeed<CycleResult>(result) : Effect.fail(retryLater)
+          )
         )
 
     const drainWorker = (maxPartitions: number): Effect.Effect<number, SqlError | BrokerError.BrokerError> =>

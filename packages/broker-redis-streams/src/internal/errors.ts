@@ -12,17 +12,28 @@ import type * as Redis from "effect/persistence/Redis"
 /** Fails with a `BrokerError` of `reason`. */
 export const fail = (reason: BrokerError.BrokerErrorReason) => Effect.fail(BrokerError.make(reason))
 
-/** Maps a `RedisError` to a `BrokerError` (retryable unless the server refused the command). */
+/**
+ * Error replies that a later attempt may not get: the server is loading, out of memory, busy, failing over,
+ * or cannot persist. Any other error reply (`ERR`, `WRONGTYPE`, `NOPERM`, a script error, ...) is a refusal
+ * that will recur.
+ */
+const transientReply = /^(OOM|LOADING|BUSY|TRYAGAIN|MASTERDOWN|READONLY|CLUSTERDOWN|MISCONF|NOREPLICAS|NOSCRIPT)\b/
+
+/** An error reply of the server (an upper-case code first), as opposed to a failure of the connection. */
+const errorReply = /^[A-Z][A-Z_]+\b/
+
+/** A `CommandFailed` for an error reply, retryable or not by its code. */
+export const commandFailed = (command: string, text: string, cause?: unknown): BrokerError.CommandFailed =>
+  new BrokerError.CommandFailed({ command, message: text, retryable: transientReply.test(text), cause })
+
+/** Maps a `RedisError` to a `BrokerError`: an error reply is `CommandFailed`, anything else `ConnectionLost`. */
 export const fromRedis =
   (command: string) =>
   (error: Redis.RedisError): BrokerError.BrokerError => {
     const text = String((error.cause as { message?: unknown } | undefined)?.message ?? error.cause)
-    const refused = /^(ERR|WRONGTYPE|NOSCRIPT|BUSYGROUP|NOGROUP|NOPERM|NOAUTH|READONLY|OOM|LOADING|MISCONF)\b/.test(
-      text
-    )
     return BrokerError.make(
-      refused
-        ? new BrokerError.CommandFailed({ command, message: text, cause: error })
+      errorReply.test(text)
+        ? commandFailed(command, text, error)
         : new BrokerError.ConnectionLost({ message: `${command}: ${text}`, cause: error })
     )
   }

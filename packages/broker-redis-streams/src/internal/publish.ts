@@ -9,11 +9,15 @@
 import { type Broker, BrokerError, Envelope, Partition } from "@converge/core"
 import { Clock, Effect } from "effect"
 import { type BrokerContext, checkName } from "./context.ts"
-import { fail, fromRedis } from "./errors.ts"
+import { commandFailed, fail, fromRedis } from "./errors.ts"
 import { addBatchScript, trimScript } from "./scripts.ts"
 
-/** The publish operation of one broker instance. */
-export const make = (ctx: BrokerContext): Broker.Broker["Service"]["publish"] => {
+/** A `CommandFailed` with an explicit verdict. */
+const commandFailedFor = (command: string, message: string, retryable: boolean) =>
+  new BrokerError.CommandFailed({ command, message, retryable })
+
+/** The publish operations of one broker instance. */
+export const make = (ctx: BrokerContext) => {
   const { redis, keys, partitions, durability, replicas, durabilityTimeoutMs, maxLen, trimEvery } = ctx
 
   /** The partition stream keys of a topic (computed once per topic, not per message). */
@@ -39,7 +43,7 @@ export const make = (ctx: BrokerContext): Broker.Broker["Service"]["publish"] =>
   }
 
   /** Waits until the configured durability level holds for what this connection wrote. */
-  const awaitDurability = Effect.gen(function* () {
+  const awaitDurability: Effect.Effect<void, BrokerError.BrokerError> = Effect.gen(function* () {
     if (durability === "reply") return
     const reply = yield* redis
       .send<ReadonlyArray<number>>(
@@ -59,25 +63,52 @@ export const make = (ctx: BrokerContext): Broker.Broker["Service"]["publish"] =>
     }
   })
 
+  /** One script reply element to an outcome. */
+  const outcomeOf = (reply: unknown): Broker.PublishOutcome => {
+    if (!Array.isArray(reply)) return { _tag: "Stored", entryId: String(reply) }
+    const [kind, why] = [String(reply[0]), String(reply[1])]
+    if (kind === "refused") {
+      return { _tag: "Failed", error: BrokerError.make(commandFailedFor("XADD", why, false)) }
+    }
+    const error = commandFailed("XADD", why)
+    return {
+      _tag: "Failed",
+      error: BrokerError.make(
+        kind === "skipped"
+          ? commandFailedFor(
+              "XADD",
+              `not attempted: an earlier message of its partition failed (${why})`,
+              error.retryable
+            )
+          : error
+      )
+    }
+  }
+
   const validTopics = new Set<string>()
-  return (messages) =>
+  const publishEach = (
+    messages: ReadonlyArray<Envelope.Encoded>
+  ): Effect.Effect<ReadonlyArray<Broker.PublishOutcome>, BrokerError.BrokerError> =>
     Effect.gen(function* () {
-      for (const m of messages) {
-        if (validTopics.has(m.topic)) continue
-        yield* checkName("topic", m.topic)
-        validTopics.add(m.topic)
-      }
-      // one atomic script call per stream and batch (one round trip, all or none), streams in parallel
+      const outcomes: Array<Broker.PublishOutcome> = new Array(messages.length)
+      // one script call per stream and batch (one round trip), streams in parallel
       const byStream = new Map<string, { topic: string; indexes: Array<number> }>()
       for (let i = 0; i < messages.length; i++) {
         const m = messages[i]!
+        if (!validTopics.has(m.topic)) {
+          const invalid = yield* Effect.flip(checkName("topic", m.topic)).pipe(Effect.option)
+          if (invalid._tag === "Some") {
+            outcomes[i] = { _tag: "Failed", error: invalid.value }
+            continue
+          }
+          validTopics.add(m.topic)
+        }
         // the key's partition (a message without a key spreads by its id)
         const stream = partitionStreams(m.topic)[Partition.ofMessage(m, partitions)]!
         const at = byStream.get(stream)
         if (at === undefined) byStream.set(stream, { topic: m.topic, indexes: [i] })
         else at.indexes.push(i)
       }
-      const ids: Array<string> = new Array(messages.length)
       yield* Effect.forEach(
         byStream,
         ([stream, { topic, indexes }]) => {
@@ -94,15 +125,42 @@ export const make = (ctx: BrokerContext): Broker.Broker["Service"]["publish"] =>
             .pipe(
               Effect.tap(() => Effect.flatMap(Clock.currentTimeMillis, (now) => trimIfDue(topic, now))),
               Effect.mapError(fromRedis("XADD")),
-              Effect.map((added) => {
-                for (let k = 0; k < indexes.length; k++) ids[indexes[k]!] = String(added[k])
-                return added.length
+              Effect.match({
+                onSuccess: (replies) => {
+                  for (let k = 0; k < indexes.length; k++) outcomes[indexes[k]!] = outcomeOf(replies[k])
+                },
+                // nothing known of this stream's part of the batch (a lost connection): all of it failed
+                onFailure: (error) => {
+                  for (const i of indexes) outcomes[i] = { _tag: "Failed", error }
+                }
               })
             )
         },
         { concurrency: "unbounded", discard: true }
       )
-      yield* awaitDurability
-      return ids
+      if (outcomes.some((o) => o._tag === "Stored")) {
+        const confirmed = yield* Effect.result(awaitDurability)
+        if (confirmed._tag === "Failure") {
+          // stored, but not at the level asked for: not confirmed, to be published again
+          for (let i = 0; i < outcomes.length; i++) {
+            if (outcomes[i]!._tag === "Stored") outcomes[i] = { _tag: "Failed", error: confirmed.failure }
+          }
+        }
+      }
+      return outcomes
     })
+
+  /** All or an error: the first failure of the batch (what was stored before it stays stored). */
+  const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
+    Effect.flatMap(publishEach(messages), (outcomes) => {
+      const ids: Array<string> = new Array(outcomes.length)
+      for (let i = 0; i < outcomes.length; i++) {
+        const o = outcomes[i]!
+        if (o._tag === "Failed") return Effect.fail(o.error)
+        ids[i] = o.entryId
+      }
+      return Effect.succeed(ids as ReadonlyArray<string>)
+    })
+
+  return { publish, publishEach }
 }

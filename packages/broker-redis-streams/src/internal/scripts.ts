@@ -100,21 +100,37 @@ return 1`
 ).withReturnType<number>()
 
 /**
- * Append a batch to one stream in one round trip (atomic: all or none).
- * ARGV: for each entry, its field count followed by its fields.
+ * Appends a batch to one stream in one round trip, reporting each entry (ARGV: for each entry, its field
+ * count, then its fields). Per entry: its new id; `{ "refused", why }` when this entry cannot be stored (too
+ * many fields for one `XADD` from a script); `{ "failed", error }` when the server refused the `XADD` (out of
+ * memory, a key of another type), after which the rest of the batch is `{ "skipped", error }`: not attempted,
+ * so the entries of one partition are stored in order or not at all from the first failure on.
  */
 export const addBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
   numberOfKeys: 1,
   lua: `
-local ids = {}
+local out = {}
 local i = 1
+local stopped = nil
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+  if stopped ~= nil then
+    out[#out + 1] = { 'skipped', stopped }
+  elseif n > 7000 then
+    out[#out + 1] = { 'refused', 'the entry has ' .. (n / 2) .. ' fields; one XADD from a script takes at most 3500' }
+  else
+    local r = redis.pcall('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
+    if type(r) == 'table' and r.err then
+      stopped = r.err
+      out[#out + 1] = { 'failed', r.err }
+    else
+      out[#out + 1] = r
+    end
+  end
   i = i + n + 1
 end
-return ids`
-}).withReturnType<ReadonlyArray<string>>()
+return out`
+}).withReturnType<ReadonlyArray<unknown>>()
 
 /**
  * Trims a stream to about `maxLen` entries, never removing an entry that is pending in a group or not yet

@@ -344,7 +344,9 @@ export const subscribe = (
             yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
             continue
           }
-          if (!error.isRetryable) return yield* Effect.fail(error)
+          // a refused command (CommandFailed, not retryable) is still retried here, with backoff and a warning
+          // each time: a consumer that stops for good is worse than one that heals once the cause is fixed
+          if (!error.isRetryable && error.reason._tag !== "CommandFailed") return yield* Effect.fail(error)
           // the connection dropped: a fresh reserved connection, with backoff
           yield* Effect.logWarning(`redis-streams: ${error.message}; reconnecting`)
           yield* dropConnection

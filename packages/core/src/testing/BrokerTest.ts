@@ -913,5 +913,26 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         assert.throws(() => Topic.make("bad topic", Payload), /Invalid topic name/)
       })
     )
+
+    run(
+      "C26",
+      "publishEach reports every message: one refused fails alone (not retryable), the others are stored and delivered",
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        const topic = uniqueTopic("c26")
+        const [a, b, c] = messages(topic, 3, { keyOf: () => "k" })
+        const outcomes = yield* broker.publishEach([a!, { ...b!, topic: "bad{topic}" }, c!])
+        assert.deepStrictEqual(
+          outcomes.map((o) => o._tag),
+          ["Stored", "Failed", "Stored"]
+        )
+        const refused = outcomes[1]!
+        assert.isTrue(refused._tag === "Failed" && !refused.error.isRetryable, "a refusal is not retryable")
+        const r = yield* consume({ topic, group: "g", consumer: "c" })
+        yield* eventually(countOf(r), (n) => n >= 2, "the two stored messages")
+        const stored = [a!, c!].map((m) => (JSON.parse(m.data) as Payload).n)
+        assert.deepStrictEqual(sorted((yield* payloadsOf(r)).map((p) => p.n)), stored)
+      })
+    )
   })
 }

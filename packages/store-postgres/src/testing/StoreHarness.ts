@@ -73,26 +73,28 @@ export const recordingBroker = (): {
 } => {
   const recorder: RecordingBroker = { published: [], failNext: 0, refuse: new Set() }
   const unsupported = Effect.die(new Error("the store suites' broker only publishes"))
+  const publish: Broker.Broker["Service"]["publish"] = (messages) =>
+    Effect.suspend(() => {
+      if (recorder.failNext > 0) {
+        recorder.failNext--
+        return Effect.fail(BrokerError.make(new BrokerError.ConnectionLost({ message: "simulated outage" })))
+      }
+      const refused = messages.find((m) => recorder.refuse.has(m.id))
+      if (refused !== undefined) {
+        return Effect.fail(
+          BrokerError.make(
+            new BrokerError.InvalidArgument({ message: `simulated refusal of ${refused.id}`, argument: "message" })
+          )
+        )
+      }
+      for (const m of messages) recorder.published.push(m)
+      return Effect.succeed(messages.map((_, i) => `${recorder.published.length - messages.length + i}`))
+    })
   const layer = Layer.succeed(
     Broker.Broker,
     Broker.Broker.of({
-      publish: (messages) =>
-        Effect.suspend(() => {
-          if (recorder.failNext > 0) {
-            recorder.failNext--
-            return Effect.fail(BrokerError.make(new BrokerError.ConnectionLost({ message: "simulated outage" })))
-          }
-          const refused = messages.find((m) => recorder.refuse.has(m.id))
-          if (refused !== undefined) {
-            return Effect.fail(
-              BrokerError.make(
-                new BrokerError.InvalidArgument({ message: `simulated refusal of ${refused.id}`, argument: "message" })
-              )
-            )
-          }
-          for (const m of messages) recorder.published.push(m)
-          return Effect.succeed(messages.map((_, i) => `${recorder.published.length - messages.length + i}`))
-        }),
+      publish,
+      publishEach: Broker.publishEachBySplitting(publish),
       subscribe: () => Stream.fromEffect(unsupported),
       ackAll: () => unsupported,
       deadLetters: () => unsupported,

@@ -240,7 +240,18 @@ export const make = (
           }
           if (core.closed)
             return yield* Effect.fail(BrokerError.make(new BrokerError.BrokerClosed({ message: "broker closed" })))
-          const max = Math.max(1, Math.floor(options.batchSize ?? 100))
+          const batchSize = options.batchSize
+          if (batchSize !== undefined && !(Number.isInteger(batchSize) && batchSize >= 1 && batchSize <= 100_000)) {
+            return yield* Effect.fail(
+              BrokerError.make(
+                new BrokerError.InvalidArgument({
+                  argument: "batchSize",
+                  message: `batchSize must be an integer from 1 to 100000, got ${batchSize}`
+                })
+              )
+            )
+          }
+          const max = batchSize ?? 100
           const claimIdle = Duration.toMillis(options.claimIdle ?? "30 seconds")
           const onEvent = options.onEvent ?? Broker.logEvent
           const sub: Sub = {

@@ -86,6 +86,7 @@ import {
   Option,
   Result,
   type Schedule,
+  Schema,
   type Scope,
   Stream
 } from "effect"
@@ -274,11 +275,52 @@ const truncate = (text: string): string =>
 /** Backoff between subscription attempts after a retryable failure: 100 ms doubling, at most 5 s. */
 const resubscribeBackoff = Retry.exponential("100 millis", "5 seconds")
 
-const defaultConsumerName = (): string =>
-  `${(globalThis.process?.env?.HOSTNAME ?? "host").replace(/[^A-Za-z0-9._-]/g, "-")}-${globalThis.process?.pid ?? 0}`.replace(
-    /^[^A-Za-z0-9]+/,
-    ""
-  )
+let consumersMade = 0
+
+/**
+ * `<host>-<pid>-<n>`: unique per consumer of a process (two consumers of one group in one process must not
+ * share a name: they would read each other's pending entries as their own), and per process on a host.
+ */
+const defaultConsumerName = (): string => {
+  const host = (globalThis.process?.env?.HOSTNAME ?? "host").replace(/[^A-Za-z0-9._-]/g, "-").slice(0, 120)
+  return `${host}-${globalThis.process?.pid ?? 0}-${++consumersMade}`.replace(/^[^A-Za-z0-9]+/, "")
+}
+
+/**
+ * An option of `Consumer.make` that cannot work (`concurrency: NaN`, a negative duration, ...), refused when
+ * the consumer is made instead of handling nothing and saying nothing.
+ *
+ * @since 0.1.0
+ */
+export class InvalidOption extends Schema.TaggedError<InvalidOption>("@converge/core/Consumer/InvalidOption")(
+  "InvalidOption",
+  { option: Schema.String, message: Schema.String }
+) {}
+
+/** An integer option in `[min, max]` (its default when absent), or `InvalidOption`. */
+const integerOption = (option: string, value: number | undefined, fallback: number, min: number, max: number) =>
+  value === undefined
+    ? Effect.succeed(fallback)
+    : Number.isInteger(value) && value >= min && value <= max
+      ? Effect.succeed(value)
+      : Effect.fail(
+          new InvalidOption({ option, message: `${option} must be an integer from ${min} to ${max}, got ${value}` })
+        )
+
+/** A duration option, finite and not negative (its default when absent), in milliseconds, or `InvalidOption`. */
+const durationOption = (option: string, value: Duration.Input | undefined, fallback: Duration.Input) => {
+  // Duration reads a NaN number as zero: refuse it here
+  const d = typeof value === "number" && Number.isNaN(value) ? Option.none() : Duration.fromInput(value ?? fallback)
+  const ms = Option.isSome(d) ? Duration.toMillis(d.value) : Number.NaN
+  return Number.isFinite(ms) && ms >= 0
+    ? Effect.succeed(ms)
+    : Effect.fail(
+        new InvalidOption({
+          option,
+          message: `${option} must be a finite duration of 0 or more, got ${JSON.stringify(String(value))}`
+        })
+      )
+}
 
 /** Per-key FIFO locks: one holder per key, waiters served in arrival order. */
 class KeyLocks {
@@ -326,7 +368,7 @@ class KeyLocks {
 export const make = <A, I, E extends Retry.Tagged = never, R = never>(
   topic: Topic.Topic<A, I>,
   options: Options<A, E, R>
-): Effect.Effect<void, Name.InvalidName, Broker.Broker | R | Scope.Scope> =>
+): Effect.Effect<void, Name.InvalidName | InvalidOption, Broker.Broker | R | Scope.Scope> =>
   Effect.gen(function* () {
     const group = yield* Name.validate("group", options.group)
     const consumer = yield* Name.validate("consumer", options.consumer ?? defaultConsumerName())
@@ -335,12 +377,16 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       errors: (options.errors ?? {}) as Retry.Classification<E>,
       retry: options.retry ?? Retry.defaultSchedule
     }
-    const concurrency = Math.max(1, Math.floor(options.concurrency ?? 1))
+    const concurrency = yield* integerOption("concurrency", options.concurrency, 1, 1, 10_000)
+    yield* integerOption("batchSize", options.batchSize, 100, 1, 100_000)
+    yield* durationOption("claimIdle", options.claimIdle, "30 seconds")
     const perKey = options.ordering === "per-key"
-    const inProcessLimit = Duration.toMillis(options.inProcessDelayLimit ?? "1 second")
-    const maxInProcess = Math.max(1, Math.floor(options.maxInProcessAttempts ?? 3))
-    const maxDeliveries = Math.max(1, Math.floor(options.maxDeliveries ?? 25))
-    const shutdownTimeout = options.shutdownTimeout ?? "30 seconds"
+    const inProcessLimit = yield* durationOption("inProcessDelayLimit", options.inProcessDelayLimit, "1 second")
+    const maxInProcess = yield* integerOption("maxInProcessAttempts", options.maxInProcessAttempts, 3, 1, 1000)
+    const maxDeliveries = yield* integerOption("maxDeliveries", options.maxDeliveries, 25, 1, 1_000_000)
+    const shutdownTimeout = Duration.millis(
+      yield* durationOption("shutdownTimeout", options.shutdownTimeout, "30 seconds")
+    )
     const locks = new KeyLocks()
     const names = { group, consumer }
     const types = new Set([topic.type, ...(options.types ?? [])])
@@ -634,4 +680,4 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
 export const layer = <A, I, E extends Retry.Tagged = never, R = never>(
   topic: Topic.Topic<A, I>,
   options: Options<A, E, R>
-): Layer.Layer<never, Name.InvalidName, Broker.Broker | R> => Layer.effectDiscard(make(topic, options))
+): Layer.Layer<never, Name.InvalidName | InvalidOption, Broker.Broker | R> => Layer.effectDiscard(make(topic, options))

@@ -63,6 +63,25 @@ const headerPattern = /^[a-z0-9]+$/
 const schemaPattern = /^[a-z_][a-z0-9_]*$/
 
 /**
+ * PostgreSQL's reserved key words (reserved, and reserved that can be a function or type name): none of them
+ * can name a schema without quoting, so a schema name that is one fails as a raw SQL syntax error later.
+ *
+ * @since 0.1.0
+ */
+export const reservedSqlWords: ReadonlySet<string> = new Set(
+  (
+    "all analyse analyze and any array as asc asymmetric authorization binary both case cast check collate " +
+    "collation column concurrently constraint create cross current_catalog current_date current_role " +
+    "current_schema current_time current_timestamp current_user default deferrable desc distinct do else end " +
+    "except false fetch for foreign freeze from full grant group having ilike in initially inner intersect into " +
+    "is isnull join lateral leading left like limit localtime localtimestamp natural not notnull null offset on " +
+    "only or order outer overlaps placing primary references returning right select session_user similar some " +
+    "symmetric system_user table tablesample then to trailing true union unique user using variadic verbose " +
+    "when where window with"
+  ).split(" ")
+)
+
+/**
  * The longest SQL schema name accepted (it also names the relay's
  * `LISTEN` channel, which Postgres limits to 63 bytes).
  *
@@ -111,6 +130,8 @@ export const check = (kind: NameKind, name: string): Result.Result<string, Inval
     if (!schemaPattern.test(name)) {
       return fail("must start with a lowercase letter or '_' and contain only lowercase ASCII letters, digits and '_'")
     }
+    if (reservedSqlWords.has(name)) return fail("is a reserved word of SQL (PostgreSQL); pick another name")
+    if (name.startsWith("pg_")) return fail("must not start with pg_ (reserved for PostgreSQL's system schemas)")
     return Result.succeed(name)
   }
   if (name.length > maxLength) return fail(`must be at most ${maxLength} characters`)

@@ -767,6 +767,49 @@ describe("Consumer", () => {
     }).pipe(Effect.provide(Live()))
   )
 
+  it.effect("options that cannot work are refused at construction, naming the option", () =>
+    Effect.gen(function* () {
+      const bad: ReadonlyArray<readonly [string, Partial<Consumer.BaseOptions<Payment, never, never>>]> = [
+        ["concurrency", { concurrency: Number.NaN }],
+        ["concurrency", { concurrency: 0 }],
+        ["concurrency", { concurrency: 2.5 }],
+        ["batchSize", { batchSize: Number.NaN }],
+        ["maxDeliveries", { maxDeliveries: -1 }],
+        ["maxInProcessAttempts", { maxInProcessAttempts: Number.POSITIVE_INFINITY }],
+        ["shutdownTimeout", { shutdownTimeout: -5 }],
+        ["inProcessDelayLimit", { inProcessDelayLimit: Number.NaN }]
+      ]
+      for (const [option, options] of bad) {
+        const error = yield* Effect.flip(
+          Effect.scoped(Consumer.make(payments, { group: "g", handle: () => Effect.void, ...options }))
+        )
+        assert.strictEqual(error._tag, "InvalidOption", option)
+        assert.strictEqual(error._tag === "InvalidOption" ? error.option : "", option)
+      }
+    }).pipe(Effect.provide(Live()))
+  )
+
+  it.effect("two consumers of one group in one process get names of their own by default", () =>
+    Effect.gen(function* () {
+      const seen = yield* Ref.make<Array<string>>([])
+      for (let i = 0; i < 2; i++) {
+        yield* Consumer.make(payments, {
+          group: "g",
+          batchSize: 1,
+          shutdownTimeout: 0, // the held handlers are interrupted when the test ends
+          handle: (_, ctx) => Ref.update(seen, (xs) => [...xs, ctx.consumer]).pipe(Effect.andThen(Effect.never))
+        })
+      }
+      yield* Publisher.publishAll(payments, [pay(1, "a"), pay(2, "b")])
+      yield* until(
+        Effect.map(Ref.get(seen), (xs) => xs.length >= 2),
+        50
+      )
+      const names = yield* Ref.get(seen)
+      assert.strictEqual(new Set(names).size, 2, `distinct names: ${names.join(", ")}`)
+    }).pipe(Effect.provide(Live()))
+  )
+
   it("type level: a mapping that misses a tag of the handler's errors does not compile", () => {
     const handle = (_: Payment): Effect.Effect<void, Transient | Declined | BrokerError.BrokerError> => Effect.void
     // complete (BrokerError classifies itself with isRetryable, so it may be left out)

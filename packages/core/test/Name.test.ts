@@ -41,6 +41,17 @@ describe("Name", () => {
     }
   })
 
+  it("schema names that SQL reserves are refused at validation, not later as a syntax error", () => {
+    for (const ok of ["converge", "shop_orders", "users", "orders"]) {
+      assert.isTrue(Result.isSuccess(Name.check("schema", ok)), ok)
+    }
+    for (const bad of ["user", "order", "select", "table", "group", "pg_catalog"]) {
+      const result = Name.check("schema", bad)
+      assert.isTrue(Result.isFailure(result), bad)
+      if (Result.isFailure(result)) assert.match(result.failure.message, /reserved/)
+    }
+  })
+
   it.effect("validate fails in the error channel; validateSync throws the same error", () =>
     Effect.gen(function* () {
       const exit = yield* Effect.exit(Name.validate("consumer", "c{1}"))

@@ -275,12 +275,59 @@ const safeParse = (text: string): unknown => {
 }
 
 /**
+ * A relay option that cannot work (`batchSize: 0` spun on an empty outbox, `NaN` reached the broker),
+ * refused when the relay is built.
+ *
+ * @since 0.1.0
+ */
+export class InvalidOption extends Schema.TaggedError<InvalidOption>(
+  "@converge/store-postgres/OutboxRelay/InvalidOption"
+)("InvalidOption", { option: Schema.String, message: Schema.String }) {}
+
+/** Checks the options: integers in range, durations finite and not negative. */
+const validate = (options: Options | undefined): Effect.Effect<void, InvalidOption> =>
+  Effect.gen(function* () {
+    const integers: ReadonlyArray<readonly [string, number | undefined, number, number]> = [
+      ["batchSize", options?.batchSize, 1, 100_000],
+      ["concurrency", options?.concurrency, 1, 4096]
+    ]
+    for (const [option, value, min, max] of integers) {
+      if (value !== undefined && !(Number.isInteger(value) && value >= min && value <= max)) {
+        return yield* new InvalidOption({
+          option,
+          message: `${option} must be an integer from ${min} to ${max}, got ${value}`
+        })
+      }
+    }
+    const durations: ReadonlyArray<readonly [string, Duration.Input | undefined]> = [
+      ["pollInterval", options?.pollInterval],
+      ["publishTimeout", options?.publishTimeout],
+      ["retention", options?.retention],
+      ["cleanupInterval", options?.cleanupInterval]
+    ]
+    for (const [option, value] of durations) {
+      if (value === undefined) continue
+      const d = typeof value === "number" && Number.isNaN(value) ? Option.none() : Duration.fromInput(value)
+      const ms = Option.isSome(d) ? Duration.toMillis(d.value) : Number.NaN
+      const positive = option === "pollInterval" || option === "publishTimeout"
+      if (!(ms >= (positive ? 1 : 0)) || (ms === Number.POSITIVE_INFINITY && option !== "retention")) {
+        return yield* new InvalidOption({
+          option,
+          message: `${option} must be a finite duration${positive ? " above 0" : " of 0 or more"}, got ${JSON.stringify(String(value))}`
+        })
+      }
+    }
+  })
+
+/**
  * Builds the relay over the `SqlStore` and `Broker` in context, without
  * starting it (see {@link run} and {@link layer}).
  *
  * @since 0.1.0
  */
-export const make = (options?: Options): Effect.Effect<OutboxRelay["Service"], never, SqlStore | Broker.Broker> =>
+export const make = (
+  options?: Options
+): Effect.Effect<OutboxRelay["Service"], InvalidOption, SqlStore | Broker.Broker> =>
   Effect.map(makeRelay(options), (relay) => relay.service)
 
 /** A relay: its service, and what its background loops need besides. */
@@ -293,8 +340,9 @@ interface Relay {
 
 type Counters = { -readonly [K in keyof Stats]: Stats[K] }
 
-const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Broker.Broker> =>
+const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlStore | Broker.Broker> =>
   Effect.gen(function* () {
+    yield* validate(options)
     const store = yield* SqlStore
     const broker = yield* Broker.Broker
     const { sql, partitions, lockSpace } = store
@@ -512,11 +560,11 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, never, SqlStore | Br
 /**
  * Runs a relay until interrupted: drains on every wake-up (nudge, `NOTIFY`,
  * poll), retries failed cycles on the `retry` schedule, cleans up by
- * retention. Never fails: errors are logged and retried.
+ * retention. Fails only on invalid options (at once); every other error is logged and retried.
  *
  * @since 0.1.0
  */
-export const run = (options?: Options): Effect.Effect<never, never, SqlStore | Broker.Broker> =>
+export const run = (options?: Options): Effect.Effect<never, InvalidOption, SqlStore | Broker.Broker> =>
   Effect.flatMap(makeRelay(options), (relay) => runWith(relay, options))
 
 /** The background loops of {@link run} over a relay already built (the layer's own). */
@@ -625,7 +673,7 @@ const listen = (
  *
  * @since 0.1.0
  */
-export const layer = (options?: Options): Layer.Layer<OutboxRelay, never, SqlStore | Broker.Broker> =>
+export const layer = (options?: Options): Layer.Layer<OutboxRelay, InvalidOption, SqlStore | Broker.Broker> =>
   Layer.effect(
     OutboxRelay,
     Effect.gen(function* () {

@@ -59,6 +59,23 @@ layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
   "Outbox → broker → Consumer with Inbox (Postgres)",
   (it) => {
     describe("end to end", () => {
+      it.effect("relay options that cannot work are refused when the relay is built, naming the option", () =>
+        Effect.gen(function* () {
+          const bad: ReadonlyArray<readonly [string, OutboxRelay.Options]> = [
+            ["batchSize", { batchSize: 0 }],
+            ["batchSize", { batchSize: Number.NaN }],
+            ["concurrency", { concurrency: -1 }],
+            ["pollInterval", { pollInterval: 0 }],
+            ["publishTimeout", { publishTimeout: Number.NaN }]
+          ]
+          for (const [option, options] of bad) {
+            const error = yield* Effect.flip(OutboxRelay.make(options))
+            assert.strictEqual(error._tag, "InvalidOption")
+            assert.strictEqual(error.option, option)
+          }
+        })
+      )
+
       it.effect("business rows and messages commit together; the consumer's effect is single under redelivery", () =>
         Effect.gen(function* () {
           const sql = yield* SqlClient.SqlClient

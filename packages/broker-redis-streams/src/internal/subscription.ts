@@ -47,7 +47,18 @@ export const subscribe = (
       const { redis, impl, keys, partitions, ordered, leaseMs, blockMs, moveEvery, sessions } = ctx
       const k = keys(sub.topic)
       const all = Array.from({ length: partitions }, (_, i) => k.partition(sub.group, i))
-      const count = String(Math.max(1, Math.floor(sub.batchSize ?? 100)))
+      if (
+        sub.batchSize !== undefined &&
+        !(Number.isInteger(sub.batchSize) && sub.batchSize >= 1 && sub.batchSize <= 100_000)
+      ) {
+        return yield* fail(
+          new BrokerError.InvalidArgument({
+            argument: "batchSize",
+            message: `batchSize must be an integer from 1 to 100000, got ${sub.batchSize}`
+          })
+        )
+      }
+      const count = String(sub.batchSize ?? 100)
       const claimIdle = Math.max(1, Duration.toMillis(sub.claimIdle ?? "30 seconds"))
       const onEvent = sub.onEvent ?? Broker.logEvent
       const ensureGroups = (parts: ReadonlyArray<Part>) =>

@@ -907,6 +907,18 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
             `${kind} ${JSON.stringify(value)}: typed InvalidArgument naming the ${kind}`
           )
         }
+        for (const batchSize of [Number.NaN, 0, 1.5]) {
+          const options = { topic: "ok-topic", group: "ok-group", consumer: "ok-consumer", batchSize }
+          const exit = yield* Effect.exit(Stream.runDrain(Stream.take(broker.subscribe(options), 1)))
+          const error = Exit.isFailure(exit) ? Cause.findErrorOption(exit.cause) : undefined
+          assert.isTrue(
+            error?._tag === "Some" &&
+              BrokerError.isBrokerError(error.value) &&
+              error.value.reason._tag === "InvalidArgument" &&
+              error.value.message.includes("batchSize"),
+            `batchSize ${batchSize}: typed InvalidArgument naming batchSize`
+          )
+        }
         const [valid] = messages("ok-topic", 1)
         const exit = yield* Effect.exit(broker.publish([{ ...valid!, topic: "bad{topic}" }]))
         assert.isTrue(Exit.isFailure(exit), "publishing to an invalid topic name is rejected")

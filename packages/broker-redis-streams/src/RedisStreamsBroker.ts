@@ -204,7 +204,8 @@ export const make = (
       maxLen,
       trimEvery: Duration.toMillis(options?.trimInterval ?? "1 second"),
       sessions,
-      isClosed: () => closed
+      isClosed: () => closed,
+      partitionsChecked: new Set()
     }
 
     if (ctx.durability !== "reply") yield* checkDurability(redis, ctx.durability, replicas)

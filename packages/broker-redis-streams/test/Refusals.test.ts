@@ -7,10 +7,10 @@ import { BrokerTest } from "@converge/core/testing"
 import { Outbox, OutboxRelay, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
-import { Cause, Effect, Exit, Layer, Redacted, Schema } from "effect"
+import { Cause, Context, Effect, Exit, Layer, Redacted, Schema, Stream } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { RedisStreamsBroker } from "../src/index.ts"
-import { brokerLayer, freshStore, Prefix, pgUrl, streamKey } from "./helpers.ts"
+import { brokerLayer, freshStore, mainUrl, Prefix, pgUrl, streamKey } from "./helpers.ts"
 
 const Order = Schema.Struct({ id: Schema.String })
 const good = Topic.make("good", Order, { key: (o) => o.id })
@@ -96,5 +96,24 @@ describe("refusals", () => {
       assert.include(String(reason?.message), "durability waitaof-local")
       assert.include(String(reason?.message), hasWaitaof ? "appendonly" : "7.2")
     }).pipe(Effect.provide(brokerLayer()))
+  )
+
+  it.live("publishers and consumers configured with different partition counts are told at once", () =>
+    Effect.gen(function* () {
+      const prefix = yield* Prefix
+      const four = yield* Broker.Broker
+      yield* four.publish(BrokerTest.messages("split", 4))
+      // the same topic through a broker configured with 1 partition
+      const context = yield* Layer.build(RedisStreamsBroker.layer({ prefix, partitions: 1 }))
+      const one = Context.get(context, Broker.Broker)
+      const subscribed = yield* Effect.flip(
+        Stream.runDrain(Stream.take(one.subscribe({ topic: "split", group: "g", consumer: "c" }), 1))
+      )
+      assert.strictEqual(subscribed.reason._tag, "InvalidArgument")
+      assert.include(subscribed.message, "4 partition(s)")
+      const published = yield* Effect.flip(one.publish(BrokerTest.messages("split", 1)))
+      assert.strictEqual(published.reason._tag, "InvalidArgument")
+      assert.isFalse(published.isRetryable)
+    }).pipe(Effect.scoped, Effect.provide(brokerLayer(mainUrl, { partitions: 4 })))
   )
 })

@@ -13,6 +13,7 @@
  * | `<prefix>:{<topic>}:lease:<group>:p<n>` | string | the owner of a partition (ordered mode) |
  * | `<prefix>:{<topic>}:members:<group>` | sorted set | live consumers of a group (ordered mode) |
  * | `<prefix>:{<topic>}:dlq` | stream | the dead-letter queue |
+ * | `<prefix>:{<topic>}:meta` | hash | the topic's partition count, fixed by its first publisher or consumer |
  *
  * @internal
  */
@@ -29,6 +30,8 @@ export interface Part {
 /** The keys of one topic. */
 export interface Keys {
   readonly dlq: string
+  /** The topic's settings (its partition count). */
+  readonly meta: string
   readonly partition: (group: string, index: number) => Part
   readonly members: (group: string) => string
 }
@@ -44,6 +47,7 @@ export const make =
     const one = partitions === 1
     return {
       dlq: `${base}:dlq`,
+      meta: `${base}:meta`,
       members: (group) => `${base}:members:${group}`,
       // one partition keeps the plain key names (compatible with a single-stream layout)
       partition: (group, index) => ({

@@ -8,7 +8,7 @@
  */
 import { type Broker, BrokerError, Envelope, Partition } from "@converge/core"
 import { Clock, Effect } from "effect"
-import { type BrokerContext, checkName } from "./context.ts"
+import { type BrokerContext, checkName, checkPartitions } from "./context.ts"
 import { commandFailed, fail, fromRedis } from "./errors.ts"
 import { addBatchScript, trimScript } from "./scripts.ts"
 
@@ -99,6 +99,11 @@ export const make = (ctx: BrokerContext) => {
           const invalid = yield* Effect.flip(checkName("topic", m.topic)).pipe(Effect.option)
           if (invalid._tag === "Some") {
             outcomes[i] = { _tag: "Failed", error: invalid.value }
+            continue
+          }
+          const mismatch = yield* Effect.flip(checkPartitions(ctx, ctx.partitionsChecked, m.topic)).pipe(Effect.option)
+          if (mismatch._tag === "Some") {
+            outcomes[i] = { _tag: "Failed", error: mismatch.value }
             continue
           }
           validTopics.add(m.topic)

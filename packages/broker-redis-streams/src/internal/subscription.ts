@@ -12,7 +12,7 @@
 import { Broker, BrokerError, Envelope } from "@converge/core"
 import { Clock, Duration, Effect, Exit, Fiber, Result, Scope, Stream } from "effect"
 import type * as Redis from "effect/persistence/Redis"
-import { type BrokerContext, checkName } from "./context.ts"
+import { type BrokerContext, checkName, checkPartitions } from "./context.ts"
 import { placeholder, RedisDelivery } from "./delivery.ts"
 import { fail, fromRedis, isNoGroup } from "./errors.ts"
 import { internalFields, type Part } from "./keys.ts"
@@ -44,6 +44,7 @@ export const subscribe = (
       yield* checkName("topic", sub.topic)
       yield* checkName("group", sub.group)
       yield* checkName("consumer", sub.consumer)
+      yield* checkPartitions(ctx, ctx.partitionsChecked, sub.topic)
       const { redis, impl, keys, partitions, ordered, leaseMs, blockMs, moveEvery, sessions } = ctx
       const k = keys(sub.topic)
       const all = Array.from({ length: partitions }, (_, i) => k.partition(sub.group, i))

@@ -327,10 +327,19 @@ export const make = (
 
     const ackAll = Delivery.ackAll(core)
 
-    const deadLetters = (topic: string, opts?: { readonly limit?: number | undefined }) =>
+    const deadLetters = (topic: string, opts?: Broker.DeadLettersOptions) =>
       Effect.sync(() => {
         const dlq = core.topics.get(topic)?.dlq ?? []
-        return opts?.limit === undefined ? dlq.slice() : dlq.slice(0, opts.limit)
+        // ids are `<n>-0`, in order: a cursor compares by n
+        const seqOf = (id: string) => Number.parseInt(id, 10)
+        const start =
+          opts?.after !== undefined
+            ? dlq.findIndex((d) => seqOf(d.id) > seqOf(opts.after!))
+            : opts?.from !== undefined
+              ? dlq.findIndex((d) => seqOf(d.id) >= seqOf(opts.from!))
+              : 0
+        if (start < 0) return []
+        return dlq.slice(start, opts?.limit === undefined ? undefined : start + opts.limit)
       })
 
     const purgeDeadLetters = (topic: string, ids?: ReadonlyArray<string>) =>

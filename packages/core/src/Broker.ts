@@ -152,6 +152,20 @@ export interface DeadLetter {
 }
 
 /**
+ * Options of `Broker.deadLetters`: a page of a topic's dead-letter queue.
+ *
+ * @since 0.1.0
+ */
+export interface DeadLettersOptions {
+  /** At most this many entries. */
+  readonly limit?: number | undefined
+  /** Start at this entry id (inclusive). */
+  readonly from?: string | undefined
+  /** Start after this entry id (exclusive): the last id of the previous page. */
+  readonly after?: string | undefined
+}
+
+/**
  * Something a subscription noticed that is not a delivery.
  *
  * @since 0.1.0
@@ -218,10 +232,14 @@ export class Broker extends Context.Service<
      * confused with another entry; returns how many were acknowledged.
      */
     readonly ackAll: (deliveries: ReadonlyArray<Delivery>) => Effect.Effect<number, BrokerError>
-    /** Reads a topic's dead-letter queue, oldest first. */
+    /**
+     * Reads a topic's dead-letter queue, oldest first: at most `limit` entries (all when omitted), starting
+     * at the entry `from` (inclusive) or after the entry `after` (exclusive), so a large queue is read page
+     * by page and one entry is found without reading the others.
+     */
     readonly deadLetters: (
       topic: string,
-      options?: { readonly limit?: number | undefined }
+      options?: DeadLettersOptions
     ) => Effect.Effect<ReadonlyArray<DeadLetter>, BrokerError>
     /** Deletes dead-letter entries by id (all of the topic's when `ids` is omitted); returns how many. */
     readonly purgeDeadLetters: (

@@ -71,6 +71,9 @@ export class NotReplayable extends Schema.TaggedError<NotReplayable>("@converge/
 
 const millis = (t: string | number): number => (typeof t === "number" ? t : Date.parse(t))
 
+/** Dead letters read per broker call by {@link list}. */
+const pageSize = 500
+
 /**
  * Lists a topic's dead letters, oldest first, filtered.
  *
@@ -82,18 +85,27 @@ export const list = (
 ): Effect.Effect<ReadonlyArray<Broker.DeadLetter>, BrokerError, Broker.Broker> =>
   Effect.gen(function* () {
     const broker = yield* Broker.Broker
-    const all = yield* broker.deadLetters(topic)
     const since = filter?.since === undefined ? undefined : millis(filter.since)
     const until = filter?.until === undefined ? undefined : millis(filter.until)
-    const out = all.filter((d) => {
-      if (filter?.group !== undefined && d.group !== filter.group) return false
-      if (filter?.reason !== undefined && d.reason !== filter.reason) return false
-      const at = Date.parse(d.time)
-      if (since !== undefined && at < since) return false
-      if (until !== undefined && at >= until) return false
-      return true
-    })
-    return filter?.limit === undefined ? out : out.slice(0, filter.limit)
+    const limit = filter?.limit ?? Number.POSITIVE_INFINITY
+    const out: Array<Broker.DeadLetter> = []
+    // page through the queue: never more than a page in memory besides what matched
+    let after: string | undefined
+    while (out.length < limit) {
+      const page = yield* broker.deadLetters(topic, { limit: pageSize, after })
+      for (const d of page) {
+        if (filter?.group !== undefined && d.group !== filter.group) continue
+        if (filter?.reason !== undefined && d.reason !== filter.reason) continue
+        const at = Date.parse(d.time)
+        if (since !== undefined && at < since) continue
+        if (until !== undefined && at >= until) continue
+        out.push(d)
+        if (out.length >= limit) break
+      }
+      if (page.length < pageSize) break
+      after = page[page.length - 1]!.id
+    }
+    return out
   })
 
 /**
@@ -107,8 +119,8 @@ export const show = (
 ): Effect.Effect<Broker.DeadLetter, BrokerError | DeadLetterNotFound, Broker.Broker> =>
   Effect.gen(function* () {
     const broker = yield* Broker.Broker
-    const found = (yield* broker.deadLetters(topic)).find((d) => d.id === id)
-    if (found === undefined) return yield* new DeadLetterNotFound({ topic, id })
+    const [found] = yield* broker.deadLetters(topic, { from: id, limit: 1 })
+    if (found === undefined || found.id !== id) return yield* new DeadLetterNotFound({ topic, id })
     return found
   })
 
@@ -128,8 +140,11 @@ export const replay = (
     if (letter.envelope === undefined) {
       return yield* new NotReplayable({ topic, id, reason: `the entry is ${letter.reason}, not an envelope` })
     }
+    // to the topic whose queue it came from (the envelope's own topic attribute may name another, from a
+    // foreign producer)
     const replayed: Envelope.Encoded = {
       ...letter.envelope,
+      topic,
       attempt: 1,
       headers: { ...letter.envelope.headers, [Envelope.Headers.replay]: letter.id }
     }

@@ -533,6 +533,12 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
   if (!type) return missing(FieldNames.type)
   if (!source) return missing(FieldNames.source)
   if (!time) return missing(FieldNames.time)
+  // refused here, on receipt, rather than when a handler reads `ctx.time` (it threw there)
+  if (Number.isNaN(Date.parse(time))) {
+    return Result.fail(
+      new MalformedEnvelope({ message: `field ce_time ${JSON.stringify(time)} is not an RFC 3339 time` })
+    )
+  }
   if (!topic) return missing(FieldNames.topic)
   if (data === undefined) return missing(FieldNames.data)
   const specversion = fields.ce_specversion

@@ -179,6 +179,8 @@ describe("Envelope", () => {
       ["ce_attempt", "0", "ce_attempt"],
       ["ce_attempt", "two", "ce_attempt"],
       ["ce_specversion", "0.3", "specversion"],
+      ["ce_time", "yesterday", "ce_time"],
+      ["ce_time", "2026-13-45T99:00:00Z", "ce_time"],
       ["ce_Bad-Header", "x", "ce_Bad-Header"]
     ] as const) {
       const r = Envelope.fromFields({ ...fields, [field]: value })

@@ -11,16 +11,17 @@ import { fromRedis } from "./errors.ts"
 import { internalFields, isInternal } from "./keys.ts"
 import * as Replies from "./replies.ts"
 
-/** Reads a topic's dead-letter queue, oldest first. */
+/** Reads a page of a topic's dead-letter queue, oldest first (XRANGE from a cursor, COUNT limit). */
 export const list =
   (ctx: BrokerContext): Broker.Broker["Service"]["deadLetters"] =>
   (topic, opts) =>
     Effect.gen(function* () {
       yield* checkName("topic", topic)
       const args = opts?.limit === undefined ? [] : ["COUNT", String(opts.limit)]
+      const start = opts?.after !== undefined ? `(${opts.after}` : (opts?.from ?? "-")
       const entries = Replies.entriesOf(
         yield* ctx.redis
-          .send<unknown>("XRANGE", ctx.keys(topic).dlq, "-", "+", ...args)
+          .send<unknown>("XRANGE", ctx.keys(topic).dlq, start, "+", ...args)
           .pipe(Effect.mapError(fromRedis("XRANGE")))
       )
       return entries.map((entry): Broker.DeadLetter => {

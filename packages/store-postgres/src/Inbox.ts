@@ -69,6 +69,19 @@ export interface Options {
 }
 
 /**
+ * What identifies a processed message in the inbox: the consumer group, the topic and the message id
+ * (ids are unique per producer, not across the world: two topics may carry the same id). A handler's
+ * `Consumer.MessageContext` is one.
+ *
+ * @since 0.1.0
+ */
+export interface MessageKey {
+  readonly group: string
+  readonly topic: string
+  readonly id: string
+}
+
+/**
  * The inbox service.
  *
  * @since 0.1.0
@@ -77,35 +90,31 @@ export class Inbox extends Context.Service<
   Inbox,
   {
     /**
-     * Records `(consumer, messageId)` in the current transaction; fails with
+     * Records the message for its group in the current transaction; fails with
      * {@link AlreadyProcessed} when it is there (roll the transaction back).
      */
-    readonly claim: (
-      consumer: string,
-      messageId: string
-    ) => Effect.Effect<void, AlreadyProcessed | SqlError, Transaction>
+    readonly claim: (message: MessageKey) => Effect.Effect<void, AlreadyProcessed | SqlError, Transaction>
     /**
      * Runs `effect` in a transaction that first claims the message: returns
      * `Option.some(result)` after commit, or `Option.none()` without running
      * `effect` when the message was already processed.
      */
     readonly once: <A, E, R>(
-      consumer: string,
-      messageId: string,
+      message: MessageKey,
       effect: Effect.Effect<A, E, R>
     ) => Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>>
     /**
-     * The batch form of {@link once}: one transaction claims every message id
-     * of `items` (one statement) and runs `effect` with those that were not
-     * processed yet, in order (duplicates within `items` count once).
+     * The batch form of {@link once}: one transaction claims every message
+     * of `items` for `group` (one statement) and runs `effect` with those that
+     * were not processed yet, in order (duplicates within `items` count once).
      */
-    readonly onceAll: <T extends { readonly context: { readonly id: string } }, A, E, R>(
-      consumer: string,
+    readonly onceAll: <T extends { readonly context: { readonly id: string; readonly topic: string } }, A, E, R>(
+      group: string,
       items: ReadonlyArray<T>,
       effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
     ) => Effect.Effect<A, E | SqlError, Exclude<R, Transaction>>
-    /** Whether the consumer has processed the message (its row is there). */
-    readonly isProcessed: (consumer: string, messageId: string) => Effect.Effect<boolean, SqlError>
+    /** Whether the group has processed the message (its row is there). */
+    readonly isProcessed: (message: MessageKey) => Effect.Effect<boolean, SqlError>
     /** Deletes rows older than the retention; returns how many. */
     readonly cleanup: Effect.Effect<number, SqlError>
   }
@@ -129,8 +138,24 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
     const { sql } = store
     const table = store.table("inbox")
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? defaultRetention))
-    const insertSql = `INSERT INTO ${table} (consumer, message_id, processed_at)
-      SELECT $1, id, $3 FROM unnest($2::text[]) AS id ON CONFLICT DO NOTHING RETURNING message_id`
+    // rows written before the topic joined the key (migration 3) have topic '': while any may remain, a
+    // claim also finds those (an index probe on the same key), so an upgrade repeats no effect
+    const legacy = yield* sql
+      .unsafe<{ readonly value: string }>(
+        `SELECT value FROM ${store.table("settings")} WHERE name = 'inbox_legacy_rows'`
+      )
+      .pipe(
+        Effect.map((rows) => rows.length > 0),
+        Effect.orElseSucceed(() => false)
+      )
+    let legacyRows = legacy
+    const insertSql = (withLegacy: boolean) =>
+      `INSERT INTO ${table} (consumer, message_id, topic, processed_at)
+      SELECT $1, id, $4, $3 FROM unnest($2::text[]) AS id
+      ${withLegacy ? `WHERE NOT EXISTS (SELECT 1 FROM ${table} l WHERE l.message_id = id AND l.consumer = $1 AND l.topic = '')` : ""}
+      ON CONFLICT DO NOTHING RETURNING message_id`
+    const plainInsert = insertSql(false)
+    const legacyInsert = insertSql(true)
 
     /**
      * Inserts the rows in the current transaction (one statement); returns the ids that were new. The ids
@@ -138,25 +163,29 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
      */
     const tryClaim = (
       consumer: string,
+      topic: string,
       ids: ReadonlyArray<string>
     ): Effect.Effect<ReadonlyArray<{ readonly message_id: string }>, SqlError, Transaction> =>
       Effect.gen(function* () {
         yield* Transaction
         yield* requireOpenTransaction(sql, "Inbox.claim")
         const now = yield* Clock.currentTimeMillis
-        return yield* sql.unsafe<{ readonly message_id: string }>(insertSql, [
+        return yield* sql.unsafe<{ readonly message_id: string }>(legacyRows ? legacyInsert : plainInsert, [
           consumer,
           ids,
-          new Date(now).toISOString()
+          new Date(now).toISOString(),
+          topic
         ]).withoutTransform
       })
 
-    const claim = (consumer: string, messageId: string) =>
-      Effect.flatMap(tryClaim(consumer, [messageId]), (claimed) =>
-        claimed.length > 0 ? Effect.void : Effect.fail(new AlreadyProcessed({ consumer, messageId }))
+    const claim = (message: MessageKey) =>
+      Effect.flatMap(tryClaim(message.group, message.topic, [message.id]), (claimed) =>
+        claimed.length > 0
+          ? Effect.void
+          : Effect.fail(new AlreadyProcessed({ consumer: message.group, messageId: message.id }))
       )
 
-    const onceAll = <T extends { readonly context: { readonly id: string } }, A, E, R>(
+    const onceAll = <T extends { readonly context: { readonly id: string; readonly topic: string } }, A, E, R>(
       consumer: string,
       items: ReadonlyArray<T>,
       effect: (fresh: ReadonlyArray<T>) => Effect.Effect<A, E, R>
@@ -164,15 +193,22 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
       transactionIn(
         sql,
         Effect.gen(function* () {
-          const claimed = yield* tryClaim(
-            consumer,
-            items.map((i) => i.context.id)
-          )
+          // a read is of one topic; items of several are claimed per topic
+          const topics = new Map<string, Array<string>>()
+          for (const item of items) {
+            const ids = topics.get(item.context.topic)
+            if (ids === undefined) topics.set(item.context.topic, [item.context.id])
+            else ids.push(item.context.id)
+          }
+          const claimed: Array<{ readonly message_id: string; readonly topic: string }> = []
+          for (const [topic, ids] of topics) {
+            for (const row of yield* tryClaim(consumer, topic, ids)) claimed.push({ message_id: row.message_id, topic })
+          }
           // as many new rows as items: every id was new and none repeated (a repeat inserts once)
           let fresh: ReadonlyArray<T> = items
           if (claimed.length < items.length) {
-            const ids = new Set(claimed.map((r) => r.message_id))
-            fresh = items.filter((item) => ids.delete(item.context.id))
+            const ids = new Set(claimed.map((r) => `${r.topic}\u0000${r.message_id}`))
+            fresh = items.filter((item) => ids.delete(`${item.context.topic}\u0000${item.context.id}`))
           }
           if (fresh.length < items.length) {
             yield* Effect.logDebug(
@@ -184,23 +220,34 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
       )
 
     const once = <A, E, R>(
-      consumer: string,
-      messageId: string,
+      message: MessageKey,
       effect: Effect.Effect<A, E, R>
     ): Effect.Effect<Option.Option<A>, E | SqlError, Exclude<R, Transaction>> =>
-      onceAll(consumer, [{ context: { id: messageId } }], (fresh) =>
+      onceAll(message.group, [{ context: message }], (fresh) =>
         fresh.length === 0 ? Effect.succeed(Option.none<A>()) : Effect.map(effect, Option.some)
       )
 
-    const isProcessed = (consumer: string, messageId: string) =>
+    const isProcessed = (message: MessageKey) =>
       Effect.map(
-        sql.unsafe(`SELECT 1 FROM ${table} WHERE consumer = $1 AND message_id = $2`, [consumer, messageId])
-          .withoutTransform,
+        sql.unsafe(
+          `SELECT 1 FROM ${table} WHERE consumer = $1 AND message_id = $2 AND (topic = $3${legacyRows ? " OR topic = ''" : ""})`,
+          [message.group, message.id, message.topic]
+        ).withoutTransform,
         (rows) => rows.length > 0
       )
 
     const cleanup = Effect.flatMap(Clock.currentTimeMillis, (now) =>
-      deleteExpired(sql, table, "processed_at < $1", now - retention)
+      Effect.tap(deleteExpired(sql, table, "processed_at < $1", now - retention), () =>
+        // once the last row from before the topic joined the key has expired, claims stop looking for them
+        legacyRows
+          ? Effect.gen(function* () {
+              const left = yield* sql.unsafe(`SELECT 1 FROM ${table} WHERE topic = '' LIMIT 1`).withoutTransform
+              if (left.length > 0) return
+              yield* sql.unsafe(`DELETE FROM ${store.table("settings")} WHERE name = 'inbox_legacy_rows'`)
+              legacyRows = false
+            })
+          : Effect.void
+      )
     )
 
     return Inbox.of({ claim, once, onceAll, isProcessed, cleanup })
@@ -232,17 +279,18 @@ export const layer = (options?: Options): Layer.Layer<Inbox, never, SqlStore> =>
   )
 
 /**
- * Runs `effect` once per `(consumer, messageId)` with the `Inbox` in context;
- * see {@link Inbox}. `consumer` is validated as a group name.
+ * Runs `effect` once per message and group (`{ group, topic, id }`, e.g. a handler's context) with the
+ * `Inbox` in context; see {@link Inbox}. The group and topic are validated as names.
  *
  * @since 0.1.0
  */
 export const once = <A, E, R>(
-  consumer: string,
-  messageId: string,
+  message: MessageKey,
   effect: Effect.Effect<A, E, R>
 ): Effect.Effect<Option.Option<A>, E | SqlError | Name.InvalidName, Inbox | Exclude<R, Transaction>> =>
-  Effect.flatMap(Name.validate("group", consumer), () => Inbox.use((inbox) => inbox.once(consumer, messageId, effect)))
+  Effect.flatMap(Effect.andThen(Name.validate("group", message.group), Name.validate("topic", message.topic)), () =>
+    Inbox.use((inbox) => inbox.once(message, effect))
+  )
 
 /**
  * Wraps a consumer handler so that it runs in a transaction with an inbox
@@ -255,7 +303,7 @@ export const once = <A, E, R>(
 export const handler =
   <A, E, R>(handle: (message: A, context: Consumer.MessageContext) => Effect.Effect<void, E, R>) =>
   (message: A, context: Consumer.MessageContext): Effect.Effect<void, E | SqlError, Inbox | Exclude<R, Transaction>> =>
-    Inbox.use((inbox) => Effect.asVoid(inbox.once(context.group, context.id, handle(message, context))))
+    Inbox.use((inbox) => Effect.asVoid(inbox.once(context, handle(message, context))))
 
 /**
  * The consumer handlers of an inbox-backed consumer, to spread into
@@ -299,13 +347,10 @@ export const handlers = <A, E, R>(
 }
 
 /**
- * Records `(consumer, messageId)` in the current transaction with the
- * `Inbox` in context; fails with {@link AlreadyProcessed} on a duplicate.
+ * Records the message for its group (`{ group, topic, id }`) in the current transaction with the `Inbox`
+ * in context; fails with {@link AlreadyProcessed} on a duplicate.
  *
  * @since 0.1.0
  */
-export const claim = (
-  consumer: string,
-  messageId: string
-): Effect.Effect<void, AlreadyProcessed | SqlError, Inbox | Transaction> =>
-  Inbox.use((inbox) => inbox.claim(consumer, messageId))
+export const claim = (message: MessageKey): Effect.Effect<void, AlreadyProcessed | SqlError, Inbox | Transaction> =>
+  Inbox.use((inbox) => inbox.claim(message))

@@ -207,6 +207,17 @@ BEGIN
 END
 $$`
     ]
+  },
+  {
+    // message ids are unique per producer, not across topics: the topic joins the inbox key. Rows already
+    // there get topic '' and keep deduping (the inbox also looks for them) until the retention removes them
+    name: "inbox keyed by (message id, group, topic)",
+    statements: [
+      `ALTER TABLE ${s}.inbox ADD COLUMN topic text COLLATE "C" NOT NULL DEFAULT ''`,
+      `ALTER TABLE ${s}.inbox DROP CONSTRAINT inbox_pkey`,
+      `ALTER TABLE ${s}.inbox ADD PRIMARY KEY (message_id, consumer, topic)`,
+      `INSERT INTO ${s}.settings (name, value) SELECT 'inbox_legacy_rows', 'yes' WHERE EXISTS (SELECT 1 FROM ${s}.inbox)`
+    ]
   }
 ]
 

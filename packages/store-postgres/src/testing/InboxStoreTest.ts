@@ -28,6 +28,9 @@ export type { Features } from "./StoreHarness.ts"
  *
  * @since 0.1.0
  */
+/** The inbox key of a message of the suites' topic for a group. */
+const key = (group: string, id: string, topic = "orders"): Inbox.MessageKey => ({ group, topic, id })
+
 export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
   storeSuite(`InboxStoreTest ${name}`, sqlLayer, features, (test) => {
     const setup = (options?: Inbox.Options) =>
@@ -55,12 +58,12 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
       test("I01", "the first claim commits the handler's writes and the inbox row together", {}, () =>
         Effect.gen(function* () {
           const { inbox, write, effectRows, inboxRows } = yield* setup()
-          const result = yield* inbox.once("billing", "m-1", Effect.as(write("billing", "m-1"), "done"))
+          const result = yield* inbox.once(key("billing", "m-1"), Effect.as(write("billing", "m-1"), "done"))
           assert.deepStrictEqual(result, Option.some("done"))
           assert.strictEqual(yield* effectRows("m-1"), 1)
           assert.strictEqual(yield* inboxRows("m-1"), 1)
-          assert.isTrue(yield* inbox.isProcessed("billing", "m-1"))
-          const again = yield* inbox.once("billing", "m-1", Effect.as(write("billing", "m-1"), "done"))
+          assert.isTrue(yield* inbox.isProcessed(key("billing", "m-1")))
+          const again = yield* inbox.once(key("billing", "m-1"), Effect.as(write("billing", "m-1"), "done"))
           assert.deepStrictEqual(again, Option.none(), "a duplicate is skipped")
           assert.strictEqual(yield* effectRows("m-1"), 1, "the effect stays single")
         })
@@ -69,12 +72,12 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
       test("I02", "a duplicate claim in a second transaction is refused and its effects roll back", {}, () =>
         Effect.gen(function* () {
           const { inbox, write, effectRows, provide } = yield* setup()
-          yield* inbox.once("billing", "m-2", write("billing", "m-2", "first"))
+          yield* inbox.once(key("billing", "m-2"), write("billing", "m-2", "first"))
           const refused = yield* provide(
             Outbox.transaction(
               Effect.gen(function* () {
                 yield* write("billing", "m-2", "second") // the handler wrote before claiming
-                yield* inbox.claim("billing", "m-2")
+                yield* inbox.claim(key("billing", "m-2"))
               })
             )
           ).pipe(Effect.flip)
@@ -88,12 +91,12 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         Effect.gen(function* () {
           const { inbox, write, effectRows, inboxRows } = yield* setup()
           const failed = yield* inbox
-            .once("billing", "m-3", Effect.andThen(write("billing", "m-3"), Effect.fail("transient" as const)))
+            .once(key("billing", "m-3"), Effect.andThen(write("billing", "m-3"), Effect.fail("transient" as const)))
             .pipe(Effect.flip)
           assert.strictEqual(failed, "transient")
           assert.strictEqual(yield* effectRows("m-3"), 0)
           assert.strictEqual(yield* inboxRows("m-3"), 0)
-          const retried = yield* inbox.once("billing", "m-3", Effect.as(write("billing", "m-3"), 1))
+          const retried = yield* inbox.once(key("billing", "m-3"), Effect.as(write("billing", "m-3"), 1))
           assert.deepStrictEqual(retried, Option.some(1))
           assert.strictEqual(yield* effectRows("m-3"), 1)
         })
@@ -106,8 +109,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           const release = yield* Deferred.make<void>()
           const first = yield* Effect.forkScoped(
             inbox.once(
-              "billing",
-              "m-4",
+              key("billing", "m-4"),
               Effect.gen(function* () {
                 yield* write("billing", "m-4", "first")
                 yield* Deferred.succeed(claimed, undefined)
@@ -118,7 +120,7 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           )
           yield* Deferred.await(claimed)
           const second = yield* Effect.forkScoped(
-            inbox.once("billing", "m-4", Effect.as(write("billing", "m-4", "second"), "second"))
+            inbox.once(key("billing", "m-4"), Effect.as(write("billing", "m-4", "second"), "second"))
           )
           yield* Effect.sleep("200 millis")
           assert.isUndefined(second.pollUnsafe(), "the second claim waits for the first transaction")
@@ -132,9 +134,9 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
       test("I05", "consumers (groups) are independent: each processes the message once", {}, () =>
         Effect.gen(function* () {
           const { inbox, write, effectRows } = yield* setup()
-          yield* inbox.once("billing", "m-5", write("billing", "m-5"))
-          yield* inbox.once("shipping", "m-5", write("shipping", "m-5"))
-          yield* inbox.once("shipping", "m-5", write("shipping", "m-5"))
+          yield* inbox.once(key("billing", "m-5"), write("billing", "m-5"))
+          yield* inbox.once(key("shipping", "m-5"), write("shipping", "m-5"))
+          yield* inbox.once(key("shipping", "m-5"), write("shipping", "m-5"))
           assert.strictEqual(yield* effectRows("m-5"), 2)
         })
       )
@@ -146,14 +148,13 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
           const outboxRows = count(`SELECT count(*)::int AS n FROM ${store.table("outbox")}`)
           yield* inbox
             .once(
-              "billing",
-              "m-6",
+              key("billing", "m-6"),
               Effect.andThen(outbox.publish(items, { key: "a", n: 1 }), Effect.fail("handler failed" as const))
             )
             .pipe(Effect.flip)
           assert.strictEqual(yield* outboxRows, 0)
-          yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
-          yield* inbox.once("billing", "m-6", outbox.publish(items, { key: "a", n: 1 }))
+          yield* inbox.once(key("billing", "m-6"), outbox.publish(items, { key: "a", n: 1 }))
+          yield* inbox.once(key("billing", "m-6"), outbox.publish(items, { key: "a", n: 1 }))
           assert.strictEqual(yield* outboxRows, 1, "published once, with the first successful claim")
         })
       )
@@ -161,8 +162,8 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
       test("I08", "a batch claim: one transaction, only unprocessed ids reach the handler, all or nothing", {}, () =>
         Effect.gen(function* () {
           const { inbox, write, effectRows, inboxRows } = yield* setup()
-          const item = (id: string) => ({ context: { id } })
-          yield* inbox.once("billing", "b-1", write("billing", "b-1"))
+          const item = (id: string) => ({ context: { id, topic: "orders" } })
+          yield* inbox.once(key("billing", "b-1"), write("billing", "b-1"))
           const odd = 'b-"quoted",{braced}\\'
           const seen = yield* inbox.onceAll(
             "billing",
@@ -193,13 +194,56 @@ export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient
         })
       )
 
+      test(
+        "I09",
+        "one group, two topics, the same message id: each message is processed once, neither skipped",
+        {},
+        () =>
+          Effect.gen(function* () {
+            const { inbox, write, effectRows } = yield* setup()
+            // ids are unique per producer, not across topics (explicit ids, foreign producers' sequence numbers)
+            const first = yield* inbox.once(key("billing", "42", "orders"), Effect.as(write("billing", "42", "o"), 1))
+            const second = yield* inbox.once(key("billing", "42", "refunds"), Effect.as(write("billing", "42", "r"), 2))
+            assert.deepStrictEqual([first, second], [Option.some(1), Option.some(2)])
+            assert.strictEqual(yield* effectRows("42"), 2)
+            const again = yield* inbox.once(key("billing", "42", "refunds"), Effect.as(write("billing", "42", "r"), 3))
+            assert.isTrue(Option.isNone(again), "a repeat on the same topic is still skipped")
+          })
+      )
+
+      test("I10", "rows from before the topic joined the key still dedupe, until the retention removes them", {}, () =>
+        Effect.gen(function* () {
+          const { store, write, effectRows } = yield* setup()
+          // as the migration leaves them: topic '' and the flag in settings
+          yield* store.sql.unsafe(
+            `INSERT INTO ${store.table("inbox")} (consumer, message_id, topic, processed_at) VALUES ('billing', 'legacy-1', '', now())`
+          ).raw
+          yield* store.sql.unsafe(
+            `INSERT INTO ${store.table("settings")} (name, value) VALUES ('inbox_legacy_rows', 'yes')`
+          ).raw
+          const inbox = yield* Inbox.make({ retention: "300 millis" }).pipe(
+            Effect.provideService(SqlStore.SqlStore, store)
+          )
+          const repeat = yield* inbox.once(key("billing", "legacy-1"), Effect.as(write("billing", "legacy-1"), 1))
+          assert.isTrue(Option.isNone(repeat), "processed before the upgrade: skipped")
+          assert.strictEqual(yield* effectRows("legacy-1"), 0)
+          assert.isTrue(yield* inbox.isProcessed(key("billing", "legacy-1")))
+          yield* Effect.sleep("400 millis")
+          yield* inbox.cleanup
+          const flag = yield* count(
+            `SELECT count(*)::int AS n FROM ${store.table("settings")} WHERE name = 'inbox_legacy_rows'`
+          )
+          assert.strictEqual(flag, 0, "no legacy row left: the flag is cleared")
+        })
+      )
+
       test("I07", "cleanup deletes inbox rows older than the retention, and nothing else", {}, () =>
         Effect.gen(function* () {
           const { inbox, write, inboxRows } = yield* setup({ retention: "300 millis", cleanupInterval: 0 })
-          yield* inbox.once("billing", "old", write("billing", "old"))
+          yield* inbox.once(key("billing", "old"), write("billing", "old"))
           assert.strictEqual(yield* inbox.cleanup, 0, "younger than the retention")
           yield* Effect.sleep("400 millis")
-          yield* inbox.once("billing", "new", write("billing", "new"))
+          yield* inbox.once(key("billing", "new"), write("billing", "new"))
           assert.strictEqual(yield* inbox.cleanup, 1)
           assert.strictEqual(yield* inboxRows("old"), 0)
           assert.strictEqual(yield* inboxRows("new"), 1)

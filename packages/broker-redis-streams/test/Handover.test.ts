@@ -301,4 +301,49 @@ describe("RedisStreamsBroker hand-over", () => {
       )
     }).pipe(Effect.provide(brokerLayer(mainUrl, { trimInterval: "200 millis" })))
   )
+
+  it.live(
+    "a takeover claims every pending entry of the previous owner, however many (paged, not capped at 10 000)",
+    () =>
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        const total = 10_050
+        for (let i = 0; i < total; i += 1000) {
+          yield* broker.publish(BrokerTest.messages("items", Math.min(1000, total - i), { from: i }))
+        }
+        // a reads everything and settles nothing, then leaves: its entries stay pending under its name
+        const read = yield* Ref.make(0)
+        const a = yield* broker.subscribe({ topic: "items", group: "g", consumer: "a", batchSize: 1000 }).pipe(
+          Stream.runForEach(() => Ref.update(read, (n) => n + 1)),
+          Effect.forkChild
+        )
+        yield* until(
+          Effect.map(Ref.get(read), (n) => n >= total),
+          30_000,
+          "a read everything"
+        )
+        yield* Fiber.interrupt(a)
+        // b takes the partition over: it claims a's pending entries, all of them
+        const got = new Set<string>()
+        yield* broker
+          .subscribe({ topic: "items", group: "g", consumer: "b", batchSize: 1000, claimIdle: "1 hour" })
+          .pipe(
+            Stream.runForEachArray((ds) =>
+              Effect.andThen(
+                Effect.sync(() => {
+                  for (const d of ds) got.add(d.envelope.id)
+                }),
+                broker.ackAll(ds)
+              )
+            ),
+            Effect.forkScoped
+          )
+        yield* until(
+          Effect.sync(() => got.size >= total),
+          30_000,
+          `b got all ${total}`
+        )
+      }).pipe(Effect.provide(brokerLayer(mainUrl, { orderedPerKey: true, leaseTime: "1 second" }))),
+    90_000
+  )
 })

@@ -34,6 +34,10 @@ for t in "$WORK"/packs/*.tgz; do
   for f in package/LICENSE package/README.md package/package.json package/dist/index.js package/dist/index.d.ts; do
     grep -qx "$f" <<<"$listing" || { echo "FAIL: $(basename "$t") lacks $f"; exit 1; }
   done
+  if tar xzf "$t" -O --wildcards 'package/dist/*.d.ts' | grep -E "from \"\.{1,2}/[^\"]+\.ts\"" >/dev/null; then
+    echo "FAIL: $(basename "$t") declarations import .ts files"
+    exit 1
+  fi
   tar xzf "$t" -O package/package.json | "$NODE" -e '
     const p = JSON.parse(require("fs").readFileSync(0, "utf8"))
     const bad = []

@@ -180,10 +180,15 @@ export const subscribe = (
         })
 
       /**
-       * The lease token a partition is read under now ("" when unordered). A read that comes back after its
-       * partition's lease went gets a token no parking state knows: its entries are not handed out.
+       * The lease token entries of a partition were read under ("" when unordered): the token when the read
+       * was issued, if the partition still holds it when the read comes back. Otherwise ("lost": the lease
+       * went, or was given up and taken again meanwhile) no parking state knows it, and the entries are not
+       * handed out: they stay pending for the partition's current tenure to read.
        */
-      const tokenOf = (p: Part): string => owned.get(p.index)?.token ?? "lost"
+      const tokenOf = (p: Part, atRead: ReadonlyMap<number, string>): string => {
+        const now = owned.get(p.index)?.token
+        return now !== undefined && now === atRead.get(p.index) ? now : "lost"
+      }
 
       const readOnce = (conn: Redis.Connection): Effect.Effect<Array<Broker.Delivery>, BrokerError.BrokerError> =>
         Effect.gen(function* () {
@@ -194,6 +199,7 @@ export const subscribe = (
           if (ordered) yield* leases.giveBack
           const held = Array.from(owned.values())
           const parts = held.map((o) => o.part)
+          const tokens = new Map(held.map((o) => [o.part.index, o.token] as const))
           if (parts.length === 0) {
             // no partition to read (ordered, the others hold them): wait for the lease loop
             yield* Effect.sleep(leaseEvery)
@@ -245,7 +251,7 @@ export const subscribe = (
                   })
                 }
                 const counts = yield* countsOf(stream, reply.claimed)
-                out.push(...(yield* toDeliveries(p, tokenOf(p), stream, reply.claimed, counts)))
+                out.push(...(yield* toDeliveries(p, tokenOf(p, tokens), stream, reply.claimed, counts)))
               }
             }
             if (out.length > 0) return out
@@ -274,7 +280,7 @@ export const subscribe = (
               else history.set(stream, entries[entries.length - 1]!.id)
             }
             const counts = inHistory ? yield* countsOf(stream, entries) : undefined
-            out.push(...(yield* toDeliveries(part, tokenOf(part), stream, entries, counts)))
+            out.push(...(yield* toDeliveries(part, tokenOf(part, tokens), stream, entries, counts)))
           }
           return out
         })

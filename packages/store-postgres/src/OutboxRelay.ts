@@ -17,16 +17,20 @@
  *    order of their transactions. A long-running transaction anywhere in
  *    the cluster delays the rows written after it began, it never loses
  *    them;
- * 3. publishes them through the `Broker` as one batch and waits for its
- *    confirmation (the broker's configured level);
- * 4. deletes them (or, with a `retention`, marks them `published_at`) and
- *    commits. A crash between 3 and 4 rolls that back: the rows are published
- *    again (at-least-once; the consumer's inbox keeps the effect single).
+ * 3. publishes them through the `Broker` as one batch (`publishEach`: an
+ *    outcome per message, at the broker's confirmation level);
+ * 4. deletes the stored rows (or, with a `retention`, marks them
+ *    `published_at`) and commits. A crash between 3 and 4 rolls that back:
+ *    the rows are published again (at-least-once; the consumer's inbox keeps
+ *    the effect single).
  *
  * A row that cannot be published — malformed, or refused by the broker with
  * a permanent error — is moved to `outbox_dead` with its reason, in the same
- * transaction, and the relay goes on. Retryable broker or database errors
- * roll the cycle back and retry it on the `retry` schedule.
+ * transaction, and the relay goes on. Rows the broker failed for now stay in
+ * the outbox: the cycle commits what it did, then fails and is retried on
+ * the `retry` schedule, so nothing is published twice by retries of a batch
+ * that partly succeeded. Errors where nothing is known of the batch (a lost
+ * connection, a database error) roll the cycle back and retry it.
  *
  * Wake-ups: `Outbox.publish` in this process nudges the relay after commit;
  * with a `PgClient` in context, a `LISTEN` on the store's channel wakes it

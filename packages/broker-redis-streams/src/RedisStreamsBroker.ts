@@ -6,33 +6,34 @@
  *
  * ## Keys (all of a topic share the hash tag `{topic}`: one Redis Cluster slot)
  *
- * | key | type | what |
- * | --- | --- | --- |
- * | `<prefix>:{<topic>}` | stream | the topic; every group reads it |
- * | `<prefix>:{<topic>}:retry:<group>` | stream | delayed redeliveries of one group |
- * | `<prefix>:{<topic>}:delayed:<group>` | sorted set | nacked messages waiting for their time |
- * | `<prefix>:{<topic>}:dlq` | stream | the dead-letter queue |
- *
- * Entries use the field layout of `Envelope.toFields` (CloudEvents Kafka binary
- * binding: `ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_topic`, ...,
- * `data`), so any Redis client can write and read Converge messages.
+ * The stream `<prefix>:{<topic>}` (`:p<n>` per partition), each group's
+ * retry stream and delayed set, the dead-letter stream `:dlq`, the topic's
+ * `:meta` (its partition count) and, in ordered mode, partition leases and
+ * the group's member set: see `internal/keys.ts` and the repository's
+ * docs/brokers.md. Entries use the field layout of `Envelope.toFields`
+ * (CloudEvents Kafka binary binding: `ce_id`, `ce_type`, `ce_source`,
+ * `ce_time`, `ce_topic`, ..., `data`), so any Redis client can write and read
+ * Converge messages.
  *
  * ## How it works
  *
- * - publish: one Lua call per partition stream and batch that `XADD`s every
- *   message (one round trip; a batch is stored all or none); then the
- *   durability wait (`reply`, or `WAITAOF` for the durable levels).
- * - subscribe: `XGROUP CREATE ... 0 MKSTREAM` (BUSYGROUP ignored) on the topic
- *   and the group's retry stream; a **reserved connection** runs
- *   `XREADGROUP ... BLOCK` (bounded) over both; first this consumer's own
- *   pending history (id `0`), then new entries (`>`); `XAUTOCLAIM` claims
- *   entries idle longer than `claimIdle`, and the ids it reports deleted become
- *   a `LostInBroker` event (never acked silently); `NOGROUP` recreates the
- *   groups from `0` with exponential backoff.
+ * - publish: one Lua call per partition stream and batch (one round trip)
+ *   with an outcome per message (`publishEach`: a refused entry fails alone,
+ *   a server error stops the rest of its partition's batch); then the
+ *   durability wait (`reply`, or `WAITAOF`, checked to be possible when the
+ *   layer is built).
+ * - subscribe: groups created from `0` (`MKSTREAM`); a **reserved connection**
+ *   runs `XREADGROUP ... BLOCK` (bounded): first this consumer's own pending
+ *   history, then new entries, one read kept ahead; other consumers' entries
+ *   idle longer than `claimIdle` are claimed (never its own), deleted ones
+ *   reported as `LostInBroker`; `NOGROUP` recreates the groups with backoff;
+ *   on close the unsettled entries are released for others to claim at once.
+ * - ordered mode: partition leases taken and renewed on their own schedule;
+ *   every settlement fenced by the lease token; per-key parking per lease.
  * - nack with delay: a Lua script acks the entry and adds it, with its attempt
  *   and delivery count, to the group's sorted set; a mover script (run by the
- *   subscriptions) re-adds due entries to the group's retry stream atomically.
- *   Only that group sees the redelivery.
+ *   subscriptions) re-adds due entries to the group's retry stream, and
+ *   dead-letters one it cannot move. Only that group sees the redelivery.
  * - dead-letter: a Lua script acks the entry and appends it, with
  *   `cv_dlq_*` reason fields, to the topic's dead-letter stream.
  *

@@ -1,8 +1,8 @@
 /**
- * Publishing: one atomic Lua call per partition stream and batch (one round
- * trip, all or none), streams in parallel; then the durability wait
- * (`WAITAOF` for the durable levels); and, when `maxLen` is set, a periodic
- * trim that never removes what a group still needs.
+ * Publishing: one Lua call per partition stream and batch (one round trip), streams in parallel, with an
+ * outcome per message (`publishEach`; `publish` is its all-or-error form); then the durability wait
+ * (`WAITAOF` for the durable levels); and, when `maxLen` is set, a periodic trim that never removes what a
+ * group still needs. A topic's partition count is checked against Redis at its first publish.
  *
  * @internal
  */

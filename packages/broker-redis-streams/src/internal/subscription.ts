@@ -1,11 +1,11 @@
 /**
- * The read loop of one subscription: own pending history first, then new
- * entries, with `XREADGROUP` on a reserved connection (replaced with backoff
- * when it fails), periodic claims of idle entries (`XAUTOCLAIM`; deleted ids
- * become `LostInBroker`), the move of due delayed redeliveries, group
- * recreation on `NOGROUP`, malformed entries dead-lettered on receipt, and one
- * read kept ahead of the consumer. Ordered subscriptions read only the
- * partitions they lease, and park keys (see `parking.ts`, `leases.ts`).
+ * The read loop of one subscription: own pending history first, then new entries, with `XREADGROUP` on a
+ * reserved connection (replaced with backoff when it fails), periodic claims of other consumers' idle
+ * entries (deleted ones become `LostInBroker`), the move of due delayed redeliveries and the trim of the
+ * group's retry streams (neither ever stops reading), group recreation on `NOGROUP`, malformed entries
+ * dead-lettered on receipt, one read kept ahead of the consumer, and the release of unsettled entries on
+ * close. Ordered subscriptions read only the partitions they lease, and park keys (see `parking.ts`,
+ * `leases.ts`).
  *
  * @internal
  */

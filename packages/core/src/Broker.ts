@@ -36,9 +36,17 @@
  *   A delivery settles at most once: a second ack, nack or dead-letter, or
  *   one after the message was redelivered, claimed by another consumer or
  *   lost, fails with `BrokerError` reason `DeliveryClosed` (or, where the
- *   broker cannot tell, is a no-op) and never touches another entry. Settling
- *   after the subscription closed is allowed while the message is still
- *   pending and not delivered again.
+ *   broker cannot tell, is a no-op) and never touches another entry. One
+ *   exception a layer may make: a late *ack* of a message another consumer
+ *   claimed may be accepted (its handler succeeded, so the message is done;
+ *   the claimer's own settlement then fails) — the Redis layer does so
+ *   outside ordered mode, where fencing acks cost throughput. Nacks and
+ *   dead-letters after a claim always fail. Settling after the subscription
+ *   closed is allowed while the message is still pending and not delivered
+ *   again.
+ * - **Ordered layers fence by ownership**: where one consumer owns a
+ *   partition at a time, a settlement by a consumer that no longer owns it
+ *   fails with `DeliveryClosed` and changes nothing.
  * - **Nack with delay**: the message is redelivered to the group no earlier
  *   than the delay (by the broker's `Clock`), keeping its message id and
  *   attempt.

@@ -1,5 +1,5 @@
 /**
- * `BrokerTest` — the broker conformance suite (cases C01–C25; each case's
+ * `BrokerTest` — the broker conformance suite (cases C01–C26; each case's
  * name says what it checks). Every broker layer, a custom one included, runs
  * it in one line from a vitest file:
  *

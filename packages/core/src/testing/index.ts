@@ -5,5 +5,5 @@
  * @since 0.1.0
  */
 
-/** The broker conformance suite (C01–C25). */
+/** The broker conformance suite (C01–C26). */
 export * as BrokerTest from "./BrokerTest.ts"

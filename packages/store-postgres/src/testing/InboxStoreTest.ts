@@ -23,14 +23,14 @@ import { count, type Features, freshStore, items, storeSuite } from "./StoreHarn
 /** What a SQL backend supports (shared with the other store suite). */
 export type { Features } from "./StoreHarness.ts"
 
-/**
- * Registers the inbox store suite (cases I01–I08).
- *
- * @since 0.1.0
- */
 /** The inbox key of a message of the suites' topic for a group. */
 const key = (group: string, id: string, topic = "orders"): Inbox.MessageKey => ({ group, topic, id })
 
+/**
+ * Registers the inbox store suite (cases I01–I10).
+ *
+ * @since 0.1.0
+ */
 export const suite = <E>(name: string, sqlLayer: Layer.Layer<SqlClient.SqlClient, E>, features: Features): void => {
   storeSuite(`InboxStoreTest ${name}`, sqlLayer, features, (test) => {
     const setup = (options?: Inbox.Options) =>

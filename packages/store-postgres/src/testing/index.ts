@@ -5,7 +5,7 @@
  * @since 0.1.0
  */
 
-/** The inbox store suite (I01–I08). */
+/** The inbox store suite (I01–I10). */
 export * as InboxStoreTest from "./InboxStoreTest.ts"
 /** The outbox store suite (O01–O13). */
 export * as OutboxStoreTest from "./OutboxStoreTest.ts"

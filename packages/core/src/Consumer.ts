@@ -91,6 +91,7 @@ import {
   Stream
 } from "effect"
 import * as Broker from "./Broker.ts"
+import * as Confirmation from "./Confirmation.ts"
 import type * as Envelope from "./Envelope.ts"
 import * as Name from "./Name.ts"
 import * as Retry from "./Retry.ts"
@@ -255,6 +256,14 @@ export interface BaseOptions<A, E, R> {
    * dead-letters every message, each with this reason.)
    */
   readonly types?: ReadonlyArray<string> | undefined
+  /**
+   * Send a typed confirmation (see `Confirmation`) to the `replyto` topic of every message that names one:
+   * `processed` once the handler succeeded (published before the ack: a message whose confirmation could
+   * not be published is not acknowledged, and comes back), `dead-lettered` with the reason and the error
+   * once it went to the dead-letter queue. An error classified `"ignore"` confirms as `processed` (the
+   * message was acknowledged). Default `false`.
+   */
+  readonly confirm?: boolean | undefined
 }
 
 /**
@@ -415,6 +424,79 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       })
     }
 
+    const confirm = options.confirm === true
+
+    /**
+     * Publishes the confirmations of deliveries that name a `replyto` (one `publishEach`); returns those
+     * whose confirmation could not be published (logged). A `replyto` that is not a valid topic name can
+     * never be confirmed: logged, and not counted as failed.
+     */
+    const confirmAll = (
+      deliveries: ReadonlyArray<Broker.Delivery>,
+      confirmationOf: (d: Broker.Delivery) => Confirmation.Confirmation
+    ): Effect.Effect<ReadonlySet<Broker.Delivery>> =>
+      Effect.gen(function* () {
+        const now = yield* Effect.clockWith((c) => c.currentTimeMillis)
+        const made = Confirmation.encodeFor(
+          deliveries.map((delivery) => ({ delivery, confirmation: confirmationOf(delivery) })),
+          now
+        )
+        const ready: Array<{ readonly delivery: Broker.Delivery; readonly encoded: Envelope.Encoded }> = []
+        for (const m of made) {
+          if (Result.isSuccess(m.encoded)) ready.push({ delivery: m.delivery, encoded: m.encoded.success })
+          else {
+            yield* Effect.logWarning("consumer: a message's replyto cannot be confirmed", m.encoded.failure).pipe(
+              Effect.annotateLogs({ topic: topic.name, group, messageId: m.delivery.envelope.id })
+            )
+          }
+        }
+        const failed = new Set<Broker.Delivery>()
+        if (ready.length === 0) return failed
+        const outcomes = yield* broker
+          .publishEach(ready.map((r) => r.encoded))
+          .pipe(
+            Effect.catch((error) => Effect.succeed(ready.map((): Broker.PublishOutcome => ({ _tag: "Failed", error }))))
+          )
+        for (let i = 0; i < ready.length; i++) {
+          const o = outcomes[i]
+          if (o === undefined || o._tag === "Failed") {
+            failed.add(ready[i]!.delivery)
+            yield* Effect.logWarning(
+              "consumer: publishing a confirmation failed",
+              o === undefined ? "no outcome" : o.error
+            ).pipe(Effect.annotateLogs({ topic: topic.name, group, messageId: ready[i]!.delivery.envelope.id }))
+          }
+        }
+        return failed
+      })
+
+    /**
+     * Acknowledges a read's successes with one `ackAll`; with `confirm`, their confirmations go out first, and
+     * a message whose confirmation failed is not acknowledged (it comes back, and is confirmed then).
+     */
+    const confirmAndAck = (deliveries: ReadonlyArray<Broker.Delivery>): Effect.Effect<void> =>
+      Effect.gen(function* () {
+        let toAck = deliveries
+        if (confirm) {
+          const failed = yield* confirmAll(deliveries, (d) => ({
+            messageId: d.envelope.id,
+            topic: topic.name,
+            group,
+            outcome: "processed",
+            attempts: attempts.get(d) ?? Math.max(1, d.envelope.attempt)
+          }))
+          if (failed.size > 0) toAck = deliveries.filter((d) => !failed.has(d))
+        }
+        if (toAck.length === 0) return
+        yield* broker.ackAll(toAck).pipe(
+          Effect.catch((e) => Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)),
+          Effect.asVoid
+        )
+      })
+
+    /** The attempt a delivery's handler succeeded at (for its confirmation). */
+    const attempts = new WeakMap<Broker.Delivery, number>()
+
     /**
      * Dead-letters a delivery and logs it (a warning annotated with topic, group and message id, so an
      * operator sees it without reading the queue). A failure to dead-letter is logged too; the message
@@ -426,6 +508,22 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           Effect.logWarning(
             `consumer: message dead-lettered (${reason.reason})${reason.error === undefined ? "" : `: ${truncate(reason.error)}`}`
           )
+        ),
+        // the publisher learns of it (after the dead-letter: a failure there is logged, never repeated)
+        Effect.andThen(
+          confirm
+            ? Effect.asVoid(
+                confirmAll([delivery], (d) => ({
+                  messageId: d.envelope.id,
+                  topic: topic.name,
+                  group,
+                  outcome: "dead-lettered",
+                  reason: reason.reason,
+                  ...(reason.error === undefined ? {} : { error: reason.error }),
+                  attempts: reason.attempts ?? d.envelope.attempt
+                }))
+              )
+            : Effect.void
         ),
         Effect.catch((e) => Effect.logWarning("consumer: dead-lettering failed; the message will be redelivered", e)),
         Effect.annotateLogs({ topic: topic.name, group, messageId: delivery.envelope.id })
@@ -459,6 +557,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         Effect.matchCauseEffect(options.handle(payload, new Context(delivery, names, attempt)), {
           onSuccess: () => {
             acks.push(delivery)
+            if (confirm) attempts.set(delivery, attempt)
             return Effect.void
           },
           onFailure: (cause) => {
@@ -525,12 +624,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         if (items.length === 0) return
         const exit = yield* Effect.exit(handleMany(items))
         if (Exit.isSuccess(exit)) {
-          yield* broker.ackAll(deliveries).pipe(
-            Effect.catch((e) =>
-              Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)
-            ),
-            Effect.uninterruptible
-          )
+          yield* confirmAndAck(deliveries).pipe(Effect.uninterruptible)
           return
         }
         if (Cause.hasInterruptsOnly(exit.cause)) return yield* Effect.failCause(exit.cause as Cause.Cause<never>)
@@ -544,16 +638,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     const handleEach = (batch: ReadonlyArray<Broker.Delivery>): Effect.Effect<void, never, R> =>
       Effect.suspend(() => {
         const acks: Array<Broker.Delivery> = []
-        const flush = Effect.suspend(() =>
-          acks.length === 0
-            ? Effect.void
-            : broker.ackAll(acks).pipe(
-                Effect.catch((e) =>
-                  Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)
-                ),
-                Effect.asVoid
-              )
-        )
+        const flush = Effect.suspend(() => (acks.length === 0 ? Effect.void : confirmAndAck(acks)))
         // up to `concurrency` lanes share one cursor over the read: a slow message holds its lane
         // only, and a fiber is forked per lane, not per message
         let next = 0

@@ -13,6 +13,8 @@
 export * as Broker from "./Broker.ts"
 /** The one error of every broker operation, with a `reason` that says `isRetryable`. */
 export * as BrokerError from "./BrokerError.ts"
+/** Typed confirmations back to the publisher: processed, or dead-lettered with the reason. */
+export * as Confirmation from "./Confirmation.ts"
 /** The consumer runtime: typed handlers, order, batches, shutdown. */
 export * as Consumer from "./Consumer.ts"
 /** The dead-letter queue: list, show, replay, purge. */

@@ -233,6 +233,11 @@ export const make = (
     yield* broker.subscribe({ topic: replies.name, group, consumer }).pipe(
       Stream.runForEach(receive),
       Effect.retry({ schedule: Retry.exponential("100 millis", "5 seconds"), while: (e) => e.isRetryable }),
+      // the broker shut down before this layer (the other scope order): a normal stop, not a failure
+      Effect.catchIf(
+        (e) => e.reason._tag === "BrokerClosed",
+        () => Effect.logDebug("confirmation: subscription stopped: the broker was shut down")
+      ),
       Effect.catchCause((cause) => Effect.logError("confirmation: subscription stopped", cause)),
       Effect.forkScoped
     )

@@ -92,7 +92,7 @@ import {
 } from "effect"
 import * as Broker from "./Broker.ts"
 import * as Confirmation from "./Confirmation.ts"
-import type * as Envelope from "./Envelope.ts"
+import * as Envelope from "./Envelope.ts"
 import * as Name from "./Name.ts"
 import * as Retry from "./Retry.ts"
 import type * as Topic from "./Topic.ts"
@@ -553,8 +553,27 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
             )
           )
         )
+      // a message published inside a span carries its trace context: the handler continues that trace
+      const parent = encoded.headers.traceparent === undefined ? undefined : Envelope.traceParentOf(encoded.headers)
+      const call = (attempt: number): Effect.Effect<void, E, R> => {
+        const handled = options.handle(payload, new Context(delivery, names, attempt))
+        return parent === undefined || Option.isNone(parent)
+          ? handled
+          : Effect.withSpan(handled, `converge.handle ${topic.name}`, {
+              parent: parent.value,
+              kind: "consumer",
+              attributes: {
+                "messaging.system": "converge",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": topic.name,
+                "messaging.consumer.group.name": group,
+                "messaging.message.id": encoded.id,
+                "messaging.converge.attempt": attempt
+              }
+            })
+      }
       const loop = (attempt: number, inProcess: number): Effect.Effect<void, never, R> =>
-        Effect.matchCauseEffect(options.handle(payload, new Context(delivery, names, attempt)), {
+        Effect.matchCauseEffect(call(attempt), {
           onSuccess: () => {
             acks.push(delivery)
             if (confirm) attempts.set(delivery, attempt)

@@ -23,7 +23,8 @@
  *
  * @since 0.1.0
  */
-import { Clock, DateTime, Effect, Result, Schema } from "effect"
+import { Clock, DateTime, Effect, Option, Result, Schema, Tracer } from "effect"
+import * as HttpTraceContext from "effect/http/HttpTraceContext"
 import { uuidv7 } from "./internal/uuid.ts"
 import * as Name from "./Name.ts"
 import type * as Topic from "./Topic.ts"
@@ -161,6 +162,34 @@ export interface MakeOptions {
   /** User headers. Names: lowercase letters and digits, at most 20 (see `Name`). */
   readonly headers?: Readonly<Record<string, string>> | undefined
 }
+
+/**
+ * The options with `traceparent` set from the current span (W3C trace context, written by Effect's own
+ * `HttpTraceContext`), unless they name one already, no span is current, or propagation is disabled
+ * (`Tracer.DisablePropagation`): a consumer's handler then runs in the publisher's trace. `Publisher` and
+ * `Outbox` apply it to what they publish.
+ *
+ * @since 0.1.0
+ */
+export const withTraceContext = (options: MakeOptions | undefined): Effect.Effect<MakeOptions | undefined> =>
+  options?.traceparent !== undefined
+    ? Effect.succeed(options)
+    : Effect.map(
+        Effect.zip(Effect.serviceOption(Tracer.ParentSpan), Effect.service(Tracer.DisablePropagation)),
+        ([span, disabled]) =>
+          !disabled && Option.isSome(span) && span.value._tag === "Span"
+            ? { ...options, traceparent: HttpTraceContext.toHeaders(span.value).traceparent! }
+            : options
+      )
+
+/**
+ * The span a message's publisher ran in, read from its `traceparent` (by Effect's own `HttpTraceContext`),
+ * if it carries a valid one.
+ *
+ * @since 0.1.0
+ */
+export const traceParentOf = (headers: Readonly<Record<string, string>>): Option.Option<Tracer.ExternalSpan> =>
+  headers.traceparent === undefined ? Option.none() : HttpTraceContext.w3c(headers as never)
 
 /**
  * The default CloudEvents `source`.

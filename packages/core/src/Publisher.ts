@@ -86,15 +86,18 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
       payloads: Iterable<A>,
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
-      Effect.flatMap(Clock.currentTimeMillis, (now): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
-        const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, source)
-        if (Result.isFailure(made)) return Effect.fail(made.failure)
-        const encoded = made.success
-        if (encoded.length === 0) return Effect.succeed([])
-        return Effect.map(broker.publish(encoded), (entryIds) =>
-          encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
-        )
-      })
+      Effect.flatMap(
+        Effect.zip(Envelope.withTraceContext(makeOptions), Clock.currentTimeMillis),
+        ([traced, now]): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
+          const made = Envelope.makeEncodedAllResult(topic, payloads, now, traced, source)
+          if (Result.isFailure(made)) return Effect.fail(made.failure)
+          const encoded = made.success
+          if (encoded.length === 0) return Effect.succeed([])
+          return Effect.map(broker.publish(encoded), (entryIds) =>
+            encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
+          )
+        }
+      )
     return Publisher.of({
       publishAll,
       publish: (topic, payload, makeOptions) =>

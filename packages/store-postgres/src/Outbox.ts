@@ -224,7 +224,9 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
       Effect.gen(function* () {
         const state = yield* guard
         const now = yield* Clock.currentTimeMillis
-        const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, options?.source)
+        // the publisher's trace travels with the row, so the consumer continues it past the relay
+        const traced = yield* Envelope.withTraceContext(makeOptions)
+        const made = Envelope.makeEncodedAllResult(topic, payloads, now, traced, options?.source)
         if (Result.isFailure(made)) return yield* made.failure
         const encoded = made.success
         const receipts: Array<Receipt> = []

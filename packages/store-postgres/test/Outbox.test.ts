@@ -2,7 +2,7 @@ import { MemoryBroker } from "@converge/broker-memory"
 import { Consumer, DeadLetter, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
-import { Data, Effect, Layer, Redacted, Schema } from "effect"
+import { Data, Deferred, Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
 
@@ -59,6 +59,29 @@ layer(Live, { excludeTestServices: true, timeout: "30 seconds" })(
   "Outbox → broker → Consumer with Inbox (Postgres)",
   (it) => {
     describe("end to end", () => {
+      it.effect("the publisher's trace continues in the consumer, across the outbox and the relay", () =>
+        Effect.gen(function* () {
+          const traced = Topic.make("traced", Order, { key: (o) => o.id })
+          const seen = yield* Deferred.make<string | undefined>()
+          yield* Effect.forkScoped(
+            Consumer.make(traced, {
+              group: "tracer",
+              handle: () =>
+                Effect.flatMap(Effect.option(Effect.currentSpan), (span) =>
+                  Deferred.succeed(seen, span._tag === "Some" ? span.value.traceId : undefined)
+                )
+            })
+          )
+          const traceId = yield* Effect.withSpan(
+            Effect.flatMap(Effect.currentSpan, (span) =>
+              Effect.as(Outbox.transaction(Outbox.publish(traced, { id: "t-1", account: "a", cents: 1 })), span.traceId)
+            ),
+            "checkout"
+          )
+          assert.strictEqual(yield* Deferred.await(seen).pipe(Effect.timeout("20 seconds")), traceId)
+        })
+      )
+
       it.effect("relay options that cannot work are refused when the relay is built, naming the option", () =>
         Effect.gen(function* () {
           const bad: ReadonlyArray<readonly [string, OutboxRelay.Options]> = [

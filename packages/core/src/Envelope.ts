@@ -174,13 +174,15 @@ export interface MakeOptions {
 export const withTraceContext = (options: MakeOptions | undefined): Effect.Effect<MakeOptions | undefined> =>
   options?.traceparent !== undefined
     ? Effect.succeed(options)
-    : Effect.map(
-        Effect.zip(Effect.serviceOption(Tracer.ParentSpan), Effect.service(Tracer.DisablePropagation)),
-        ([span, disabled]) =>
-          !disabled && Option.isSome(span) && span.value._tag === "Span"
-            ? { ...options, traceparent: HttpTraceContext.toHeaders(span.value).traceparent! }
-            : options
-      )
+    : // read from the fiber's cached span (no service lookup): this runs on every publish
+      Effect.withFiber((fiber) => {
+        const span = fiber.cache.span
+        return Effect.succeed(
+          span === undefined || span._tag !== "Span" || fiber.getRef(Tracer.DisablePropagation)
+            ? options
+            : { ...options, traceparent: HttpTraceContext.toHeaders(span).traceparent! }
+        )
+      })
 
 /**
  * The span a message's publisher ran in, read from its `traceparent` (by Effect's own `HttpTraceContext`),

@@ -168,6 +168,15 @@ export const make = (
       yield* Effect.forkScoped(Effect.repeat(fsync, Schedule.spaced(options.fsyncInterval)))
     }
 
+    /** After a batch was appended: trim each touched topic once, in steps (like MAXLEN ~), and wake a reader. */
+    const appended = (touched: Iterable<string>): void => {
+      for (const topic of touched) {
+        const t = core.topics.get(topic)!
+        if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
+        core.wakeOne(topic)
+      }
+    }
+
     const publish = (messages: ReadonlyArray<Envelope.Encoded>) =>
       Effect.flatMap(Clock.currentTimeMillis, (now) => {
         if (core.closed)
@@ -195,12 +204,7 @@ export const make = (
           }
           ids[i] = core.append(t, m, undefined, m.key, now).id
         }
-        for (const topic of touched) {
-          const t = core.topics.get(topic)!
-          // trim once per batch and in steps (like MAXLEN ~), so the cost is amortised
-          if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
-          core.wakeOne(topic)
-        }
+        appended(touched)
         return Effect.succeed(ids)
       })
 
@@ -219,11 +223,7 @@ export const make = (
           touched.add(m.topic)
           return { _tag: "Stored", entryId: core.append(core.topic(m.topic), m, undefined, m.key, now).id }
         })
-        for (const topic of touched) {
-          const t = core.topics.get(topic)!
-          if (t.entries.length > core.retention + core.retentionSlack) core.applyRetention(t)
-          core.wakeOne(topic)
-        }
+        appended(touched)
         return Effect.succeed(outcomes)
       })
 

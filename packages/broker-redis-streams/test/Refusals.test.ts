@@ -67,8 +67,10 @@ describe("refusals", () => {
       )
       const failed = outcomes[1]!
       assert.isTrue(failed._tag === "Failed" && !failed.error.isRetryable, "a refusal is not retryable")
-      const read = yield* broker.deadLetters("mixed") // the topic exists and holds the other two
-      assert.deepStrictEqual(read, [])
+      const redis = yield* Redis.Redis
+      const prefix = yield* Prefix
+      assert.strictEqual(Number(yield* redis.send<number>("XLEN", streamKey(prefix, "mixed"))), 2, "the other two")
+      assert.deepStrictEqual(yield* broker.deadLetters("mixed"), [])
     }).pipe(Effect.provide(brokerLayer()))
   )
 

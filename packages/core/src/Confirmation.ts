@@ -215,6 +215,11 @@ export const make = (
           yield* settle(delivery)
           return
         }
+        // a repeat of one already kept (confirmations are at-least-once): the kept one answers, this one is done
+        if (arrived.has(confirmation.messageId)) {
+          yield* settle(delivery)
+          return
+        }
         // nobody waits yet: keep it pending (durable) until an await takes it, or for keepUnawaited
         const now = yield* Effect.clockWith((c) => c.currentTimeMillis)
         arrived.set(confirmation.messageId, { confirmation, delivery, at: now })

@@ -85,4 +85,24 @@ describe("Confirmation", () => {
       assert.include(error.message, "never-published")
     }).pipe(Effect.provide(Live))
   )
+
+  it.effect("a repeated confirmation (at-least-once) is acknowledged, not left pending", () =>
+    Effect.gen(function* () {
+      const confirmations = yield* Confirmation.make({ topic: replies, group: "shop" })
+      const confirmation: Confirmation.Confirmation = {
+        messageId: "m-1",
+        topic: "orders",
+        group: "billing",
+        outcome: "processed",
+        attempts: 1
+      }
+      yield* Publisher.publish(Confirmation.topic(replies), confirmation)
+      yield* Publisher.publish(Confirmation.topic(replies), confirmation)
+      yield* settle
+      assert.deepStrictEqual(yield* confirmations.await("m-1", "1 second"), confirmation)
+      yield* settle
+      const memory = yield* MemoryBroker.MemoryBroker
+      assert.deepStrictEqual(yield* memory.pending(replies, "shop"), [], "both copies acknowledged")
+    }).pipe(Effect.provide(Live))
+  )
 })

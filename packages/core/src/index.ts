@@ -29,5 +29,9 @@ export * as Partition from "./Partition.ts"
 export * as Publisher from "./Publisher.ts"
 /** Error classification, retry schedules and the decision after a failed attempt. */
 export * as Retry from "./Retry.ts"
+/** Sagas: Effect workflows whose steps are compensated, newest first, when a later one fails. */
+export * as Saga from "./Saga.ts"
+/** What a saga coordinator records for people: statuses, steps, results, errors, timings. */
+export * as SagaStore from "./SagaStore.ts"
 /** Topics: a name and a payload Schema. */
 export * as Topic from "./Topic.ts"

@@ -24,6 +24,8 @@
  * | `outbox` | messages written by `Outbox.publish`; `published_at` is set once the broker confirmed |
  * | `outbox_dead` | rows the relay could not publish (poison), with `reason` and `error` |
  * | `inbox` | `(consumer, message_id)` of every message whose effect committed |
+ * | `sagas` | one row per saga: name, status, payload, error, where it is parked (`SagaPg.store`) |
+ * | `saga_steps` | each saga step and compensation: status, result or error, attempts, timings |
  *
  * @since 0.1.0
  */
@@ -217,6 +219,38 @@ $$`
       `ALTER TABLE ${s}.inbox DROP CONSTRAINT inbox_pkey`,
       `ALTER TABLE ${s}.inbox ADD PRIMARY KEY (message_id, consumer, topic)`,
       `INSERT INTO ${s}.settings (name, value) SELECT 'inbox_legacy_rows', 'yes' WHERE EXISTS (SELECT 1 FROM ${s}.inbox)`
+    ]
+  },
+  {
+    // what saga coordinators record for people (the workflow engine keeps its own journal in cluster_*)
+    name: "sagas and saga_steps",
+    statements: [
+      `CREATE TABLE ${s}.sagas (
+  execution_id text COLLATE "C" PRIMARY KEY,
+  name text NOT NULL,
+  status text NOT NULL,
+  payload text NOT NULL,
+  error text,
+  parked_step text,
+  parked_token text,
+  created_at timestamptz NOT NULL,
+  updated_at timestamptz NOT NULL
+)`,
+      `CREATE INDEX sagas_status ON ${s}.sagas (status, created_at DESC)`,
+      `CREATE INDEX sagas_name ON ${s}.sagas (name, created_at DESC)`,
+      `CREATE TABLE ${s}.saga_steps (
+  execution_id text COLLATE "C" NOT NULL,
+  step text NOT NULL,
+  phase text NOT NULL,
+  seq bigint GENERATED ALWAYS AS IDENTITY,
+  status text NOT NULL,
+  result text,
+  error text,
+  attempts int NOT NULL,
+  started_at timestamptz NOT NULL,
+  finished_at timestamptz,
+  PRIMARY KEY (execution_id, step, phase)
+)`
     ]
   }
 ]

@@ -13,5 +13,7 @@ export * as Inbox from "./Inbox.ts"
 export * as Outbox from "./Outbox.ts"
 /** The relay that moves committed outbox rows to the broker. */
 export * as OutboxRelay from "./OutboxRelay.ts"
+/** Sagas on Postgres: Effect's SQL workflow engine, the saga store, commands through the outbox, replies through the inbox. */
+export * as SagaPg from "./SagaPg.ts"
 /** The Postgres schema of the outbox and inbox: tables, migrations, settings. */
 export * as SqlStore from "./SqlStore.ts"

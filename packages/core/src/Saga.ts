@@ -324,7 +324,12 @@ export const make = <
     ...(options.success === undefined ? {} : { success: options.success }),
     error
   })
-  return { [TypeId]: TypeId, name, workflow } as any
+  return { [TypeId]: TypeId, name, workflow } as unknown as Saga<
+    Name,
+    Payload extends Schema.Struct.Fields ? Schema.Struct<Payload> : Payload,
+    Success,
+    Error
+  >
 }
 
 interface Completed {

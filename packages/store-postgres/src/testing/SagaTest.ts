@@ -301,14 +301,18 @@ export const suite = (
           const rows = yield* sql.unsafe<{
             readonly message_id: string
             readonly data: string
-            readonly headers: unknown
+            readonly headers: Record<string, string>
+            readonly type: string
+            readonly source: string
+            readonly time: string
+            readonly key: string | null
           }>(
             `SELECT message_id, data, headers, type, source, time, key FROM ${table("outbox")} WHERE topic = $1 AND data LIKE $2`,
             [replyTopic, `%"success"%`]
           ).withoutTransform
           const executionId = yield* OrderSaga.workflow.executionId({ id: order, cents: 100 })
-          const reply = (rows as ReadonlyArray<any>).find((r) => String(r.headers?.correlationid) === executionId)
-          assert.isDefined(reply, "the charge reply went through the outbox")
+          const reply = rows.find((r) => r.headers.correlationid === executionId)
+          if (reply === undefined) return assert.fail("the charge reply went through the outbox")
           const broker = yield* Broker.Broker
           // the same message again, as a redelivery or a duplicate publish would bring it
           yield* broker.publish([

@@ -26,7 +26,7 @@
  */
 
 import { type Broker, Consumer, type Name, Saga, SagaStore } from "@converge/core"
-import { Effect, Layer, Option } from "effect"
+import { type Duration, Effect, Layer, Option } from "effect"
 import type { ConfigError } from "effect/Config"
 import { ClusterWorkflowEngine, RunnerAddress, SingleRunner } from "effect/cluster"
 import { Digest } from "effect/crypto"
@@ -257,6 +257,15 @@ export interface EngineOptions {
    * over a minute (default 500 ms; Effect's own default is 10 s).
    */
   readonly pollInterval?: number | undefined
+  /**
+   * How long a coordinator that stopped refreshing its registration and
+   * shard locks keeps its sagas before the others take them over (Effect's
+   * `shardLockExpiration`, default 35 s). A killed process's advisory locks
+   * go with its connections at once, but its runner stays assigned shards
+   * until this expires: lower it for faster take-over, at the price of more
+   * refresh queries (every third of it).
+   */
+  readonly lockExpiration?: Duration.Input | undefined
 }
 
 /**
@@ -277,7 +286,8 @@ export const engine = (
         shardingConfig: {
           entityMessagePollInterval: options?.pollInterval ?? 500,
           entityReplyPollInterval: options?.pollInterval ?? 500,
-          runnerAddress: Option.some(RunnerAddress.make(address.host, address.port))
+          runnerAddress: Option.some(RunnerAddress.make(address.host, address.port)),
+          ...(options?.lockExpiration === undefined ? {} : { shardLockExpiration: options.lockExpiration })
         }
       })
     ),
@@ -318,9 +328,14 @@ export const layer = (
  * @since 0.1.0
  */
 export const replies = (options: {
+  /** The reply topic (the `replyTopic` of {@link layer}). */
   readonly topic: string
+  /** The coordinators' consumer group on it (one group shared by every coordinator process). */
   readonly group: string
   readonly consumer?: string | undefined
+  /** How long a dead coordinator's unacknowledged replies wait before another takes them (see `Consumer`). */
+  readonly claimIdle?: Duration.Input | undefined
+  readonly concurrency?: number | undefined
 }): Layer.Layer<
   never,
   Name.InvalidName | Consumer.InvalidOption,
@@ -335,6 +350,8 @@ export const replies = (options: {
       yield* Consumer.make(topic, {
         group: options.group,
         ...(options.consumer === undefined ? {} : { consumer: options.consumer }),
+        ...(options.claimIdle === undefined ? {} : { claimIdle: options.claimIdle }),
+        ...(options.concurrency === undefined ? {} : { concurrency: options.concurrency }),
         ...Inbox.handlers((items) =>
           Effect.forEach(items, ({ message }) => Saga.completeReply(message), { discard: true })
         )

@@ -7,7 +7,7 @@
 import { type ChildProcess, spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
 import { fileURLToPath } from "node:url"
-import { SqlStore } from "@converge/store-postgres"
+import { SagaPg, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
 import { Effect, Layer, Redacted } from "effect"
@@ -23,7 +23,12 @@ let ports = 41_000 + Math.floor(Math.random() * 10_000)
 const Setup = Layer.effectDiscard(
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
-    yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+    yield* Effect.addFinalizer(() =>
+      Effect.andThen(
+        Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw),
+        SagaPg.dropEngineTables(`${schema}_cluster`)
+      )
+    )
     const store = yield* SqlStore.make({ schema, partitions: 4 })
     yield* sql.unsafe(
       `CREATE TABLE ${store.table("effects")} (seq bigint GENERATED ALWAYS AS IDENTITY, what text NOT NULL, order_id text NOT NULL, pid int NOT NULL)`

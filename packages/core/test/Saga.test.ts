@@ -104,7 +104,7 @@ const runWithClock = <A, E, R>(effect: Effect.Effect<A, E, R>, step = 10, limit 
       yield* TestClock.adjust(step)
     }
     return yield* Effect.die(new Error("the saga did not finish in virtual time"))
-  }).pipe(Effect.flatMap((exit) => exit))
+  }).pipe(Effect.flatten)
 
 const start = Effect.andThen(payments, replies)
 

@@ -3,8 +3,9 @@
  *
  * Runs example 01 (orders → billing and shipping consumers, a transient
  * failure retried, a permanent one and an undecodable message
- * dead-lettered) and example 02 (transactional outbox, relay, idempotent
- * inbox) on the in-memory broker and an embedded Postgres (PGlite): no
+ * dead-lettered), example 02 (transactional outbox, relay, idempotent
+ * inbox) and example 03 (a checkout saga with a declined payment and a
+ * stock shortage compensated) on the in-memory broker and an embedded Postgres (PGlite): no
  * server needed. `REDIS_URL` switches to the Redis Streams broker,
  * `DATABASE_URL` to a Postgres server (read through `effect/Config`, see
  * `config.ts`: a bad value is an error naming the variable, and no log line
@@ -14,11 +15,14 @@ import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { Publisher } from "@converge/core"
+import { SagaPg } from "@converge/store-postgres"
 import { NodeRedis, NodeRuntime } from "@effect/platform-node"
 import { Console, Effect, Layer, Option, Redacted } from "effect"
 import { SqlClient } from "effect/sql"
 import { program } from "./01-orders/program.ts"
 import * as Outboxes from "./02-outbox/program.ts"
+import * as Checkout from "./03-saga/program.ts"
+import * as CheckoutSaga from "./03-saga/saga.ts"
 import { describeUrl, settings } from "./config.ts"
 import { databaseLayer } from "./embedded.ts"
 
@@ -83,6 +87,36 @@ const demo = (
     yield* Console.log(
       `  outbox:        ${outbox.unpublished} rows waiting for the relay (published rows are deleted on confirmation)`
     )
+
+    const sagaSchema = embedded ? "checkout" : `converge_demo_saga_${randomUUID().replaceAll("-", "").slice(0, 8)}`
+    yield* Console.log(
+      `\nExample 03: a checkout saga — orders → payments → inventory, undone newest first when a step fails\n`
+    )
+    yield* Effect.scoped(
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        if (!embedded)
+          yield* Effect.addFinalizer(() =>
+            Effect.andThen(
+              Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${sagaSchema} CASCADE`).raw),
+              SagaPg.dropEngineTables(`${sagaSchema}_cluster`)
+            )
+          )
+        return yield* Effect.scoped(Checkout.program).pipe(
+          Effect.provide(
+            CheckoutSaga.layer({
+              schema: sagaSchema,
+              // PGlite is one connection: Effect's SQL runner storage would starve it (see docs/sagas.md)
+              runnerStorage: embedded ? "memory" : "sql",
+              stock: [
+                ["tea", 10],
+                ["cups", 3]
+              ]
+            })
+          )
+        )
+      })
+    ).pipe(Effect.provide(databaseLayer(databaseUrl)))
   })
 
 NodeRuntime.runMain(main)

@@ -27,10 +27,19 @@
 
 import { type Broker, Consumer, type Name, Saga, SagaStore } from "@converge/core"
 import { type Duration, Effect, Layer, Option } from "effect"
-import type { ConfigError } from "effect/Config"
-import { ClusterWorkflowEngine, RunnerAddress, SingleRunner } from "effect/cluster"
+import {
+  ClusterWorkflowEngine,
+  RunnerAddress,
+  RunnerHealth,
+  RunnerStorage,
+  Runners,
+  Sharding,
+  ShardingConfig,
+  SqlMessageStorage,
+  SqlRunnerStorage
+} from "effect/cluster"
 import { Digest } from "effect/crypto"
-import type { SqlClient } from "effect/sql"
+import { SqlClient } from "effect/sql"
 import type { WorkflowEngine } from "effect/workflow"
 import * as Inbox from "./Inbox.ts"
 import * as Outbox from "./Outbox.ts"
@@ -266,6 +275,15 @@ export interface EngineOptions {
    * refresh queries (every third of it).
    */
   readonly lockExpiration?: Duration.Input | undefined
+  /**
+   * The prefix of the engine's tables (`<prefix>_messages`, `<prefix>_replies`,
+   * `<prefix>_runners`, `<prefix>_locks`, in the connection's search path).
+   * Coordinators see exactly the sagas of the tables they share: {@link layer}
+   * defaults it to `<store schema>_cluster`, so two stores in one database
+   * never run each other's workflows; {@link engine} defaults to `cluster`
+   * (Effect's own name).
+   */
+  readonly tablePrefix?: string | undefined
 }
 
 /**
@@ -277,22 +295,29 @@ export interface EngineOptions {
  */
 export const engine = (
   options?: EngineOptions
-): Layer.Layer<WorkflowEngine.WorkflowEngine, ConfigError, SqlClient.SqlClient> => {
+): Layer.Layer<WorkflowEngine.WorkflowEngine, never, SqlClient.SqlClient> => {
   const address = options?.runnerAddress ?? { host: "127.0.0.1", port: globalThis.process?.pid ?? 34431 }
-  return ClusterWorkflowEngine.layer.pipe(
-    Layer.provide(
-      SingleRunner.layer({
-        runnerStorage: options?.runnerStorage ?? "sql",
-        shardingConfig: {
-          entityMessagePollInterval: options?.pollInterval ?? 500,
-          entityReplyPollInterval: options?.pollInterval ?? 500,
-          runnerAddress: Option.some(RunnerAddress.make(address.host, address.port)),
-          ...(options?.lockExpiration === undefined ? {} : { shardLockExpiration: options.lockExpiration })
-        }
-      })
-    ),
-    Layer.provide(Digest.layerWebCrypto)
+  const prefix = options?.tablePrefix ?? "cluster"
+  const config = ShardingConfig.layer({
+    entityMessagePollInterval: options?.pollInterval ?? 500,
+    entityReplyPollInterval: options?.pollInterval ?? 500,
+    runnerAddress: Option.some(RunnerAddress.make(address.host, address.port)),
+    ...(options?.lockExpiration === undefined ? {} : { shardLockExpiration: options.lockExpiration })
+  })
+  // Effect's SingleRunner.layer, with the table prefix it does not expose: one runner of Effect's
+  // sharding per process; shards spread over the runners registered in `<prefix>_runners`
+  const runner = Sharding.layer.pipe(
+    Layer.provideMerge(Runners.layerNoop),
+    Layer.provideMerge(SqlMessageStorage.layerWith({ prefix })),
+    Layer.provide([
+      options?.runnerStorage === "memory"
+        ? RunnerStorage.layerMemory
+        : Layer.orDie(SqlRunnerStorage.layerWith({ prefix })),
+      RunnerHealth.layerNoop
+    ]),
+    Layer.provide(config)
   )
+  return ClusterWorkflowEngine.layer.pipe(Layer.provide(runner), Layer.provide(Digest.layerWebCrypto))
 }
 
 /**
@@ -316,9 +341,19 @@ export const layer = (
   options: Options
 ): Layer.Layer<
   WorkflowEngine.WorkflowEngine | SagaStore.SagaStore | Saga.SagaTransport,
-  ConfigError | Name.InvalidName,
+  Name.InvalidName,
   SqlClient.SqlClient | SqlStore | Outbox.Outbox
-> => Layer.mergeAll(engine(options), store, transport(options), transaction)
+> =>
+  Layer.mergeAll(
+    Layer.unwrap(
+      Effect.map(Effect.service(SqlStore), (s) =>
+        engine({ ...options, tablePrefix: options.tablePrefix ?? `${s.schema}_cluster` })
+      )
+    ),
+    store,
+    transport(options),
+    transaction
+  )
 
 /**
  * Consumes a coordinator's replies: each is claimed in the inbox and handed
@@ -358,3 +393,19 @@ export const replies = (options: {
       })
     })
   )
+
+/**
+ * Drops the engine's tables of a prefix (`<prefix>_*` in the connection's
+ * search path): every saga journal in them is lost. For tests and demos
+ * that use a store of their own; never on a store in use.
+ *
+ * @since 0.1.0
+ */
+export const dropEngineTables = (prefix: string): Effect.Effect<void, never, SqlClient.SqlClient> =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    const rows = yield* sql<{ readonly name: string }>`
+      SELECT quote_ident(schemaname) || '.' || quote_ident(tablename) AS name FROM pg_tables
+      WHERE schemaname = ANY (current_schemas(false)) AND left(tablename, ${prefix.length + 1}) = ${`${prefix}_`}`
+    for (const row of rows) yield* sql.unsafe(`DROP TABLE IF EXISTS ${row.name} CASCADE`).raw
+  }).pipe(Effect.ignore)

@@ -178,7 +178,12 @@ export const suite = (
   const Schema_ = Layer.effectDiscard(
     Effect.gen(function* () {
       const sql = yield* SqlClient.SqlClient
-      yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+      yield* Effect.addFinalizer(() =>
+        Effect.andThen(
+          Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw),
+          SagaPg.dropEngineTables(`${schema}_cluster`)
+        )
+      )
     })
   )
   const Effects = Layer.effectDiscard(

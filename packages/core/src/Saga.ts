@@ -418,18 +418,14 @@ export const toLayer = <
         saga.workflow.payloadSchema as unknown as Schema.Codec<unknown, unknown>,
         payload
       )
-      yield* record(
-        "saga/start",
-        Effect.flatMap(SagaStore.now, (at) =>
-          store.started({ executionId, name: saga.name, payload: encodedPayload, at })
-        )
-      )
+      // idempotent writes, not journaled activities (each activity costs the engine a round trip): a
+      // replay repeats them with no change. Status changes on the compensation path stay activities: a
+      // replay must not move a parked saga back to `compensating`
+      const at = yield* SagaStore.now
+      yield* Effect.orDie(store.started({ executionId, name: saga.name, payload: encodedPayload, at }))
       const exit = yield* Effect.exit(Effect.provideService(body(payload, executionId), SagaRun, run))
       if (Exit.isSuccess(exit)) {
-        yield* record(
-          "saga/completed",
-          Effect.flatMap(SagaStore.now, (at) => store.status(executionId, "completed", at))
-        )
+        yield* Effect.orDie(Effect.flatMap(SagaStore.now, (at) => store.status(executionId, "completed", at)))
         return exit.value
       }
       // a suspension (awaiting a reply, a timer, an operator) interrupts the run: not a failure
@@ -760,7 +756,9 @@ export const request = <C, CI, A, AI, E, EI, R2 = never>(
             throw Cause.squash(cause)
           }
         }),
-        Effect.as(DurableClock.sleep({ name: `timeout/${name}`, duration: timeout }), { _tag: "TimedOut" } as Outcome)
+        Effect.as(DurableClock.sleep({ name: `timeout/${name}`, duration: timeout, inMemoryThreshold: 0 }), {
+          _tag: "TimedOut"
+        } as Outcome)
       ]
     }) as unknown as Effect.Effect<Outcome, never, WorkflowEngine.WorkflowEngine | WorkflowEngine.WorkflowInstance>
     const exit: Exit.Exit<A, E | StepTimedOut> =
@@ -769,8 +767,8 @@ export const request = <C, CI, A, AI, E, EI, R2 = never>(
         : outcome._tag === "Failure"
           ? Exit.fail(outcome.error)
           : Exit.fail(new StepTimedOut({ step: name, timeout: Duration.format(timeout) }))
-    yield* record(
-      `reply/${name}`,
+    // idempotent (a replay rewrites the same record; the store keeps the first finishedAt)
+    yield* Effect.orDie(
       Effect.gen(function* () {
         const finishedAt = yield* SagaStore.now
         const base = {

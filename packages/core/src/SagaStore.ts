@@ -150,7 +150,10 @@ export class SagaStore extends Context.Service<
         readonly parked?: { readonly step: string; readonly token: string } | undefined
       }
     ) => Effect.Effect<void, SagaStoreError>
-    /** Writes a step record (keyed by execution, step and phase). */
+    /**
+     * Writes a step record (keyed by execution, step and phase). A record with the status and attempts it already
+     * has changes nothing (a replay repeats its writes); `startedAt` is kept from the first record.
+     */
     readonly step: (record: StepRecord) => Effect.Effect<void, SagaStoreError>
     /** Sagas by status and name, newest first. */
     readonly list: (filter?: Filter) => Effect.Effect<ReadonlyArray<Summary>, SagaStoreError>
@@ -194,7 +197,9 @@ export const makeMemory: Effect.Effect<SagaStore["Service"]> = Effect.sync(() =>
       Effect.sync(() => {
         const list = steps.get(record.executionId) ?? []
         const at = list.findIndex((r) => r.step === record.step && r.phase === record.phase)
-        if (at >= 0) list[at] = { ...record, startedAt: list[at]!.startedAt }
+        const previous = at >= 0 ? list[at]! : undefined
+        if (previous !== undefined && previous.status === record.status && previous.attempts === record.attempts) return // a replay's repeat
+        if (previous !== undefined) list[at] = { ...record, startedAt: previous.startedAt }
         else list.push(record)
         steps.set(record.executionId, list)
       }),

@@ -8,8 +8,9 @@ import { main } from "./harness.ts"
 import * as Memory from "./memory.ts"
 import * as OutboxBench from "./outbox.ts"
 import * as RedisBench from "./redis.ts"
+import * as SagaBench from "./saga.ts"
 
 await main(
-  [...Memory.benches, ...ConsumerBench.benches, ...RedisBench.benches, ...OutboxBench.benches],
+  [...Memory.benches, ...ConsumerBench.benches, ...RedisBench.benches, ...OutboxBench.benches, ...SagaBench.benches],
   process.argv.slice(2)
 )

@@ -136,7 +136,8 @@ export const makeStore: Effect.Effect<SagaStore.SagaStore["Service"], never, Sql
           `INSERT INTO ${steps} (execution_id, step, phase, status, result, error, attempts, started_at, finished_at)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
            ON CONFLICT (execution_id, step, phase) DO UPDATE SET status = excluded.status, result = excluded.result,
-             error = excluded.error, attempts = excluded.attempts, finished_at = excluded.finished_at`,
+             error = excluded.error, attempts = excluded.attempts, finished_at = excluded.finished_at
+           WHERE ${steps}.status IS DISTINCT FROM excluded.status OR ${steps}.attempts IS DISTINCT FROM excluded.attempts`,
           [
             r.executionId,
             r.step,

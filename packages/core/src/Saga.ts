@@ -372,7 +372,12 @@ const encodeJson = <A, I>(schema: Schema.Codec<A, I>, value: A): Effect.Effect<s
     JSON.stringify(encoded ?? null)
   )
 
-/** The text a store records for a failure cause. @internal */
+/**
+ * The text recorded for a failure cause: the encoded typed error (`Retry.encodeError`), else the
+ * pretty-printed cause.
+ *
+ * @since 0.1.0
+ */
 export const describe = (cause: Cause.Cause<unknown>): string => {
   const failure = Cause.findErrorOption(cause)
   if (Option.isSome(failure)) return Retry.encodeError(failure.value)

@@ -110,7 +110,7 @@ export const OrderSagaLive = Saga.toLayer(OrderSaga, (order) =>
 )
 
 /** Payments: charges once per command (inbox), declines a zero amount. */
-export const payments = Consumer.make(chargeTopic, {
+const payments = Consumer.make(chargeTopic, {
   group: "sagatest-payments",
   handle: Inbox.handler(
     Saga.respond(Charge, (command) =>

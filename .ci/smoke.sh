@@ -54,7 +54,7 @@ done
 echo "-- a fresh project outside the workspace"
 APP="$WORK/app"
 mkdir -p "$APP"
-cp .ci/smoke/memory.ts .ci/smoke/postgres.ts "$APP/"
+cp .ci/smoke/memory.ts .ci/smoke/postgres.ts .ci/smoke/saga.ts "$APP/"
 cat >"$APP/package.json" <<'JSON'
 { "name": "converge-smoke-app", "private": true, "type": "module" }
 JSON
@@ -72,7 +72,7 @@ cat >"$APP/tsconfig.json" <<'JSON'
     "verbatimModuleSyntax": true,
     "noEmit": true
   },
-  "include": ["memory.ts", "postgres.ts"]
+  "include": ["memory.ts", "postgres.ts", "saga.ts"]
 }
 JSON
 TS_VERSION="$("$NODE" -p 'require("./node_modules/typescript/package.json").version')"
@@ -99,4 +99,5 @@ echo "an unmapped error tag is a compile error: ok"
 echo "-- run on Node $("$NODE" --version)"
 (cd "$APP" && "$NODE" memory.ts)
 (cd "$APP" && "$NODE" postgres.ts)
+(cd "$APP" && "$NODE" saga.ts)
 echo "smoke: ok"

@@ -16,7 +16,7 @@ import { randomUUID } from "node:crypto"
 import { Broker, Consumer, Saga, SagaStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
-import { Effect, Exit, Layer, Redacted, Schema } from "effect"
+import { Clock, Effect, Exit, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import * as Inbox from "../Inbox.ts"
 import * as Outbox from "../Outbox.ts"
@@ -142,10 +142,12 @@ export const eventually = <A, E, R>(
   timeoutMs = 20_000
 ): Effect.Effect<A, E | Error, R> =>
   Effect.gen(function* () {
-    const deadline = Date.now() + timeoutMs
+    const deadline = (yield* Clock.currentTimeMillis) + timeoutMs
     let last: A = yield* effect
     while (!check(last)) {
-      if (Date.now() > deadline) return yield* Effect.fail(new Error(`${what}: still ${JSON.stringify(last)}`))
+      if ((yield* Clock.currentTimeMillis) > deadline) {
+        return yield* Effect.fail(new Error(`${what}: still ${JSON.stringify(last)}`))
+      }
       yield* Effect.sleep(100)
       last = yield* effect
     }

@@ -90,6 +90,7 @@ import {
   type Scope,
   Stream
 } from "effect"
+import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import * as Confirmation from "./Confirmation.ts"
 import * as Envelope from "./Envelope.ts"
@@ -425,6 +426,23 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     }
 
     const confirm = options.confirm === true
+    // the audit sink, read once: off (the default) costs a boolean check per read
+    const audit = yield* Audit.AuditSink
+    const auditing = audit.enabled
+    const audited = (
+      kind: Audit.Kind,
+      deliveries: ReadonlyArray<Broker.Delivery>,
+      extra: (d: Broker.Delivery) => Partial<Audit.Event>
+    ): Effect.Effect<void> =>
+      Effect.suspend(() => {
+        if (!auditing) return Effect.void
+        const chosen = deliveries.filter((d) => audit.records(d.envelope.topic, d.envelope.id))
+        if (chosen.length === 0) return Effect.void
+        return Effect.flatMap(
+          Effect.clockWith((c) => c.currentTimeMillis),
+          (at) => audit.enqueue(chosen.map((d) => Audit.eventOf(kind, d.envelope, at, { group, ...extra(d) })))
+        )
+      })
 
     /**
      * Publishes the confirmations of deliveries that name a `replyto` (one `publishEach`); returns those
@@ -457,6 +475,14 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           .pipe(
             Effect.catch((error) => Effect.succeed(ready.map((): Broker.PublishOutcome => ({ _tag: "Failed", error }))))
           )
+        if (auditing) {
+          const sent = ready.filter((_, i) => outcomes[i]?._tag !== "Failed" && outcomes[i] !== undefined)
+          yield* audited(
+            "confirmed",
+            sent.map((r) => r.delivery),
+            (d) => ({ reason: confirmationOf(d).outcome, attempt: confirmationOf(d).attempts })
+          )
+        }
         for (let i = 0; i < ready.length; i++) {
           const o = outcomes[i]
           if (o === undefined || o._tag === "Failed") {
@@ -488,6 +514,11 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           if (failed.size > 0) toAck = deliveries.filter((d) => !failed.has(d))
         }
         if (toAck.length === 0) return
+        if (auditing) {
+          // the inbox writes `handled` in the handler's transaction; the others are written here
+          const unmarked = toAck.filter((d) => !Audit.isMarkedHandled(d.envelope))
+          yield* audited("handled", unmarked, (d) => ({ attempt: attempts.get(d) ?? Math.max(1, d.envelope.attempt) }))
+        }
         yield* broker.ackAll(toAck).pipe(
           Effect.catch((e) => Effect.logWarning("consumer: acking a read failed; its messages will be redelivered", e)),
           Effect.asVoid
@@ -504,6 +535,13 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
      */
     const deadLetter = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
       Effect.uninterruptible(delivery.deadLetter(reason)).pipe(
+        Effect.andThen(
+          audited("dead-lettered", [delivery], () => ({
+            reason: reason.reason,
+            error: reason.error,
+            attempt: reason.attempts ?? delivery.envelope.attempt
+          }))
+        ),
         Effect.andThen(
           Effect.logWarning(
             `consumer: message dead-lettered (${reason.reason})${reason.error === undefined ? "" : `: ${truncate(reason.error)}`}`
@@ -576,7 +614,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         Effect.matchCauseEffect(call(attempt), {
           onSuccess: () => {
             acks.push(delivery)
-            if (confirm) attempts.set(delivery, attempt)
+            if (confirm || auditing) attempts.set(delivery, attempt)
             return Effect.void
           },
           onFailure: (cause) => {
@@ -592,10 +630,14 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
                   return deadLetter(delivery, { reason: decision.reason, error: decision.error, attempts: attempt })
                 case "Retry": {
                   const delayMs = Duration.toMillis(decision.delay)
+                  const retried = audited("retried", [delivery], () => ({ attempt, delayMs, error: decision.error }))
                   if (delayMs <= inProcessLimit && inProcess < maxInProcess) {
-                    return Effect.andThen(Effect.sleep(decision.delay), loop(attempt + 1, inProcess + 1))
+                    return Effect.andThen(
+                      retried,
+                      Effect.andThen(Effect.sleep(decision.delay), loop(attempt + 1, inProcess + 1))
+                    )
                   }
-                  return settle(delivery.nack(decision.delay, { attempt: attempt + 1 }))
+                  return Effect.andThen(retried, settle(delivery.nack(decision.delay, { attempt: attempt + 1 })))
                 }
               }
             })
@@ -694,7 +736,12 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         if (stopping) return Effect.void
         handling++
         return Effect.ensuring(
-          handleRead(batch),
+          auditing
+            ? Effect.andThen(
+                audited("delivered", batch, (d) => ({ attempt: Math.max(1, d.envelope.attempt) })),
+                handleRead(batch)
+              )
+            : handleRead(batch),
           Effect.suspend(() => (--handling === 0 && stopping ? Deferred.succeed(idle, undefined) : Effect.void))
         )
       })

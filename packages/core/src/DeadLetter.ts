@@ -18,7 +18,8 @@
  *
  * @since 0.1.0
  */
-import { Effect, Schema } from "effect"
+import { Clock, Effect, Schema } from "effect"
+import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
 import * as Envelope from "./Envelope.ts"
@@ -150,6 +151,7 @@ export const replay = (
     }
     const [entryId] = yield* broker.publish([replayed])
     yield* broker.purgeDeadLetters(topic, [id])
+    yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}` }))
     yield* Effect.logInfo("dead letter replayed").pipe(
       Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })
     )
@@ -164,7 +166,24 @@ export const replay = (
 export const purge = (topic: string, ids?: ReadonlyArray<string>): Effect.Effect<number, BrokerError, Broker.Broker> =>
   Effect.gen(function* () {
     const broker = yield* Broker.Broker
-    return yield* broker.purgeDeadLetters(topic, ids)
+    const purged = yield* broker.purgeDeadLetters(topic, ids)
+    const sink = yield* Audit.AuditSink
+    if (sink.enabled && purged > 0) {
+      // dead-letter entry ids (the messages are gone): one event per id given, or one for a whole queue
+      const at = yield* Clock.currentTimeMillis
+      const entries = ids ?? ["*"]
+      yield* sink.enqueue(
+        entries.map((entry) => ({
+          kind: "purged" as const,
+          messageId: entry,
+          topic,
+          at,
+          process: Audit.processName,
+          detail: ids === undefined ? `the whole queue: ${purged} dead letters` : "dead-letter entry id"
+        }))
+      )
+    }
+    return purged
   })
 
 /**

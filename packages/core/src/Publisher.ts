@@ -11,6 +11,7 @@
  * @since 0.1.0
  */
 import { Clock, Context, Effect, Layer, Result } from "effect"
+import * as Audit from "./Audit.ts"
 import { Broker } from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
 import * as Envelope from "./Envelope.ts"
@@ -81,6 +82,7 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
   Effect.gen(function* () {
     const broker = yield* Broker
     const source = options?.source
+    const audit = yield* Audit.AuditSink
     const publishAll = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
@@ -93,9 +95,14 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
           if (Result.isFailure(made)) return Effect.fail(made.failure)
           const encoded = made.success
           if (encoded.length === 0) return Effect.succeed([])
-          return Effect.map(broker.publish(encoded), (entryIds) =>
+          const published = Effect.map(broker.publish(encoded), (entryIds) =>
             encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
           )
+          return audit.enabled
+            ? Effect.tap(published, () =>
+                Audit.recordWith(audit, "enqueue", "published", encoded, () => ({ detail: "direct" }))
+              )
+            : published
         }
       )
     return Publisher.of({

@@ -9,6 +9,8 @@
  * @since 0.1.0
  */
 
+/** One audit trail of every message's lifecycle steps: the sink the runtime writes to, and queries. */
+export * as Audit from "./Audit.ts"
 /** The pluggable broker contract and its semantics. */
 export * as Broker from "./Broker.ts"
 /** The one error of every broker operation, with a `reason` that says `isRetryable`. */

@@ -5,5 +5,7 @@
  * @since 0.1.0
  */
 
+/** The audit lifecycle scenario shared by the audit stores' tests. */
+export * as AuditTest from "./AuditTest.ts"
 /** The broker conformance suite (C01–C26). */
 export * as BrokerTest from "./BrokerTest.ts"

@@ -1,0 +1,40 @@
+import { MemoryBroker } from "@converge/broker-memory"
+import { assert, describe, it } from "@effect/vitest"
+import { Effect, Layer, Schema } from "effect"
+import { Audit, Publisher, Topic } from "../src/index.ts"
+import { AuditTest } from "../src/testing/index.ts"
+
+const Live = Publisher.layer().pipe(Layer.provideMerge(MemoryBroker.layer()), Layer.provideMerge(Audit.layerMemory()))
+
+describe("Audit (memory store)", () => {
+  it.live("one message's publish → retry → dead-letter → replay → handled, in order, with attempts and reasons", () =>
+    Effect.scoped(AuditTest.lifecycle).pipe(Effect.provide(Live))
+  )
+
+  it.live("off by topic, sampled by message id, and nothing at all without a sink", () =>
+    Effect.gen(function* () {
+      const quiet = Topic.make("audit.quiet", Schema.String)
+      const half = Topic.make("audit.half", Schema.String)
+      const memory = Audit.makeMemory({ topics: { "audit.quiet": false, "audit.half": 0.5 } })
+      const run = Effect.gen(function* () {
+        yield* Publisher.publishAll(quiet, ["a", "b"])
+        yield* Publisher.publishAll(
+          half,
+          Array.from({ length: 400 }, (_, i) => `m${i}`)
+        )
+      }).pipe(
+        Effect.provide(Publisher.layer().pipe(Layer.provideMerge(MemoryBroker.layer()))),
+        Effect.provideService(Audit.AuditSink, memory.sink)
+      )
+      yield* run
+      assert.strictEqual(memory.events.filter((e) => e.topic === "audit.quiet").length, 0)
+      const sampled = memory.events.filter((e) => e.topic === "audit.half").length
+      assert.isAbove(sampled, 140)
+      assert.isBelow(sampled, 260)
+      // the same ids are chosen every time (all of a message's events, or none)
+      const ids = memory.events.map((e) => e.messageId)
+      assert.isTrue(ids.every((id) => memory.sink.records("audit.half", id)))
+      assert.throws(() => Audit.recorder({ topics: { x: 2 } }), /from 0 to 1/)
+    })
+  )
+})

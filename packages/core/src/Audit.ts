@@ -178,7 +178,10 @@ export class AuditError extends Schema.TaggedError<AuditError>("@converge/core/A
 export class AuditLog extends Context.Service<
   AuditLog,
   {
-    /** Events matching the filter, in the order they were written. */
+    /**
+     * Events matching the filter, by time, then in the order they were written (batched events are
+     * written after the transactional ones of the same moment).
+     */
     readonly query: (filter: Filter) => Effect.Effect<ReadonlyArray<Stored>, AuditError>
     /** Deletes the events written before `before` (epoch ms); returns how many. */
     readonly cleanup: (before: number) => Effect.Effect<number, AuditError>
@@ -264,7 +267,13 @@ export const makeMemory = (
     events,
     sink: { enabled: true, records: recorder(options), write: append, enqueue: append },
     log: AuditLog.of({
-      query: (filter) => Effect.sync(() => events.filter(matches(filter)).slice(0, filter.limit ?? 1_000)),
+      query: (filter) =>
+        Effect.sync(() =>
+          events
+            .filter(matches(filter))
+            .sort((a, b) => a.at - b.at || a.seq - b.seq)
+            .slice(0, filter.limit ?? 1_000)
+        ),
       cleanup: (before) =>
         Effect.sync(() => {
           const kept = events.filter((e) => e.at >= before)

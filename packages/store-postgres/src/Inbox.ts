@@ -34,7 +34,7 @@
  * @since 0.1.0
  */
 
-import { type Consumer, Name } from "@converge/core"
+import { Audit, type Consumer, type Envelope, Name } from "@converge/core"
 import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
 import { requireOpenTransaction, Transaction, transactionIn } from "./Outbox.ts"
@@ -137,6 +137,7 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
     const store = yield* SqlStore
     const { sql } = store
     const table = store.table("inbox")
+    const audit = yield* Audit.AuditSink
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? defaultRetention))
     // rows written before the topic joined the key (migration 3) have topic '': while any may remain, a
     // claim also finds those (an index probe on the same key), so an upgrade repeats no effect
@@ -215,7 +216,25 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
               `converge: skipped ${items.length - fresh.length} duplicate(s) for ${consumer} (inbox)`
             )
           }
-          return yield* effect(fresh)
+          const result = yield* effect(fresh)
+          if (audit.enabled) {
+            // `handled`, in this transaction: it commits with the effect. A consumer's contexts carry the
+            // envelope; the consumer then does not write the event again
+            const envelopes: Array<Envelope.Encoded> = []
+            const attempts = new Map<Envelope.Encoded, number>()
+            for (const item of fresh) {
+              const context = item.context as Partial<Consumer.MessageContext>
+              if (context.encoded === undefined) continue
+              envelopes.push(context.encoded)
+              attempts.set(context.encoded, context.attempt ?? 1)
+              Audit.markHandled(context.encoded)
+            }
+            yield* Audit.recordWith(audit, "write", "handled", envelopes, (e) => ({
+              group: consumer,
+              attempt: attempts.get(e)
+            }))
+          }
+          return result
         })
       )
 

@@ -26,7 +26,7 @@
  * @since 0.1.0
  */
 
-import { Envelope, type Name, Partition, type Retry, type Topic } from "@converge/core"
+import { Audit, Envelope, type Name, Partition, type Retry, type Topic } from "@converge/core"
 import { Clock, Context, Effect, Layer, Option, Result } from "effect"
 import type { SqlClient } from "effect/sql"
 import { isSqlError, type SqlError } from "effect/sql/SqlError"
@@ -207,6 +207,7 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
     const table = store.table("outbox")
     const withKeysSql = insertSql(table, true)
     const withoutKeysSql = insertSql(table, false)
+    const audit = yield* Audit.AuditSink
     // after commit, wake the relays of this process, naming the transaction (its rows' `tx`, read back by
     // the insert): a relay keeps trying until it has read past it
     const guard = Transaction.use((tx) =>
@@ -264,6 +265,8 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
           state.xid ??= rows[0]?.tx
           for (let i = 0; i < chunk.length; i++) receipts.push({ id: chunk[i]!.id, seq: rows[i]!.seq })
         }
+        // in this transaction: the audit row commits and rolls back with the message
+        if (audit.enabled) yield* Audit.recordWith(audit, "write", "published", encoded, () => ({ detail: "outbox" }))
         return receipts
       })
     return Outbox.of({

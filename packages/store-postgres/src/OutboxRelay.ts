@@ -52,7 +52,7 @@
  * @since 0.1.0
  */
 
-import { Broker, BrokerError, type Envelope, Name, Retry } from "@converge/core"
+import { Audit, Broker, BrokerError, type Envelope, Name, Retry } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, type Schedule, Schema } from "effect"
 import { SqlClient } from "effect/sql"
@@ -372,6 +372,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
     // less than a batch of the rows below its snapshot's xmin, and committed. A wake-up for such a
     // transaction needs no drain; one for a later transaction needs drains until the horizon passes it.
     let horizon = 0n
+    const audit = yield* Audit.AuditSink
 
     // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
     // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
@@ -470,6 +471,16 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
             }
             if (published.length > 0) {
               yield* sql.unsafe(markSql, retention === 0 ? [published] : [published, nowIso])
+              if (audit.enabled) {
+                // in the cycle's transaction, with the rows' removal
+                const relayed = new Set(published)
+                yield* Audit.recordWith(
+                  audit,
+                  "write",
+                  "relayed",
+                  messages.filter((_, i) => relayed.has(seqs[i]!))
+                )
+              }
             }
             for (const p of poison) {
               yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])

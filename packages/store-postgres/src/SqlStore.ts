@@ -26,6 +26,7 @@
  * | `inbox` | `(consumer, message_id)` of every message whose effect committed |
  * | `sagas` | one row per saga: name, status, payload, error, where it is parked (`SagaPg.store`) |
  * | `saga_steps` | each saga step and compensation: status, result or error, attempts, timings |
+ * | `audit` | the audit trail of every message's lifecycle steps (`AuditPg`) |
  *
  * @since 0.1.0
  */
@@ -251,6 +252,32 @@ $$`
   finished_at timestamptz,
   PRIMARY KEY (execution_id, step, phase)
 )`
+    ]
+  },
+  {
+    // the audit trail (`AuditPg`): written in the transaction of a transactional step, batched otherwise
+    name: "audit",
+    statements: [
+      `CREATE TABLE ${s}.audit (
+  seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  at timestamptz NOT NULL,
+  kind text NOT NULL,
+  message_id text COLLATE "C" NOT NULL,
+  topic text NOT NULL,
+  group_name text,
+  correlation_id text COLLATE "C",
+  causation_id text,
+  attempt int,
+  reason text,
+  error text,
+  delay_ms bigint,
+  process text NOT NULL,
+  detail text
+)`,
+      `CREATE INDEX audit_message ON ${s}.audit (message_id)`,
+      `CREATE INDEX audit_correlation ON ${s}.audit (correlation_id) WHERE correlation_id IS NOT NULL`,
+      `CREATE INDEX audit_topic ON ${s}.audit (topic, at)`,
+      `CREATE INDEX audit_at ON ${s}.audit USING brin (at)`
     ]
   }
 ]

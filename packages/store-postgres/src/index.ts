@@ -7,6 +7,8 @@
  * @since 0.1.0
  */
 
+/** The audit trail in Postgres: in the transaction of a transactional step, batched otherwise. */
+export * as AuditPg from "./AuditPg.ts"
 /** Exactly-once effects: the idempotent inbox, in the handler's transaction. */
 export * as Inbox from "./Inbox.ts"
 /** The transactional outbox: publish in the caller's SQL transaction. */

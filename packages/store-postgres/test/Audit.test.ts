@@ -1,0 +1,117 @@
+/**
+ * The audit trail in Postgres: the lifecycle scenario (`AuditTest`), and the transactional rows — an
+ * outbox publish's `published` and an inbox-handled message's `handled` are written in the step's own
+ * transaction (same transaction id), and roll back with it.
+ */
+import { MemoryBroker } from "@converge/broker-memory"
+import { Audit, Consumer, Publisher, Topic } from "@converge/core"
+import { AuditTest } from "@converge/core/testing"
+import { PgClient } from "@effect/sql-pg"
+import { assert, describe, layer } from "@effect/vitest"
+import { Data, Effect, Exit, Layer, Redacted, Schema } from "effect"
+import { SqlClient } from "effect/sql"
+import { AuditPg, Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
+
+const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
+const schema = `converge_audit_test_${process.pid}`
+class Refused extends Data.TaggedError("Refused")<{}> {}
+
+const Live = Layer.mergeAll(
+  Publisher.layer(),
+  Outbox.layer(),
+  Inbox.layer(),
+  OutboxRelay.layer({ pollInterval: "100 millis", retention: "1 hour" })
+).pipe(
+  Layer.provideMerge(AuditPg.layer({ flushInterval: "50 millis" })),
+  Layer.provideMerge(SqlStore.layer({ schema, partitions: 2 })),
+  Layer.provideMerge(MemoryBroker.layer()),
+  Layer.provideMerge(
+    Layer.effectDiscard(
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
+        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
+      })
+    )
+  ),
+  Layer.provideMerge(PgClient.layer({ url: Redacted.make(url), maxConnections: 6 }))
+)
+
+const payments = Topic.make("audit-pg.payments", Schema.Struct({ id: Schema.String }))
+const charges = Topic.make("audit-pg.charges", Schema.Struct({ id: Schema.String }))
+
+const xminOf = (table: string, where: string, params: ReadonlyArray<unknown>) =>
+  SqlClient.SqlClient.use((sql) =>
+    Effect.map(
+      sql.unsafe<{ readonly x: string }>(`SELECT xmin::text AS x FROM ${schema}.${table} WHERE ${where}`, params),
+      (rows) => rows.map((r) => r.x)
+    )
+  ).pipe(Effect.orDie)
+
+describe("AuditPg", () => {
+  layer(Live, { timeout: 60_000, excludeTestServices: true })((it) => {
+    it.effect("one message's publish → retry → dead-letter → replay → handled, in order, from the audit table", () =>
+      Effect.scoped(AuditTest.lifecycle)
+    )
+
+    it.effect("an outbox publish's audit row commits with the message (same transaction) and rolls back with it", () =>
+      Effect.gen(function* () {
+        const kept = yield* Outbox.transaction(Outbox.publish(payments, { id: "p-1" }))
+        const rolledBack = yield* Effect.exit(
+          Outbox.transaction(Effect.andThen(Outbox.publish(payments, { id: "p-2" }), Effect.fail(new Refused())))
+        )
+        assert.isTrue(Exit.isFailure(rolledBack))
+        const published = yield* Audit.query({ topic: payments.name, kinds: ["published"] })
+        assert.deepStrictEqual(
+          published.map((e) => [e.messageId, e.detail]),
+          [[kept.id, "outbox"]],
+          "only the committed message's event"
+        )
+        const auditTx = yield* xminOf("audit", "kind = 'published' AND message_id = $1", [kept.id])
+        // the relay has since marked the row (a new row version): compare with the id of the inserting transaction
+        const outboxTx = yield* SqlClient.SqlClient.use((sql) =>
+          sql.unsafe<{ readonly x: string }>(
+            `SELECT (tx::text::bigint % 4294967296)::text AS x FROM ${schema}.outbox WHERE message_id = $1`,
+            [kept.id]
+          )
+        ).pipe(
+          Effect.map((rows) => rows.map((r) => r.x)),
+          Effect.orDie
+        )
+        assert.deepStrictEqual(auditTx, outboxTx, "written by the same transaction")
+      })
+    )
+
+    it.effect("an inbox-handled message's `handled` row is written in the handler's transaction, once", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        yield* sql.unsafe(`CREATE TABLE ${schema}.charges (id text PRIMARY KEY)`).raw
+        let failures = 1
+        yield* Consumer.make(charges, {
+          group: "charges",
+          errors: { Refused: "retry" },
+          handle: Inbox.handler((p: { readonly id: string }) =>
+            Effect.andThen(sql.unsafe(`INSERT INTO ${schema}.charges VALUES ($1)`, [p.id]).raw, () =>
+              // the first attempt fails after its write: the write, the claim and any event roll back
+              failures-- > 0 ? Effect.fail(new Refused()) : Effect.void
+            )
+          )
+        })
+        const { id } = yield* Publisher.publish(charges, { id: "c-1" })
+        let events: ReadonlyArray<Audit.Stored> = []
+        for (let i = 0; i < 200 && !events.some((e) => e.kind === "handled"); i++) {
+          yield* Effect.sleep(20)
+          events = yield* Audit.query({ messageId: id })
+        }
+        assert.deepStrictEqual(
+          events.map((e) => `${e.kind}:${e.attempt ?? ""}`),
+          ["published:", "delivered:1", "retried:1", "handled:2"]
+        )
+        const auditTx = yield* xminOf("audit", "kind = 'handled' AND message_id = $1", [id])
+        const inboxTx = yield* xminOf("inbox", "message_id = $1", [id])
+        assert.strictEqual(auditTx.length, 1)
+        assert.deepStrictEqual(auditTx, inboxTx, "the handled event commits with the inbox claim")
+      })
+    )
+  })
+})

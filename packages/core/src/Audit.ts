@@ -366,3 +366,39 @@ export const markHandled = (context: object): void => {
  * @since 0.1.0
  */
 export const isMarkedHandled = (context: object): boolean => handledInTransaction.has(context)
+
+/**
+ * Records a saga event (`messageId`: the execution id, `topic`: the saga's name, `detail`: the step) with
+ * the sink in context, in the current transaction (a saga step's).
+ *
+ * @since 0.1.0
+ */
+export const recordSaga = (
+  kind: Kind,
+  saga: { readonly executionId: string; readonly name: string },
+  extra: {
+    readonly step: string
+    readonly attempt?: number | undefined
+    readonly error?: string | undefined
+    readonly reason?: string | undefined
+  }
+): Effect.Effect<void> =>
+  Effect.flatMap(Effect.service(AuditSink), (sink) => {
+    if (!sink.enabled || !sink.records(saga.name, saga.executionId)) return Effect.void
+    return Effect.flatMap(Clock.currentTimeMillis, (at) =>
+      sink.write([
+        {
+          kind,
+          messageId: saga.executionId,
+          topic: saga.name,
+          correlationId: saga.executionId,
+          at,
+          process: processName,
+          detail: extra.step,
+          attempt: extra.attempt,
+          error: extra.error,
+          reason: extra.reason
+        }
+      ])
+    )
+  })

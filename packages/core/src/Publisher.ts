@@ -82,7 +82,6 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
   Effect.gen(function* () {
     const broker = yield* Broker
     const source = options?.source
-    const audit = yield* Audit.AuditSink
     const publishAll = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
@@ -98,11 +97,14 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
           const published = Effect.map(broker.publish(encoded), (entryIds) =>
             encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
           )
-          return audit.enabled
-            ? Effect.tap(published, () =>
-                Audit.recordWith(audit, "enqueue", "published", encoded, () => ({ detail: "direct" }))
-              )
-            : published
+          // the sink of the caller's context (read per call: the audit layer may sit above the publisher's)
+          return Effect.flatMap(Effect.service(Audit.AuditSink), (audit) =>
+            audit.enabled
+              ? Effect.tap(published, () =>
+                  Audit.recordWith(audit, "enqueue", "published", encoded, () => ({ detail: "direct" }))
+                )
+              : published
+          )
         }
       )
     return Publisher.of({

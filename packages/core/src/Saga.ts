@@ -55,6 +55,7 @@
 import { Cause, Context, Duration, Effect, Exit, Layer, Option, Predicate, Schedule, Schema } from "effect"
 import { ClusterSchema } from "effect/cluster"
 import { Activity, DurableClock, DurableDeferred, Workflow, type WorkflowEngine } from "effect/workflow"
+import * as Audit from "./Audit.ts"
 import type * as Consumer from "./Consumer.ts"
 import * as Envelope from "./Envelope.ts"
 import * as Publisher from "./Publisher.ts"
@@ -488,12 +489,14 @@ const compensate = (
               } as const
               if (Exit.isSuccess(result)) {
                 yield* Effect.orDie(store.step({ ...base, status: "completed" }))
+                yield* Audit.recordSaga("compensation-completed", run, { step: done.step, attempt: total })
                 return
               }
               if (Cause.hasInterruptsOnly(result.cause))
                 return yield* Effect.failCause(result.cause as Cause.Cause<never>)
               const message = describe(result.cause)
               yield* Effect.orDie(store.step({ ...base, status: "failed", error: message }))
+              yield* Audit.recordSaga("compensation-failed", run, { step: done.step, attempt: total, error: message })
               // logged here, in the journaled activity: a replay of the saga does not log it again
               yield* Effect.logWarning(
                 `saga ${run.name} ${executionId}: compensation of ${done.step} failed (attempt ${attempt} of round ${round + 1})`,
@@ -533,6 +536,7 @@ const compensate = (
             error: `compensation of ${done.step} failed ${attempts} times: ${parkedError}`,
             parked: { step: done.step, token }
           })
+          yield* Audit.recordSaga("saga-parked", run, { step: done.step, attempt: attempts, error: parkedError })
           yield* Effect.logError(
             `saga ${run.name} ${executionId}: compensation of ${done.step} failed ${attempts} times; parked as needs-attention (Saga.resume or Saga.resolve it)`,
             parkedError
@@ -557,6 +561,7 @@ const compensate = (
             })
           }
           yield* store.status(executionId, "compensating", at, { error: sagaError })
+          yield* Audit.recordSaga("saga-resumed", run, { step: done.step, reason: decided })
         })
       )
       if (decided === "resolve") return
@@ -650,8 +655,11 @@ export const step = <A, AI, E = never, EI = never, R = never, R2 = never>(
         if (Exit.isSuccess(exit)) {
           const result = yield* encodeJson(options.success, exit.value)
           yield* Effect.orDie(store.step({ ...base, status: "completed", result }))
+          yield* Audit.recordSaga("saga-step-completed", run, { step: name })
         } else if (!Cause.hasInterruptsOnly(exit.cause)) {
-          yield* Effect.orDie(store.step({ ...base, status: "failed", error: describe(exit.cause) }))
+          const error = describe(exit.cause)
+          yield* Effect.orDie(store.step({ ...base, status: "failed", error }))
+          yield* Audit.recordSaga("saga-step-failed", run, { step: name, error })
         }
         return yield* exit
       })
@@ -786,8 +794,11 @@ export const request = <C, CI, A, AI, E, EI, R2 = never>(
         } as const
         if (Exit.isSuccess(exit)) {
           yield* store.step({ ...base, status: "completed", result: yield* encodeJson(command.success, exit.value) })
+          yield* Audit.recordSaga("saga-step-completed", run, { step: name })
         } else {
-          yield* store.step({ ...base, status: "failed", error: describe(exit.cause) })
+          const error = describe(exit.cause)
+          yield* store.step({ ...base, status: "failed", error })
+          yield* Audit.recordSaga("saga-step-failed", run, { step: name, error })
         }
       })
     )

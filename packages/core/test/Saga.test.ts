@@ -8,7 +8,7 @@ import { assert, describe, it } from "@effect/vitest"
 import { Cause, Effect, Exit, Fiber, Layer, Option, Schema } from "effect"
 import { TestClock } from "effect/testing"
 import { WorkflowEngine } from "effect/workflow"
-import { Consumer, Publisher, Saga, SagaStore, Topic } from "../src/index.ts"
+import { Audit, Consumer, Publisher, Saga, SagaStore, Topic } from "../src/index.ts"
 
 class Declined extends Schema.TaggedError<Declined>()("Declined", { orderId: Schema.String }) {}
 class OutOfStock extends Schema.TaggedError<OutOfStock>()("OutOfStock", { sku: Schema.String }) {}
@@ -88,6 +88,7 @@ const replies = Consumer.make(Saga.replyTopic("saga.replies"), { group: "coordin
 const Live = PlaceOrderLive.pipe(
   Layer.provideMerge(Saga.transportFromPublisher({ replyTopic: "saga.replies" })),
   Layer.provideMerge(SagaStore.layerMemory),
+  Layer.provideMerge(Audit.layerMemory()),
   Layer.provideMerge(WorkflowEngine.layerMemory),
   Layer.provideMerge(Publisher.layer()),
   Layer.provideMerge(MemoryBroker.layer())
@@ -124,6 +125,22 @@ describe("Saga (in-memory engine, TestClock)", () => {
         assert.deepStrictEqual(journal, ["reserve o1", "refund ch-o1", "release r-o1 x2 because OutOfStock"])
         const [summary] = yield* Saga.list({ name: "place-order" })
         assert.strictEqual(summary?.status, "compensated")
+        // the audit trail of the saga, and of the command and reply it exchanged, under its correlation id
+        const trail = yield* Audit.timeline(summary!.executionId)
+        assert.deepStrictEqual(
+          trail.filter((e) => e.topic === "place-order").map((e) => `${e.kind} ${e.detail}`),
+          [
+            "saga-step-completed reserve",
+            "saga-step-completed charge",
+            "saga-step-failed ship",
+            "compensation-completed charge",
+            "compensation-completed reserve"
+          ]
+        )
+        assert.deepStrictEqual(
+          trail.filter((e) => e.topic === "payments.charge").map((e) => e.kind),
+          ["published", "delivered", "handled"]
+        )
       }).pipe(Effect.scoped, Effect.provide(Live))
   )
 

@@ -137,7 +137,6 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
     const store = yield* SqlStore
     const { sql } = store
     const table = store.table("inbox")
-    const audit = yield* Audit.AuditSink
     const retention = Duration.toMillis(Duration.fromInputUnsafe(options?.retention ?? defaultRetention))
     // rows written before the topic joined the key (migration 3) have topic '': while any may remain, a
     // claim also finds those (an index probe on the same key), so an upgrade repeats no effect
@@ -217,6 +216,7 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
             )
           }
           const result = yield* effect(fresh)
+          const audit = yield* Audit.AuditSink
           if (audit.enabled) {
             // `handled`, in this transaction: it commits with the effect. A consumer's contexts carry the
             // envelope; the consumer then does not write the event again

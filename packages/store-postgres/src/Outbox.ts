@@ -207,7 +207,6 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
     const table = store.table("outbox")
     const withKeysSql = insertSql(table, true)
     const withoutKeysSql = insertSql(table, false)
-    const audit = yield* Audit.AuditSink
     // after commit, wake the relays of this process, naming the transaction (its rows' `tx`, read back by
     // the insert): a relay keeps trying until it has read past it
     const guard = Transaction.use((tx) =>
@@ -266,7 +265,7 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
           for (let i = 0; i < chunk.length; i++) receipts.push({ id: chunk[i]!.id, seq: rows[i]!.seq })
         }
         // in this transaction: the audit row commits and rolls back with the message
-        if (audit.enabled) yield* Audit.recordWith(audit, "write", "published", encoded, () => ({ detail: "outbox" }))
+        yield* Audit.record("write", "published", encoded, () => ({ detail: "outbox" }))
         return receipts
       })
     return Outbox.of({

@@ -83,6 +83,7 @@ import {
   Exit,
   Fiber,
   Layer,
+  Metric,
   Option,
   Result,
   type Schedule,
@@ -94,6 +95,7 @@ import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import * as Confirmation from "./Confirmation.ts"
 import * as Envelope from "./Envelope.ts"
+import * as Metrics from "./Metrics.ts"
 import * as Name from "./Name.ts"
 import * as Retry from "./Retry.ts"
 import type * as Topic from "./Topic.ts"
@@ -426,6 +428,30 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     }
 
     const confirm = options.confirm === true
+    // metrics, their attributes fixed once
+    const labels = { topic: topic.name, group }
+    const mDelivered = Metric.withAttributes(Metrics.delivered, labels)
+    const mHandled = Metric.withAttributes(Metrics.handled, labels)
+    const mRetried = Metric.withAttributes(Metrics.retried, labels)
+    const mDuration = Metric.withAttributes(Metrics.handlerDuration, labels)
+    const mLatency = Metric.withAttributes(Metrics.publishToHandle, labels)
+    const mDeadLettered = Metrics.tagged(Metrics.deadLettered)
+    /** Handler time and publish-to-handle latency of `count` messages handled together in `nanos`. */
+    const timed = (envelopes: ReadonlyArray<Envelope.Encoded>, startNanos: bigint) =>
+      Effect.clockWith((clock) => {
+        const nanos = clock.currentTimeNanosUnsafe() - startNanos
+        const now = clock.currentTimeMillisUnsafe()
+        const each = Number(nanos) / 1e9 / Math.max(1, envelopes.length)
+        return Effect.forEach(
+          envelopes,
+          (e) =>
+            Effect.andThen(
+              Metric.update(mDuration, each),
+              Metric.update(mLatency, Math.max(0, (now - Date.parse(e.time)) / 1000))
+            ),
+          { discard: true }
+        )
+      })
     // the audit sink, read once: off (the default) costs a boolean check per read
     const audit = yield* Audit.AuditSink
     const auditing = audit.enabled
@@ -514,6 +540,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           if (failed.size > 0) toAck = deliveries.filter((d) => !failed.has(d))
         }
         if (toAck.length === 0) return
+        yield* Metric.update(mHandled, toAck.length)
         if (auditing) {
           // the inbox writes `handled` in the handler's transaction; the others are written here
           const unmarked = toAck.filter((d) => !Audit.isMarkedHandled(d.envelope))
@@ -535,6 +562,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
      */
     const deadLetter = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
       Effect.uninterruptible(delivery.deadLetter(reason)).pipe(
+        Effect.andThen(Metric.update(mDeadLettered({ topic: topic.name, group, reason: reason.reason }), 1)),
         Effect.andThen(
           audited("dead-lettered", [delivery], () => ({
             reason: reason.reason,
@@ -594,7 +622,12 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       // a message published inside a span carries its trace context: the handler continues that trace
       const parent = encoded.headers.traceparent === undefined ? undefined : Envelope.traceParentOf(encoded.headers)
       const call = (attempt: number): Effect.Effect<void, E, R> => {
-        const handled = options.handle(payload, new Context(delivery, names, attempt))
+        const handled = Effect.clockWith((clock) => {
+          const start = clock.currentTimeNanosUnsafe()
+          return Effect.tap(options.handle(payload, new Context(delivery, names, attempt)), () =>
+            timed([encoded], start)
+          )
+        })
         return parent === undefined || Option.isNone(parent)
           ? handled
           : Effect.withSpan(handled, `converge.handle ${topic.name}`, {
@@ -630,7 +663,10 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
                   return deadLetter(delivery, { reason: decision.reason, error: decision.error, attempts: attempt })
                 case "Retry": {
                   const delayMs = Duration.toMillis(decision.delay)
-                  const retried = audited("retried", [delivery], () => ({ attempt, delayMs, error: decision.error }))
+                  const retried = Effect.andThen(
+                    Metric.update(mRetried, 1),
+                    audited("retried", [delivery], () => ({ attempt, delayMs, error: decision.error }))
+                  )
                   if (delayMs <= inProcessLimit && inProcess < maxInProcess) {
                     return Effect.andThen(
                       retried,
@@ -683,8 +719,13 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         }
         if (settleFirst.length > 0) yield* handleEach(settleFirst)
         if (items.length === 0) return
+        const start = yield* Effect.clockWith((clock) => Effect.succeed(clock.currentTimeNanosUnsafe()))
         const exit = yield* Effect.exit(handleMany(items))
         if (Exit.isSuccess(exit)) {
+          yield* timed(
+            deliveries.map((d) => d.envelope),
+            start
+          )
           yield* confirmAndAck(deliveries).pipe(Effect.uninterruptible)
           return
         }
@@ -736,12 +777,15 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         if (stopping) return Effect.void
         handling++
         return Effect.ensuring(
-          auditing
-            ? Effect.andThen(
-                audited("delivered", batch, (d) => ({ attempt: Math.max(1, d.envelope.attempt) })),
-                handleRead(batch)
-              )
-            : handleRead(batch),
+          Effect.andThen(
+            Metric.update(mDelivered, batch.length),
+            auditing
+              ? Effect.andThen(
+                  audited("delivered", batch, (d) => ({ attempt: Math.max(1, d.envelope.attempt) })),
+                  handleRead(batch)
+                )
+              : handleRead(batch)
+          ),
           Effect.suspend(() => (--handling === 0 && stopping ? Deferred.succeed(idle, undefined) : Effect.void))
         )
       })

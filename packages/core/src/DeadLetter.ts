@@ -18,11 +18,12 @@
  *
  * @since 0.1.0
  */
-import { Clock, Effect, Schema } from "effect"
+import { Clock, Effect, Metric, Schema } from "effect"
 import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
 import * as Envelope from "./Envelope.ts"
+import * as Metrics from "./Metrics.ts"
 
 /**
  * Filters of {@link list}; all optional, combined with AND.
@@ -152,6 +153,7 @@ export const replay = (
     const [entryId] = yield* broker.publish([replayed])
     yield* broker.purgeDeadLetters(topic, [id])
     yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}` }))
+    yield* Metric.update(Metric.withAttributes(Metrics.replayed, { topic }), 1)
     yield* Effect.logInfo("dead letter replayed").pipe(
       Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })
     )

@@ -10,11 +10,12 @@
  *
  * @since 0.1.0
  */
-import { Clock, Context, Effect, Layer, Result } from "effect"
+import { Clock, Context, Effect, Layer, Metric, Result } from "effect"
 import * as Audit from "./Audit.ts"
 import { Broker } from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
 import * as Envelope from "./Envelope.ts"
+import * as Metrics from "./Metrics.ts"
 import type { InvalidName } from "./Name.ts"
 import type * as Topic from "./Topic.ts"
 
@@ -82,6 +83,7 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
   Effect.gen(function* () {
     const broker = yield* Broker
     const source = options?.source
+    const mPublished = Metrics.tagged(Metrics.published)
     const publishAll = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
@@ -96,7 +98,7 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
           if (encoded.length === 0) return Effect.succeed([])
           const published = Effect.map(broker.publish(encoded), (entryIds) =>
             encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
-          )
+          ).pipe(Effect.tap(() => Metric.update(mPublished({ topic: topic.name }), encoded.length)))
           // the sink of the caller's context (read per call: the audit layer may sit above the publisher's)
           return Effect.flatMap(Effect.service(Audit.AuditSink), (audit) =>
             audit.enabled

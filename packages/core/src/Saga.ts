@@ -52,12 +52,13 @@
  * @since 0.1.0
  */
 
-import { Cause, Context, Duration, Effect, Exit, Layer, Option, Predicate, Schedule, Schema } from "effect"
+import { Cause, Context, Duration, Effect, Exit, Layer, Metric, Option, Predicate, Schedule, Schema } from "effect"
 import { ClusterSchema } from "effect/cluster"
 import { Activity, DurableClock, DurableDeferred, Workflow, type WorkflowEngine } from "effect/workflow"
 import * as Audit from "./Audit.ts"
 import type * as Consumer from "./Consumer.ts"
 import * as Envelope from "./Envelope.ts"
+import * as Metrics from "./Metrics.ts"
 import * as Publisher from "./Publisher.ts"
 import * as Retry from "./Retry.ts"
 import * as SagaStore from "./SagaStore.ts"
@@ -490,6 +491,7 @@ const compensate = (
               if (Exit.isSuccess(result)) {
                 yield* Effect.orDie(store.step({ ...base, status: "completed" }))
                 yield* Audit.recordSaga("compensation-completed", run, { step: done.step, attempt: total })
+                yield* Metric.update(Metric.withAttributes(Metrics.compensated, { saga: run.name }), 1)
                 return
               }
               if (Cause.hasInterruptsOnly(result.cause))
@@ -537,6 +539,7 @@ const compensate = (
             parked: { step: done.step, token }
           })
           yield* Audit.recordSaga("saga-parked", run, { step: done.step, attempt: attempts, error: parkedError })
+          yield* Metric.update(Metric.withAttributes(Metrics.parked, { saga: run.name }), 1)
           yield* Effect.logError(
             `saga ${run.name} ${executionId}: compensation of ${done.step} failed ${attempts} times; parked as needs-attention (Saga.resume or Saga.resolve it)`,
             parkedError

@@ -23,6 +23,8 @@ export * as Consumer from "./Consumer.ts"
 export * as DeadLetter from "./DeadLetter.ts"
 /** The message model, its wire forms and the CloudEvents mapping. */
 export * as Envelope from "./Envelope.ts"
+/** The runtime's metrics on `effect/Metric`: counters, histograms, gauges. */
+export * as Metrics from "./Metrics.ts"
 /** Name validation for topics, groups, consumers and headers. */
 export * as Name from "./Name.ts"
 /** The one partition function every store and broker uses. */

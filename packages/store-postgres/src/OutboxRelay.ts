@@ -52,9 +52,22 @@
  * @since 0.1.0
  */
 
-import { Audit, Broker, BrokerError, type Envelope, Name, Retry } from "@converge/core"
+import { Audit, Broker, BrokerError, type Envelope, Metrics, Name, Retry } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
-import { Clock, Context, Duration, Effect, Fiber, Layer, Option, Queue, Result, type Schedule, Schema } from "effect"
+import {
+  Clock,
+  Context,
+  Duration,
+  Effect,
+  Fiber,
+  Layer,
+  Metric,
+  Option,
+  Queue,
+  Result,
+  type Schedule,
+  Schema
+} from "effect"
 import { SqlClient } from "effect/sql"
 import type { SqlError } from "effect/sql/SqlError"
 import { sqlDefectsAsFailures } from "./Outbox.ts"
@@ -89,6 +102,11 @@ export interface Options {
   readonly retention?: Duration.Input | undefined
   /** Run the retention cleanup this often (default 1 minute). */
   readonly cleanupInterval?: Duration.Input | undefined
+  /**
+   * Sample the backlog gauges (`converge_outbox_backlog`, `converge_outbox_oldest_age_seconds`) this
+   * often (default 15 seconds; 0: never). One `count(*)` of the unpublished rows each time.
+   */
+  readonly gaugeInterval?: Duration.Input | undefined
 }
 
 /**
@@ -307,7 +325,8 @@ const validate = (options: Options | undefined): Effect.Effect<void, InvalidOpti
       ["pollInterval", options?.pollInterval],
       ["publishTimeout", options?.publishTimeout],
       ["retention", options?.retention],
-      ["cleanupInterval", options?.cleanupInterval]
+      ["cleanupInterval", options?.cleanupInterval],
+      ["gaugeInterval", options?.gaugeInterval]
     ]
     for (const [option, value] of durations) {
       if (value === undefined) continue
@@ -373,6 +392,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
     // transaction needs no drain; one for a later transaction needs drains until the horizon passes it.
     let horizon = 0n
     const audit = yield* Audit.AuditSink
+    const mRelayed = Metrics.tagged(Metrics.relayed)
 
     // The read below must walk the partial index (tx, seq) and stop after `batchSize` rows; on a table
     // without statistics (fresh, or a backlog that grew faster than autovacuum analyzes) the planner
@@ -471,6 +491,15 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
             }
             if (published.length > 0) {
               yield* sql.unsafe(markSql, retention === 0 ? [published] : [published, nowIso])
+              yield* Metric.update(Metrics.relayBatchSize, published.length)
+              const perTopic = new Map<string, number>()
+              for (let i = 0; i < messages.length; i++) {
+                if (published.includes(seqs[i]!)) {
+                  const t = messages[i]!.topic
+                  perTopic.set(t, (perTopic.get(t) ?? 0) + 1)
+                }
+              }
+              for (const [topic, n] of perTopic) yield* Metric.update(mRelayed({ topic }), n)
               if (audit.enabled) {
                 // in the cycle's transaction, with the rows' removal
                 const relayed = new Set(published)
@@ -624,6 +653,22 @@ const runWith = (
         Effect.forever
       )
     )
+    const gaugeInterval = Duration.fromInputUnsafe(options?.gaugeInterval ?? "15 seconds")
+    if (Duration.toMillis(gaugeInterval) > 0) {
+      yield* Effect.forkScoped(
+        relay.lag.pipe(
+          Effect.flatMap(({ unpublished, oldestMillis }) =>
+            Effect.andThen(
+              Metric.update(Metrics.outboxBacklog, unpublished),
+              Metric.update(Metrics.outboxOldestAge, oldestMillis / 1000)
+            )
+          ),
+          Effect.catchCause((cause) => Effect.logDebug("converge: sampling the outbox backlog failed", cause)),
+          Effect.andThen(Effect.sleep(gaugeInterval)),
+          Effect.forever
+        )
+      )
+    }
     // Defects too (effect/sql dies when a rollback fails on a dead connection): the relay never stops.
     const drainRetried = relay.drain.pipe(
       Effect.sandbox,

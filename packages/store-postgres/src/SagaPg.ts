@@ -25,8 +25,8 @@
  * @since 0.1.0
  */
 
-import { type Broker, Consumer, type Name, Saga, SagaStore } from "@converge/core"
-import { type Duration, Effect, Layer, Option } from "effect"
+import { type Broker, Consumer, Metrics, type Name, Saga, SagaStore } from "@converge/core"
+import { type Duration, Effect, Layer, Metric, Option } from "effect"
 import {
   ClusterWorkflowEngine,
   RunnerAddress,
@@ -198,6 +198,29 @@ export const makeStore: Effect.Effect<SagaStore.SagaStore["Service"], never, Sql
 export const store: Layer.Layer<SagaStore.SagaStore, never, SqlStore> = Layer.effect(SagaStore.SagaStore, makeStore)
 
 /**
+ * Samples `converge_sagas_needing_attention` (the sagas parked now) every `interval` (default 15 s).
+ *
+ * @since 0.1.0
+ */
+export const gauges = (interval: Duration.Input = "15 seconds"): Layer.Layer<never, never, SqlStore> =>
+  Layer.effectDiscard(
+    Effect.gen(function* () {
+      const { sql, table } = yield* SqlStore
+      yield* sql
+        .unsafe<{ readonly n: number }>(
+          `SELECT count(*)::int AS n FROM ${table("sagas")} WHERE status = 'needs-attention'`
+        )
+        .pipe(
+          Effect.flatMap((rows) => Metric.update(Metrics.sagasNeedingAttention, Number(rows[0]?.n ?? 0))),
+          Effect.catchCause((cause) => Effect.logDebug("converge: sampling parked sagas failed", cause)),
+          Effect.andThen(Effect.sleep(interval)),
+          Effect.forever,
+          Effect.forkScoped
+        )
+    })
+  )
+
+/**
  * A `Saga.SagaTransport` that writes to the outbox: inside a transactional
  * step (or a responder's inbox transaction) the message commits with it (a
  * savepoint); elsewhere in a transaction of its own. The relay publishes it.
@@ -353,7 +376,8 @@ export const layer = (
     ),
     store,
     transport(options),
-    transaction
+    transaction,
+    gauges()
   )
 
 /**

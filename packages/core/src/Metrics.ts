@@ -1,0 +1,122 @@
+/**
+ * `Metrics` — the runtime's metrics, on `effect/Metric` (stage 6). They are
+ * updated by `Publisher`, `Consumer`, `DeadLetter`, `OutboxRelay` and sagas
+ * wherever those run, and exported by whatever `effect/observability`
+ * exporter the application installs: `PrometheusMetrics.layerHttp` (a
+ * `/metrics` text endpoint) or `OtlpMetrics.layer` (push to a collector).
+ *
+ * | metric | kind | attributes |
+ * |:--|:--|:--|
+ * | `converge_messages_published_total` | counter | `topic` |
+ * | `converge_messages_relayed_total` | counter | `topic` |
+ * | `converge_messages_delivered_total` | counter | `topic`, `group` |
+ * | `converge_messages_handled_total` | counter | `topic`, `group` |
+ * | `converge_messages_retried_total` | counter | `topic`, `group` |
+ * | `converge_messages_dead_lettered_total` | counter | `topic`, `group`, `reason` |
+ * | `converge_messages_replayed_total` | counter | `topic` |
+ * | `converge_saga_compensations_total` | counter | `saga` |
+ * | `converge_sagas_parked_total` | counter | `saga` |
+ * | `converge_handler_duration_seconds` | histogram | `topic`, `group` |
+ * | `converge_publish_to_handle_seconds` | histogram | `topic`, `group` (from the envelope's time) |
+ * | `converge_relay_batch_size` | histogram | — |
+ * | `converge_outbox_backlog` | gauge | — (`OutboxRelay`'s sampler) |
+ * | `converge_outbox_oldest_age_seconds` | gauge | — |
+ * | `converge_sagas_needing_attention` | gauge | — (`SagaPg`'s sampler) |
+ *
+ * @since 0.1.0
+ */
+
+import { Metric } from "effect"
+
+const seconds = Metric.exponentialBoundaries({ start: 0.0005, factor: 2, count: 20 })
+
+/** Messages published by `Publisher` (outbox messages are counted by the relay: `relayed`). @since 0.1.0 */
+export const published = Metric.counter("converge_messages_published_total", {
+  description: "Messages published directly (outbox messages count as relayed)",
+  incremental: true
+})
+/** Outbox rows the relay published. @since 0.1.0 */
+export const relayed = Metric.counter("converge_messages_relayed_total", {
+  description: "Outbox messages the relay published",
+  incremental: true
+})
+/** Deliveries received by consumers. @since 0.1.0 */
+export const delivered = Metric.counter("converge_messages_delivered_total", {
+  description: "Deliveries received by consumers",
+  incremental: true
+})
+/** Messages handled (acknowledged after the handler succeeded). @since 0.1.0 */
+export const handled = Metric.counter("converge_messages_handled_total", {
+  description: "Messages whose handler succeeded",
+  incremental: true
+})
+/** Failed attempts that will be retried. @since 0.1.0 */
+export const retried = Metric.counter("converge_messages_retried_total", {
+  description: "Handler attempts that failed and will be retried",
+  incremental: true
+})
+/** Messages dead-lettered. @since 0.1.0 */
+export const deadLettered = Metric.counter("converge_messages_dead_lettered_total", {
+  description: "Messages moved to the dead-letter queue",
+  incremental: true
+})
+/** Dead letters replayed. @since 0.1.0 */
+export const replayed = Metric.counter("converge_messages_replayed_total", {
+  description: "Dead letters replayed to their topic",
+  incremental: true
+})
+/** Saga compensations completed. @since 0.1.0 */
+export const compensated = Metric.counter("converge_saga_compensations_total", {
+  description: "Saga compensations that completed",
+  incremental: true
+})
+/** Sagas parked as needs-attention. @since 0.1.0 */
+export const parked = Metric.counter("converge_sagas_parked_total", {
+  description: "Sagas parked as needs-attention",
+  incremental: true
+})
+/** How long handlers take (per message; a batch handler's time is spread over its messages). @since 0.1.0 */
+export const handlerDuration = Metric.histogram("converge_handler_duration_seconds", {
+  description: "Handler duration per message",
+  boundaries: seconds
+})
+/** From the message's publication (its envelope time) to the handler's success. @since 0.1.0 */
+export const publishToHandle = Metric.histogram("converge_publish_to_handle_seconds", {
+  description: "Latency from publication (envelope time) to handling",
+  boundaries: seconds
+})
+/** Rows per relay cycle that published any. @since 0.1.0 */
+export const relayBatchSize = Metric.histogram("converge_relay_batch_size", {
+  description: "Messages published per relay cycle",
+  boundaries: Metric.exponentialBoundaries({ start: 1, factor: 2, count: 14 })
+})
+/** Unpublished outbox rows (sampled). @since 0.1.0 */
+export const outboxBacklog = Metric.gauge("converge_outbox_backlog", { description: "Unpublished outbox rows" })
+/** Age of the oldest unpublished outbox row, in seconds (sampled). @since 0.1.0 */
+export const outboxOldestAge = Metric.gauge("converge_outbox_oldest_age_seconds", {
+  description: "Age of the oldest unpublished outbox row"
+})
+/** Sagas parked as needs-attention now (sampled). @since 0.1.0 */
+export const sagasNeedingAttention = Metric.gauge("converge_sagas_needing_attention", {
+  description: "Sagas parked as needs-attention"
+})
+
+/**
+ * A metric with fixed attributes, made once per key and kept (the runtime's hot paths update these).
+ *
+ * @since 0.1.0
+ */
+export const tagged = <Input, State>(
+  metric: Metric.Metric<Input, State>
+): ((attributes: Readonly<Record<string, string>>) => Metric.Metric<Input, State>) => {
+  const cache = new Map<string, Metric.Metric<Input, State>>()
+  return (attributes) => {
+    const key = JSON.stringify(attributes)
+    let m = cache.get(key)
+    if (m === undefined) {
+      m = Metric.withAttributes(metric, attributes)
+      cache.set(key, m)
+    }
+    return m
+  }
+}

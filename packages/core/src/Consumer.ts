@@ -89,7 +89,8 @@ import {
   type Schedule,
   Schema,
   type Scope,
-  Stream
+  Stream,
+  type Tracer
 } from "effect"
 import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
@@ -436,6 +437,29 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     const mDuration = Metric.withAttributes(Metrics.handlerDuration, labels)
     const mLatency = Metric.withAttributes(Metrics.publishToHandle, labels)
     const mDeadLettered = Metrics.tagged(Metrics.deadLettered)
+    /** Runs `effect` in a span of the message's trace (when it carries one): a retry, a dead-letter. */
+    const messageSpan = <X, Y, Z>(
+      envelope: Envelope.Encoded,
+      name: string,
+      attributes: Record<string, unknown>,
+      effect: Effect.Effect<X, Y, Z>
+    ): Effect.Effect<X, Y, Z> => {
+      if (envelope.headers.traceparent === undefined) return effect
+      const parent = Envelope.traceParentOf(envelope.headers)
+      return Option.isNone(parent)
+        ? effect
+        : Effect.withSpan(effect, `${name} ${topic.name}`, {
+            parent: parent.value,
+            kind: "consumer",
+            attributes: {
+              "messaging.system": "converge",
+              "messaging.destination.name": topic.name,
+              "messaging.consumer.group.name": group,
+              "messaging.message.id": envelope.id,
+              ...attributes
+            }
+          })
+    }
     /** Handler time and publish-to-handle latency of `count` messages handled together in `nanos`. */
     const timed = (envelopes: ReadonlyArray<Envelope.Encoded>, startNanos: bigint) =>
       Effect.clockWith((clock) => {
@@ -561,6 +585,13 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
      * then stays pending and comes back.
      */
     const deadLetter = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
+      messageSpan(
+        delivery.envelope,
+        "converge.dead-letter",
+        { "messaging.converge.dead_letter.reason": reason.reason, "messaging.converge.attempt": reason.attempts ?? 0 },
+        deadLetterIn(delivery, reason)
+      )
+    const deadLetterIn = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
       Effect.uninterruptible(delivery.deadLetter(reason)).pipe(
         Effect.andThen(Metric.update(mDeadLettered({ topic: topic.name, group, reason: reason.reason }), 1)),
         Effect.andThen(
@@ -673,7 +704,15 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
                       Effect.andThen(Effect.sleep(decision.delay), loop(attempt + 1, inProcess + 1))
                     )
                   }
-                  return Effect.andThen(retried, settle(delivery.nack(decision.delay, { attempt: attempt + 1 })))
+                  return Effect.andThen(
+                    retried,
+                    messageSpan(
+                      encoded,
+                      "converge.retry",
+                      { "messaging.converge.attempt": attempt, "messaging.converge.retry.delay_ms": delayMs },
+                      settle(delivery.nack(decision.delay, { attempt: attempt + 1 }))
+                    )
+                  )
                 }
               }
             })
@@ -720,7 +759,29 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         if (settleFirst.length > 0) yield* handleEach(settleFirst)
         if (items.length === 0) return
         const start = yield* Effect.clockWith((clock) => Effect.succeed(clock.currentTimeNanosUnsafe()))
-        const exit = yield* Effect.exit(handleMany(items))
+        // one span for the batch, linked to each message's publisher span
+        const links: Array<Tracer.SpanLink> = []
+        for (const d of deliveries) {
+          if (d.envelope.headers.traceparent === undefined) continue
+          const parent = Envelope.traceParentOf(d.envelope.headers)
+          if (Option.isSome(parent))
+            links.push({ span: parent.value, attributes: { "messaging.message.id": d.envelope.id } })
+        }
+        const exit = yield* Effect.exit(
+          links.length === 0
+            ? handleMany(items)
+            : Effect.withSpan(handleMany(items), `converge.handle-batch ${topic.name}`, {
+                kind: "consumer",
+                links,
+                attributes: {
+                  "messaging.system": "converge",
+                  "messaging.operation.type": "process",
+                  "messaging.destination.name": topic.name,
+                  "messaging.consumer.group.name": group,
+                  "messaging.batch.message_count": items.length
+                }
+              })
+        )
         if (Exit.isSuccess(exit)) {
           yield* timed(
             deliveries.map((d) => d.envelope),

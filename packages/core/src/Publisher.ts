@@ -89,6 +89,12 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
       payloads: Iterable<A>,
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
+      Envelope.producerSpan(topic.name, "converge.publish", publishIn(topic, payloads, makeOptions))
+    const publishIn = <A, I>(
+      topic: Topic.Topic<A, I>,
+      payloads: Iterable<A>,
+      makeOptions?: Envelope.MakeOptions
+    ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
       Effect.flatMap(
         Effect.zip(Envelope.withTraceContext(makeOptions), Clock.currentTimeMillis),
         ([traced, now]): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {

@@ -221,6 +221,12 @@ export const make = (options?: Options): Effect.Effect<Outbox["Service"], never,
       payloads: Iterable<A>,
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction> =>
+      Envelope.producerSpan(topic.name, "converge.outbox.publish", insertAll(topic, payloads, makeOptions))
+    const insertAll = <A, I>(
+      topic: Topic.Topic<A, I>,
+      payloads: Iterable<A>,
+      makeOptions?: Envelope.MakeOptions
+    ): Effect.Effect<ReadonlyArray<Receipt>, PublishError, Transaction> =>
       Effect.gen(function* () {
         const state = yield* guard
         const now = yield* Clock.currentTimeMillis

@@ -52,7 +52,7 @@
  * @since 0.1.0
  */
 
-import { Audit, Broker, BrokerError, type Envelope, Metrics, Name, Retry } from "@converge/core"
+import { Audit, Broker, BrokerError, Envelope, Metrics, Name, Retry } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import {
   Clock,
@@ -66,7 +66,8 @@ import {
   Queue,
   Result,
   type Schedule,
-  Schema
+  Schema,
+  type Tracer
 } from "effect"
 import { SqlClient } from "effect/sql"
 import type { SqlError } from "effect/sql/SqlError"
@@ -481,7 +482,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
             const published: Array<string> = []
             let retryLater: BrokerError.BrokerError | undefined
             if (messages.length > 0) {
-              const outcomes = yield* publish(messages)
+              const outcomes = yield* relaySpan(messages, publish(messages))
               for (let i = 0; i < outcomes.length; i++) {
                 const o = outcomes[i]!
                 if (o._tag === "Stored") published.push(seqs[i]!)
@@ -612,6 +613,30 @@ export const run = (options?: Options): Effect.Effect<never, InvalidOption, SqlS
   Effect.flatMap(makeRelay(options), (relay) => runWith(relay, options))
 
 /** The background loops of {@link run} over a relay already built (the layer's own). */
+/**
+ * The relay's publish of a cycle's messages, in a producer span linked to each message's publisher span
+ * (its `traceparent`), when any has one.
+ */
+const relaySpan = <A, E, R>(messages: ReadonlyArray<Envelope.Encoded>, effect: Effect.Effect<A, E, R>) => {
+  const links: Array<Tracer.SpanLink> = []
+  for (const m of messages) {
+    if (m.headers.traceparent === undefined) continue
+    const parent = Envelope.traceParentOf(m.headers)
+    if (Option.isSome(parent)) links.push({ span: parent.value, attributes: { "messaging.message.id": m.id } })
+  }
+  return links.length === 0
+    ? effect
+    : Effect.withSpan(effect, "converge.relay", {
+        kind: "producer",
+        links,
+        attributes: {
+          "messaging.system": "converge",
+          "messaging.operation.type": "send",
+          "messaging.batch.message_count": messages.length
+        }
+      })
+}
+
 const runWith = (
   { service: relay, horizon, counters }: Relay,
   options: Options | undefined

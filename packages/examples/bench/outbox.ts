@@ -30,7 +30,7 @@ import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { type Broker, Consumer, Envelope, Topic } from "@converge/core"
-import { Inbox, Outbox, OutboxRelay, SqlStore } from "@converge/store-postgres"
+import { AuditPg, Inbox, Outbox, OutboxRelay, SqlStore } from "@converge/store-postgres"
 import { NodeRedis } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { Effect, Layer, Redacted, Result, type Scope } from "effect"
@@ -63,8 +63,12 @@ const brokerLayer = (transport: Transport, prefix: string): Layer.Layer<Broker.B
         Layer.orDie
       ) as Layer.Layer<Broker.Broker>)
 
-const convergeEnv = (transport: Transport, schema: string, prefix: string) =>
+/** What a drain observes: nothing extra, the audit trail in Postgres, or spans (messages published in a span). */
+type Observed = "plain" | "audit" | "tracing"
+
+const convergeEnv = (transport: Transport, schema: string, prefix: string, observed: Observed = "plain") =>
   Layer.mergeAll(Outbox.layer(), Inbox.layer({ cleanupInterval: 0 })).pipe(
+    Layer.provideMerge(observed === "audit" ? AuditPg.layer() : Layer.empty),
     Layer.provideMerge(SqlStore.layer({ schema, partitions: 8 })),
     Layer.provideMerge(brokerLayer(transport, prefix)),
     Layer.provideMerge(PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 12 })),
@@ -80,7 +84,8 @@ const withConverge = <A>(
     A,
     unknown,
     SqlClient.SqlClient | SqlStore.SqlStore | Outbox.Outbox | Inbox.Inbox | Broker.Broker | Scope.Scope
-  >
+  >,
+  observed: Observed = "plain"
 ): Promise<A> => {
   const schema = freshSchema("cv")
   const prefix = `cvbench:${randomUUID().slice(0, 8)}`
@@ -90,7 +95,11 @@ const withConverge = <A>(
       yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
       yield* sql.unsafe(`CREATE TABLE ${schema}.effects (order_id text NOT NULL)`).raw
       return yield* f(schema)
-    }).pipe(Effect.scoped, Effect.provide(convergeEnv(transport, schema, prefix)), Effect.orDie) as Effect.Effect<A>
+    }).pipe(
+      Effect.scoped,
+      Effect.provide(convergeEnv(transport, schema, prefix, observed)),
+      Effect.orDie
+    ) as Effect.Effect<A>
   ).finally(() => (transport === "redis" ? deleteRedisKeys(`${prefix}:*`) : undefined))
 }
 
@@ -124,28 +133,33 @@ const consumerOf = (
   })
 
 /** Converge drain: prefill, then relay + consumer until every effect committed; returns ms. */
-const drainConverge = (transport: Transport) =>
-  withConverge(transport, (schema) =>
-    Effect.gen(function* () {
-      const topic = topicFor(`bench-outbox-${randomUUID().slice(0, 6)}`)
-      for (let i = 0; i < drainCount; i += claim) {
-        yield* Outbox.transaction(
-          Outbox.publishAll(
-            topic,
-            Array.from({ length: claim }, (_, j) => order(i + j))
+const drainConverge = (transport: Transport, observed: Observed = "plain") =>
+  withConverge(
+    transport,
+    (schema) =>
+      Effect.gen(function* () {
+        const topic = topicFor(`bench-outbox-${randomUUID().slice(0, 6)}`)
+        for (let i = 0; i < drainCount; i += claim) {
+          const batch = Outbox.transaction(
+            Outbox.publishAll(
+              topic,
+              Array.from({ length: claim }, (_, j) => order(i + j))
+            )
           )
-        )
-      }
-      let done = 0
-      const finished = Promise.withResolvers<number>()
-      const start = performance.now()
-      yield* consumerOf(schema, topic, () => {
-        if (++done === drainCount) finished.resolve(performance.now())
-      })
-      yield* Effect.forkScoped(OutboxRelay.run({ batchSize: claim }))
-      const end = yield* Effect.promise(() => finished.promise)
-      return end - start
-    })
+          // tracing: each message carries the trace context of the span it was published in
+          yield* observed === "tracing" ? Effect.withSpan(batch, "bench.checkout") : batch
+        }
+        let done = 0
+        const finished = Promise.withResolvers<number>()
+        const start = performance.now()
+        yield* consumerOf(schema, topic, () => {
+          if (++done === drainCount) finished.resolve(performance.now())
+        })
+        yield* Effect.forkScoped(OutboxRelay.run({ batchSize: claim }))
+        const end = yield* Effect.promise(() => finished.promise)
+        return end - start
+      }),
+    observed
   )
 
 /** What a latency run sends: how many messages, how fast, and whether the cluster is busy meanwhile. */
@@ -500,6 +514,50 @@ const drainBench = (transport: Transport): Bench => ({
   }
 })
 
+/**
+ * The cost of observing: the Converge drain with the audit trail on (AuditPg: relayed and handled rows in
+ * the relay's and the inbox's transactions, delivered rows batched) and with tracing on (messages published
+ * in a span: the relay's span linked to them, a handle-batch span per read), each next to the same drain
+ * without, interleaved in one run.
+ */
+const observedBench = (transport: Transport): Bench => ({
+  name: `outbox/${transport}/drain-observed`,
+  run: async () => {
+    await drainConverge(transport)
+    const plain: Array<number> = []
+    const audit: Array<number> = []
+    const tracing: Array<number> = []
+    const auditRatios: Array<number> = []
+    const tracingRatios: Array<number> = []
+    for (let i = 0; i < runs; i++) {
+      const p = rate(drainCount, await drainConverge(transport))
+      const a = rate(drainCount, await drainConverge(transport, "audit"))
+      const t = rate(drainCount, await drainConverge(transport, "tracing"))
+      plain.push(p)
+      audit.push(a)
+      tracing.push(t)
+      auditRatios.push(a / p)
+      tracingRatios.push(t / p)
+    }
+    return [
+      {
+        bench: `outbox/${transport}/drain+audit`,
+        msgs_per_s: round(median(audit)),
+        baseline: `outbox/${transport}/drain, audit off`,
+        baseline_msgs_per_s: round(median(plain)),
+        ratio: round(median(auditRatios), 3)
+      },
+      {
+        bench: `outbox/${transport}/drain+tracing`,
+        msgs_per_s: round(median(tracing)),
+        baseline: `outbox/${transport}/drain, tracing off`,
+        baseline_msgs_per_s: round(median(plain)),
+        ratio: round(median(tracingRatios), 3)
+      }
+    ]
+  }
+})
+
 const latencyBench = (transport: Transport, pace: Pace = steady): Bench => ({
   name: `outbox/${transport}/latency${pace.busy ? "-busy-cluster" : ""}`,
   run: async () => {
@@ -526,6 +584,7 @@ const latencyBench = (transport: Transport, pace: Pace = steady): Bench => ({
 export const benches: ReadonlyArray<Bench> = [
   drainBench("memory"),
   drainBench("redis"),
+  observedBench("memory"),
   latencyBench("memory"),
   latencyBench("redis"),
   latencyBench("memory", busyCluster)

@@ -29,7 +29,7 @@ import type * as Envelope from "./Envelope.ts"
  * |:--|:--|
  * | `published` | `Publisher` (`detail: "direct"`), `Outbox.publish` (`detail: "outbox"`, in its transaction) |
  * | `relayed` | `OutboxRelay`, once the broker confirmed the message |
- * | `delivered` | `Consumer`, when a delivery arrives (`attempt`) |
+ * | `delivered` | `Consumer`, when a delivery arrives (`attempt`); only with `deliveries: true` |
  * | `handled` | `Consumer` after the handler succeeded (with the inbox: in its transaction) |
  * | `retried` | `Consumer`: the attempt that failed, the `delayMs` before the next, the `error` |
  * | `dead-lettered` | `Consumer`: `reason`, `error`, `attempt` |
@@ -104,6 +104,12 @@ export interface Options {
   readonly topics?: Readonly<Record<string, boolean | number>> | undefined
   /** For topics not listed: `true` (default), `false`, or a share to sample. */
   readonly default?: boolean | number | undefined
+  /**
+   * Record `delivered` too: one event per delivery, as it arrives (default `false`). The events that settle
+   * a delivery — `handled`, `retried`, `dead-lettered` — carry its attempt, so this adds only the moment it
+   * arrived, at about a tenth of the outbox drain's throughput with `AuditPg` (see docs/observability.md).
+   */
+  readonly deliveries?: boolean | undefined
 }
 
 /**
@@ -115,6 +121,8 @@ export interface Options {
  */
 export interface Sink {
   readonly enabled: boolean
+  /** Whether `delivered` events are recorded ({@link Options}'s `deliveries`). */
+  readonly deliveries?: boolean | undefined
   /** Whether a message of this topic is audited (sampling is by message id: all of a message's events, or none). */
   readonly records: (topic: string, messageId: string) => boolean
   readonly write: (events: ReadonlyArray<Event>) => Effect.Effect<void>
@@ -265,7 +273,13 @@ export const makeMemory = (
     (f.to === undefined || e.at < f.to)
   return {
     events,
-    sink: { enabled: true, records: recorder(options), write: append, enqueue: append },
+    sink: {
+      enabled: true,
+      deliveries: options?.deliveries ?? false,
+      records: recorder(options),
+      write: append,
+      enqueue: append
+    },
     log: AuditLog.of({
       query: (filter) =>
         Effect.sync(() =>

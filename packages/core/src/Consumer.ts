@@ -840,7 +840,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         return Effect.ensuring(
           Effect.andThen(
             Metric.update(mDelivered, batch.length),
-            auditing
+            auditing && audit.deliveries === true
               ? Effect.andThen(
                   audited("delivered", batch, (d) => ({ attempt: Math.max(1, d.envelope.attempt) })),
                   handleRead(batch)

@@ -4,7 +4,10 @@ import { Effect, Layer, Schema } from "effect"
 import { Audit, Publisher, Topic } from "../src/index.ts"
 import { AuditTest } from "../src/testing/index.ts"
 
-const Live = Publisher.layer().pipe(Layer.provideMerge(MemoryBroker.layer()), Layer.provideMerge(Audit.layerMemory()))
+const Live = Publisher.layer().pipe(
+  Layer.provideMerge(MemoryBroker.layer()),
+  Layer.provideMerge(Audit.layerMemory({ deliveries: true }))
+)
 
 describe("Audit (memory store)", () => {
   it.live("one message's publish → retry → dead-letter → replay → handled, in order, with attempts and reasons", () =>

@@ -139,7 +139,7 @@ describe("Saga (in-memory engine, TestClock)", () => {
         )
         assert.deepStrictEqual(
           trail.filter((e) => e.topic === "payments.charge").map((e) => e.kind),
-          ["published", "delivered", "handled"]
+          ["published", "handled"]
         )
       }).pipe(Effect.scoped, Effect.provide(Live))
   )

@@ -40,16 +40,16 @@ interface Row {
   readonly seq: string
   readonly at_ms: number
   readonly kind: Audit.Kind
-  readonly message_id: string
   readonly topic: string
   readonly group_name: string | null
+  readonly process: string
+  readonly message_id: string
   readonly correlation_id: string | null
   readonly causation_id: string | null
   readonly attempt: number | null
   readonly reason: string | null
   readonly error: string | null
   readonly delay_ms: string | null
-  readonly process: string
   readonly detail: string | null
 }
 
@@ -73,6 +73,20 @@ const fromRow = (r: Row): Audit.Stored => {
   return e
 }
 
+/** A per-event column as an array parameter: `null` when no event has a value (the driver cannot type an all-null array). */
+const column = <A>(
+  events: ReadonlyArray<Audit.Event>,
+  get: (e: Audit.Event) => A | undefined
+): Array<A | null> | null => {
+  let any = false
+  const out = events.map((e) => {
+    const v = get(e)
+    if (v !== undefined) any = true
+    return v ?? null
+  })
+  return any ? out : null
+}
+
 const fail = (operation: string) => (cause: unknown) => new Audit.AuditError({ operation, cause })
 
 /**
@@ -87,37 +101,44 @@ export const make = (options?: Options) =>
     const records = Audit.recorder(options)
     const flushEvery = Duration.fromInputUnsafe(options?.flushInterval ?? "200 millis")
     const batchSize = options?.batchSize ?? 500
-    // one JSON parameter for the batch (the driver cannot type an array parameter of nulls only)
-    const insertSql = `INSERT INTO ${audit} (at, kind, message_id, topic, group_name, correlation_id, causation_id,
-        attempt, reason, error, delay_ms, process, detail)
-      SELECT to_timestamp(u.at / 1000.0), u.kind, u.mid, u.topic, u.grp, u.corr, u.caus, u.att, u.reason, u.err, u.delay,
-        u.proc, u.detail
-      FROM jsonb_to_recordset($1::jsonb) AS u(at float8, kind text, mid text, topic text, grp text, corr text, caus text,
-        att int, reason text, err text, delay bigint, proc text, detail text)`
+    const insertSql = `INSERT INTO ${audit} (at, kind, topic, group_name, process, message_ids, correlation_ids,
+        causation_ids, attempts, reasons, errors, delays_ms, details)
+      VALUES (to_timestamp($1::float8 / 1000.0), $2, $3, $4, $5, $6::text[], $7::text[], $8::text[], $9::int[],
+        $10::text[], $11::text[], $12::bigint[], $13::text[])`
+    /** One row per kind, topic, group, process and moment: a relay cycle or a consumer's read is one row. */
     const insert = (events: ReadonlyArray<Audit.Event>) =>
-      events.length === 0
-        ? Effect.void
-        : sql
-            .unsafe(insertSql, [
-              JSON.stringify(
-                events.map((e) => ({
-                  at: e.at,
-                  kind: e.kind,
-                  mid: e.messageId,
-                  topic: e.topic,
-                  grp: e.group,
-                  corr: e.correlationId,
-                  caus: e.causationId,
-                  att: e.attempt,
-                  reason: e.reason,
-                  err: e.error,
-                  delay: e.delayMs,
-                  proc: e.process,
-                  detail: e.detail
-                }))
-              )
-            ])
-            .withoutTransform.pipe(Effect.asVoid)
+      Effect.suspend(() => {
+        if (events.length === 0) return Effect.void
+        const groups = new Map<string, Array<Audit.Event>>()
+        for (const e of events) {
+          const key = `${e.at}\u0000${e.kind}\u0000${e.topic}\u0000${e.group ?? ""}\u0000${e.process}`
+          const list = groups.get(key)
+          if (list === undefined) groups.set(key, [e])
+          else list.push(e)
+        }
+        return Effect.forEach(
+          groups.values(),
+          (batch) => {
+            const first = batch[0]!
+            return sql.unsafe(insertSql, [
+              first.at,
+              first.kind,
+              first.topic,
+              first.group ?? null,
+              first.process,
+              batch.map((e) => e.messageId),
+              column(batch, (e) => e.correlationId),
+              column(batch, (e) => e.causationId),
+              column(batch, (e) => e.attempt),
+              column(batch, (e) => e.reason),
+              column(batch, (e) => e.error),
+              column(batch, (e) => e.delayMs),
+              column(batch, (e) => e.detail)
+            ]).withoutTransform
+          },
+          { discard: true }
+        )
+      })
 
     let buffer: Array<Audit.Event> = []
     // one flush at a time: a query that flushes waits for a flush already writing, so it sees its events
@@ -127,9 +148,15 @@ export const make = (options?: Options) =>
         if (buffer.length === 0) return Effect.void
         const events = buffer
         buffer = []
-        return insert(events).pipe(
-          Effect.catch((e) => Effect.logWarning(`audit: writing ${events.length} events failed; they are dropped`, e))
-        )
+        // one transaction per flush (one commit, not one per row), without waiting for the WAL flush: these
+        // events were only in memory until now, so a crash loses at most the last flush either way
+        return sql
+          .withTransaction(
+            Effect.andThen(sql.unsafe("SET LOCAL synchronous_commit = off").withoutTransform, insert(events))
+          )
+          .pipe(
+            Effect.catch((e) => Effect.logWarning(`audit: writing ${events.length} events failed; they are dropped`, e))
+          )
       })
     )
     yield* Effect.forkScoped(Effect.forever(Effect.andThen(Effect.sleep(flushEvery), flush)))
@@ -149,6 +176,7 @@ export const make = (options?: Options) =>
 
     const sink: Audit.Sink = {
       enabled: true,
+      deliveries: options?.deliveries ?? false,
       records,
       // in the caller's transaction when there is one (the same client): commits and rolls back with it
       write: (events) => Effect.orDie(insert(events)),
@@ -161,27 +189,43 @@ export const make = (options?: Options) =>
     const log = Audit.AuditLog.of({
       query: (filter) =>
         Effect.gen(function* () {
-          const where: Array<string> = []
+          // row filters (indexed) narrow the batches; event filters pick the events out of them
+          const rowWhere: Array<string> = []
+          const eventWhere: Array<string> = []
           const params: Array<unknown> = []
-          const add = (clause: (n: number) => string, value: unknown) => {
+          const param = (value: unknown) => {
             params.push(value)
-            where.push(clause(params.length))
+            return `$${params.length}`
           }
-          if (filter.messageId !== undefined) add((n) => `message_id = $${n}`, filter.messageId)
-          if (filter.correlationId !== undefined)
-            add((n) => `(correlation_id = $${n} OR message_id = $${n})`, filter.correlationId)
-          if (filter.topic !== undefined) add((n) => `topic = $${n}`, filter.topic)
-          if (filter.group !== undefined) add((n) => `group_name = $${n}`, filter.group)
-          if (filter.kinds !== undefined) add((n) => `kind = ANY($${n}::text[])`, filter.kinds)
-          if (filter.from !== undefined) add((n) => `at >= to_timestamp($${n}::float8 / 1000.0)`, filter.from)
-          if (filter.to !== undefined) add((n) => `at < to_timestamp($${n}::float8 / 1000.0)`, filter.to)
+          if (filter.messageId !== undefined) {
+            const p = param(filter.messageId)
+            rowWhere.push(`a.message_ids @> ARRAY[${p}::text]`)
+            eventWhere.push(`u.message_id = ${p}`)
+          }
+          if (filter.correlationId !== undefined) {
+            const p = param(filter.correlationId)
+            rowWhere.push(`(a.correlation_ids @> ARRAY[${p}::text] OR a.message_ids @> ARRAY[${p}::text])`)
+            eventWhere.push(`(u.correlation_id = ${p} OR u.message_id = ${p})`)
+          }
+          if (filter.topic !== undefined) rowWhere.push(`a.topic = ${param(filter.topic)}`)
+          if (filter.group !== undefined) rowWhere.push(`a.group_name = ${param(filter.group)}`)
+          if (filter.kinds !== undefined) rowWhere.push(`a.kind = ANY(${param(filter.kinds)}::text[])`)
+          if (filter.from !== undefined) rowWhere.push(`a.at >= to_timestamp(${param(filter.from)}::float8 / 1000.0)`)
+          if (filter.to !== undefined) rowWhere.push(`a.at < to_timestamp(${param(filter.to)}::float8 / 1000.0)`)
           const limit = Math.max(1, Math.min(100_000, Math.trunc(filter.limit ?? 1_000)))
+          const where = [...rowWhere, ...eventWhere]
           // what is still buffered is part of the trail: write it first
           yield* flush
           const rows = yield* sql.unsafe<Row>(
-            `SELECT seq::text AS seq, (extract(epoch from at) * 1000)::float8 AS at_ms, kind, message_id, topic,
-               group_name, correlation_id, causation_id, attempt, reason, error, delay_ms::text AS delay_ms, process, detail
-             FROM ${audit} ${where.length === 0 ? "" : `WHERE ${where.join(" AND ")}`} ORDER BY at, seq LIMIT ${limit}`,
+            `SELECT (a.seq * 100000 + u.n)::text AS seq, (extract(epoch from a.at) * 1000)::float8 AS at_ms, a.kind,
+               a.topic, a.group_name, a.process, u.message_id, u.correlation_id, u.causation_id, u.attempt, u.reason,
+               u.error, u.delay_ms::text AS delay_ms, u.detail
+             FROM ${audit} a,
+               unnest(a.message_ids, a.correlation_ids, a.causation_ids, a.attempts, a.reasons, a.errors, a.delays_ms,
+                 a.details) WITH ORDINALITY
+                 AS u(message_id, correlation_id, causation_id, attempt, reason, error, delay_ms, detail, n)
+             ${where.length === 0 ? "" : `WHERE ${where.join(" AND ")}`}
+             ORDER BY a.at, a.seq, u.n LIMIT ${limit}`,
             params
           ).withoutTransform
           return rows.map(fromRow)

@@ -78,7 +78,7 @@ export const program = Effect.gen(function* () {
 /** The example's services: the memory broker, the publisher, an in-memory audit trail. */
 export const services = Publisher.layer({ source: "urn:example:shop" }).pipe(
   Layer.provideMerge(MemoryBroker.layer()),
-  Layer.provideMerge(Audit.layerMemory())
+  Layer.provideMerge(Audit.layerMemory({ deliveries: true }))
 )
 
 const main = Effect.gen(function* () {

@@ -28,7 +28,7 @@ import type * as Envelope from "./Envelope.ts"
  * | kind | written by |
  * |:--|:--|
  * | `published` | `Publisher` (`detail: "direct"`), `Outbox.publish` (`detail: "outbox"`, in its transaction) |
- * | `relayed` | `OutboxRelay`, once the broker confirmed the message |
+ * | `relayed` | `OutboxRelay`, once the broker confirmed the message (batched) |
  * | `delivered` | `Consumer`, when a delivery arrives (`attempt`); only with `deliveries: true` |
  * | `handled` | `Consumer` after the handler succeeded (with the inbox: in its transaction) |
  * | `retried` | `Consumer`: the attempt that failed, the `delayMs` before the next, the `error` |

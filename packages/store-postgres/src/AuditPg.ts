@@ -2,10 +2,9 @@
  * `AuditPg` — the audit trail in Postgres (the store's `audit` table).
  *
  * The sink writes an event of a transactional step **in that step's
- * transaction** — `Outbox.publish` (published), the relay's cycle (relayed),
- * an inbox-handled message (handled), a saga step — so the row commits and
- * rolls back with the step. Other events (delivered, retried,
- * dead-lettered, ...) are buffered and written in batches, every
+ * transaction** — `Outbox.publish` (published), an inbox-handled message
+ * (handled), a saga step — so the row commits and rolls back with the step.
+ * Other events (relayed, retried, dead-lettered, delivered, ...) are buffered and written in batches, every
  * `flushInterval` or `batchSize` events, and once more when the layer
  * closes.
  *

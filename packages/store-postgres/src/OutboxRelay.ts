@@ -502,11 +502,12 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
               }
               for (const [topic, n] of perTopic) yield* Metric.update(mRelayed({ topic }), n)
               if (audit.enabled) {
-                // in the cycle's transaction, with the rows' removal
+                // batched, off the cycle's transaction (the issue's transactional steps are the outbox insert, the
+                // inbox and saga steps; a relayed row in the cycle held its locks longer)
                 const relayed = new Set(published)
                 yield* Audit.recordWith(
                   audit,
-                  "write",
+                  "enqueue",
                   "relayed",
                   messages.filter((_, i) => relayed.has(seqs[i]!))
                 )

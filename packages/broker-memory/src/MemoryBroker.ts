@@ -378,7 +378,22 @@ export const make = (
     })
 
     return {
-      broker: Broker.Broker.of({ publish, publishEach, subscribe, ackAll, deadLetters, purgeDeadLetters }),
+      broker: Broker.Broker.of({
+        publish,
+        publishEach,
+        subscribe,
+        ackAll,
+        deadLetters,
+        purgeDeadLetters,
+        groupStats: (topic, group) =>
+          Effect.sync(() => {
+            const t = core.topics.get(topic)
+            const g = t?.groups.get(group)
+            if (t === undefined || g === undefined) return { pending: 0, lag: t?.entries.length ?? 0 }
+            const unread = t.entries.length - t.indexFrom(g.cursor)
+            return { pending: g.pending.size, lag: unread + g.ready.length + g.delayed }
+          })
+      }),
       memory
     }
   })

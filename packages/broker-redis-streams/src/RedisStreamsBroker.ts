@@ -51,6 +51,7 @@ import type { BrokerContext } from "./internal/context.ts"
 import * as DeadLetterQueue from "./internal/deadLetterQueue.ts"
 import { ackAll, type Impl } from "./internal/delivery.ts"
 import { fail } from "./internal/errors.ts"
+import * as GroupStats from "./internal/groupStats.ts"
 import * as Keys from "./internal/keys.ts"
 import * as Publish from "./internal/publish.ts"
 import * as Replies from "./internal/replies.ts"
@@ -231,7 +232,8 @@ export const make = (
       subscribe: (sub) => subscribe(ctx, sub),
       ackAll: ackAll(impl),
       deadLetters: DeadLetterQueue.list(ctx),
-      purgeDeadLetters: DeadLetterQueue.purge(ctx)
+      purgeDeadLetters: DeadLetterQueue.purge(ctx),
+      groupStats: GroupStats.make(ctx)
     })
   })
 

@@ -254,8 +254,26 @@ export class Broker extends Context.Service<
       topic: string,
       ids?: ReadonlyArray<string> | undefined
     ) => Effect.Effect<number, BrokerError>
+    /**
+     * Optional: how far a group is behind on a topic — `pending` (delivered, not settled) and `lag` (not
+     * yet delivered, delayed retries included). Read by `Metrics.sampleGroups`; a broker that cannot tell
+     * leaves it out.
+     */
+    readonly groupStats?: ((topic: string, group: string) => Effect.Effect<GroupStats, BrokerError>) | undefined
   }
 >()("@converge/core/Broker") {}
+
+/**
+ * A group's position on a topic (see `Broker.groupStats`).
+ *
+ * @since 0.1.0
+ */
+export interface GroupStats {
+  /** Delivered to a consumer of the group and not settled yet. */
+  readonly pending: number
+  /** Not delivered to the group yet (delayed retries included). */
+  readonly lag: number
+}
 
 /**
  * The outcome of one message of `publishEach`: stored (at the broker's confirmation level), or failed with

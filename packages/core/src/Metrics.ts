@@ -22,11 +22,14 @@
  * | `converge_outbox_backlog` | gauge | — (`OutboxRelay`'s sampler) |
  * | `converge_outbox_oldest_age_seconds` | gauge | — |
  * | `converge_sagas_needing_attention` | gauge | — (`SagaPg`'s sampler) |
+ * | `converge_consumer_group_lag` | gauge | `topic`, `group` (`sampleGroups`) |
+ * | `converge_consumer_group_pending` | gauge | `topic`, `group` (`sampleGroups`) |
  *
  * @since 0.1.0
  */
 
-import { Metric } from "effect"
+import { Duration, Effect, Layer, Metric } from "effect"
+import * as Broker from "./Broker.ts"
 
 const seconds = Metric.exponentialBoundaries({ start: 0.0005, factor: 2, count: 20 })
 
@@ -120,3 +123,52 @@ export const tagged = <Input, State>(
     return m
   }
 }
+
+/** Messages a group has not received yet (sampled). @since 0.1.0 */
+export const groupLag = Metric.gauge("converge_consumer_group_lag", {
+  description: "Messages not yet delivered to the consumer group (delayed retries included)"
+})
+/** Messages delivered to a group and not settled (sampled). @since 0.1.0 */
+export const groupPending = Metric.gauge("converge_consumer_group_pending", {
+  description: "Messages delivered to the consumer group and not yet settled"
+})
+
+/**
+ * Samples `converge_consumer_group_lag` and `converge_consumer_group_pending` for these groups every
+ * `interval` (default 15 s) with the broker's `groupStats` (a broker without it: logged once, nothing
+ * sampled). Run it in one process per deployment (the values are the broker's, not the process's).
+ *
+ * @since 0.1.0
+ */
+export const sampleGroups = (options: {
+  readonly groups: ReadonlyArray<{ readonly topic: string; readonly group: string }>
+  readonly interval?: Duration.Input | undefined
+}): Layer.Layer<never, never, Broker.Broker> =>
+  Layer.effectDiscard(
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const stats = broker.groupStats
+      if (stats === undefined) {
+        yield* Effect.logWarning(
+          "metrics: this broker does not report group lag; converge_consumer_group_* not sampled"
+        )
+        return
+      }
+      const interval = Duration.fromInputUnsafe(options.interval ?? "15 seconds")
+      const sample = Effect.forEach(
+        options.groups,
+        ({ topic, group }) =>
+          stats(topic, group).pipe(
+            Effect.flatMap((s) =>
+              Effect.andThen(
+                Metric.update(Metric.withAttributes(groupLag, { topic, group }), s.lag),
+                Metric.update(Metric.withAttributes(groupPending, { topic, group }), s.pending)
+              )
+            ),
+            Effect.catch((e) => Effect.logDebug(`metrics: sampling ${topic}/${group} failed`, e))
+          ),
+        { discard: true }
+      )
+      yield* Effect.forkScoped(Effect.forever(Effect.andThen(sample, Effect.sleep(interval))))
+    })
+  )

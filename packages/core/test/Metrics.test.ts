@@ -2,6 +2,7 @@ import { MemoryBroker } from "@converge/broker-memory"
 import { assert, describe, it } from "@effect/vitest"
 import { Data, Effect, Layer, Metric, Schedule, Schema } from "effect"
 import { Consumer, DeadLetter, Metrics, Publisher, Topic } from "../src/index.ts"
+import { GaugeTest } from "../src/testing/index.ts"
 
 class Busy extends Data.TaggedError("Busy")<{}> {}
 class Declined extends Data.TaggedError("Declined")<{}> {}
@@ -59,5 +60,11 @@ describe("Metrics", () => {
       assert.strictEqual((yield* Metric.value(Metric.withAttributes(Metrics.replayed, { topic: topic.name }))).count, 1)
       yield* until(Metric.value(dead), (v) => v.count === 2)
     }).pipe(Effect.scoped, Effect.provide(Live))
+  )
+})
+
+describe("group gauges", () => {
+  it.live("sampleGroups reports a group's pending and lag from the broker (memory)", () =>
+    GaugeTest.groupGauges.pipe(Effect.scoped, Effect.provide(Live))
   )
 })

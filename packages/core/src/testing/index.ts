@@ -9,3 +9,5 @@
 export * as AuditTest from "./AuditTest.ts"
 /** The broker conformance suite (C01–C26). */
 export * as BrokerTest from "./BrokerTest.ts"
+/** The group gauges scenario shared by the brokers' tests. */
+export * as GaugeTest from "./GaugeTest.ts"

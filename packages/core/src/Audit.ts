@@ -34,6 +34,7 @@ import type * as Envelope from "./Envelope.ts"
  * | `retried` | `Consumer`: the attempt that failed, the `delayMs` before the next, the `error` |
  * | `dead-lettered` | `Consumer`: `reason`, `error`, `attempt` |
  * | `replayed` / `purged` | `DeadLetter.replay` / `DeadLetter.purge` |
+ * | `lost-in-broker` | `Consumer`, when the broker reports entries deleted while pending (`messageId`: the entry id) |
  * | `confirmed` | `Consumer` with `confirm`: the confirmation sent (`reason`: `processed` or `dead-lettered`) |
  * | `saga-step-completed`, `saga-step-failed` | a saga step (`detail`: the step) |
  * | `compensation-completed`, `compensation-failed` | a compensation attempt (`detail`: the step) |
@@ -52,6 +53,7 @@ export const kinds = [
   "dead-lettered",
   "replayed",
   "purged",
+  "lost-in-broker",
   "confirmed",
   "saga-step-completed",
   "saga-step-failed",

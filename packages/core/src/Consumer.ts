@@ -437,6 +437,29 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     const mDuration = Metric.withAttributes(Metrics.handlerDuration, labels)
     const mLatency = Metric.withAttributes(Metrics.publishToHandle, labels)
     const mDeadLettered = Metrics.tagged(Metrics.deadLettered)
+    const mLost = Metric.withAttributes(Metrics.lostInBroker, labels)
+    /** Entries the broker lost while pending (a trim): their ids are broker entry ids, the messages are gone. */
+    const lostInBroker = (event: Extract<Broker.SubscriptionEvent, { readonly _tag: "LostInBroker" }>) =>
+      Effect.andThen(
+        Metric.update(mLost, event.entryIds.length),
+        !auditing
+          ? Effect.void
+          : Effect.flatMap(
+              Effect.clockWith((c) => c.currentTimeMillis),
+              (at) =>
+                audit.enqueue(
+                  event.entryIds.map((entryId) => ({
+                    kind: "lost-in-broker" as const,
+                    messageId: entryId,
+                    topic: topic.name,
+                    group,
+                    at,
+                    process: Audit.processName,
+                    detail: "broker entry id (the message was deleted from the broker while pending)"
+                  }))
+                )
+            )
+      )
     /** Runs `effect` in a span of the message's trace (when it carries one): a retry, a dead-letter. */
     const messageSpan = <X, Y, Z>(
       envelope: Envelope.Encoded,
@@ -858,7 +881,12 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         consumer,
         batchSize: options.batchSize,
         claimIdle: options.claimIdle,
-        onEvent: options.onEvent
+        // a loss the broker reports is counted and audited, then passed on (logged by default)
+        onEvent: (event) =>
+          Effect.andThen(
+            event._tag === "LostInBroker" ? lostInBroker(event) : Effect.void,
+            options.onEvent === undefined ? Broker.logEvent(event) : options.onEvent(event)
+          )
       })
       .pipe(
         (reads) =>

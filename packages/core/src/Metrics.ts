@@ -14,6 +14,7 @@
  * | `converge_messages_retried_total` | counter | `topic`, `group` |
  * | `converge_messages_dead_lettered_total` | counter | `topic`, `group`, `reason` |
  * | `converge_messages_replayed_total` | counter | `topic` |
+ * | `converge_messages_lost_in_broker_total` | counter | `topic`, `group` |
  * | `converge_saga_compensations_total` | counter | `saga` |
  * | `converge_sagas_parked_total` | counter | `saga` |
  * | `converge_handler_duration_seconds` | histogram | `topic`, `group` |
@@ -61,6 +62,11 @@ export const retried = Metric.counter("converge_messages_retried_total", {
 /** Messages dead-lettered. @since 0.1.0 */
 export const deadLettered = Metric.counter("converge_messages_dead_lettered_total", {
   description: "Messages moved to the dead-letter queue",
+  incremental: true
+})
+/** Pending entries the broker lost (deleted while pending, e.g. by a trim). @since 0.1.0 */
+export const lostInBroker = Metric.counter("converge_messages_lost_in_broker_total", {
+  description: "Pending entries the broker deleted before they were settled",
   incremental: true
 })
 /** Dead letters replayed. @since 0.1.0 */

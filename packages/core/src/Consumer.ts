@@ -76,6 +76,7 @@
  */
 import {
   Cause,
+  Clock,
   DateTime,
   Deferred,
   Duration,
@@ -83,7 +84,7 @@ import {
   Exit,
   Fiber,
   Layer,
-  Metric,
+  type Metric,
   Option,
   Result,
   type Schedule,
@@ -431,17 +432,17 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
     const confirm = options.confirm === true
     // metrics, their attributes fixed once
     const labels = { topic: topic.name, group }
-    const mDelivered = Metric.withAttributes(Metrics.delivered, labels)
-    const mHandled = Metric.withAttributes(Metrics.handled, labels)
-    const mRetried = Metric.withAttributes(Metrics.retried, labels)
-    const mDuration = Metric.withAttributes(Metrics.handlerDuration, labels)
-    const mLatency = Metric.withAttributes(Metrics.publishToHandle, labels)
+    const mDelivered = Metrics.tagged(Metrics.delivered)(labels)
+    const mHandled = Metrics.tagged(Metrics.handled)(labels)
+    const mRetried = Metrics.tagged(Metrics.retried)(labels)
+    const mDuration = Metrics.tagged(Metrics.handlerDuration)(labels)
+    const mLatency = Metrics.tagged(Metrics.publishToHandle)(labels)
     const mDeadLettered = Metrics.tagged(Metrics.deadLettered)
-    const mLost = Metric.withAttributes(Metrics.lostInBroker, labels)
+    const mLost = Metrics.tagged(Metrics.lostInBroker)(labels)
     /** Entries the broker lost while pending (a trim): their ids are broker entry ids, the messages are gone. */
     const lostInBroker = (event: Extract<Broker.SubscriptionEvent, { readonly _tag: "LostInBroker" }>) =>
       Effect.andThen(
-        Metric.update(mLost, event.entryIds.length),
+        Effect.sync(() => count(mLost, event.entryIds.length)),
         !auditing
           ? Effect.void
           : Effect.flatMap(
@@ -483,22 +484,38 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
             }
           })
     }
-    /** Handler time and publish-to-handle latency of `count` messages handled together in `nanos`. */
-    const timed = (envelopes: ReadonlyArray<Envelope.Encoded>, startNanos: bigint) =>
-      Effect.clockWith((clock) => {
-        const nanos = clock.currentTimeNanosUnsafe() - startNanos
-        const now = clock.currentTimeMillisUnsafe()
-        const each = Number(nanos) / 1e9 / Math.max(1, envelopes.length)
-        return Effect.forEach(
-          envelopes,
-          (e) =>
-            Effect.andThen(
-              Metric.update(mDuration, each),
-              Metric.update(mLatency, Math.max(0, (now - Date.parse(e.time)) / 1000))
-            ),
-          { discard: true }
-        )
-      })
+    // metrics are updated synchronously (no effect per message): the clock and the registry's context,
+    // read once
+    const clock = yield* Clock.Clock
+    const metricsContext = yield* Effect.context<never>()
+    const count = (metric: Metric.Metric<number, unknown>, n: number): void => {
+      if (n > 0) metric.updateUnsafe(n, metricsContext)
+    }
+    /** A handleBatch call's time, spread over its messages. */
+    const observeBatch = (n: number, startNanos: bigint): void => {
+      const each = Number(clock.currentTimeNanosUnsafe() - startNanos) / 1e9 / Math.max(1, n)
+      for (let i = 0; i < n; i++) mDuration.updateUnsafe(each, metricsContext)
+    }
+    // handler durations of single messages are sampled, one in 16: timing every call cost the consumer
+    // benchmark 40% of its throughput (a clock read before and after, an effect around each handler)
+    let calls = 0
+    // publish-to-handle latency at the ack, sampled one in 16 too; messages published together share their
+    // time text, so it is parsed once per run of equal texts
+    let acked = 0
+    let lastTime = ""
+    let lastMillis = Number.NaN
+    const observeLatency = (deliveries: ReadonlyArray<Broker.Delivery>): void => {
+      const now = clock.currentTimeMillisUnsafe()
+      for (const d of deliveries) {
+        if ((++acked & 15) !== 0) continue
+        const time = d.envelope.time
+        if (time !== lastTime) {
+          lastTime = time
+          lastMillis = Date.parse(time)
+        }
+        if (lastMillis === lastMillis) mLatency.updateUnsafe(Math.max(0, (now - lastMillis) / 1000), metricsContext)
+      }
+    }
     // the audit sink, read once: off (the default) costs a boolean check per read
     const audit = yield* Audit.AuditSink
     const auditing = audit.enabled
@@ -587,7 +604,8 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           if (failed.size > 0) toAck = deliveries.filter((d) => !failed.has(d))
         }
         if (toAck.length === 0) return
-        yield* Metric.update(mHandled, toAck.length)
+        count(mHandled, toAck.length)
+        observeLatency(toAck)
         if (auditing) {
           // the inbox writes `handled` in the handler's transaction; the others are written here
           const unmarked = toAck.filter((d) => !Audit.isMarkedHandled(d.envelope))
@@ -616,7 +634,9 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       )
     const deadLetterIn = (delivery: Broker.Delivery, reason: Broker.DeadLetterReason): Effect.Effect<void> =>
       Effect.uninterruptible(delivery.deadLetter(reason)).pipe(
-        Effect.andThen(Metric.update(mDeadLettered({ topic: topic.name, group, reason: reason.reason }), 1)),
+        Effect.tap(() =>
+          Effect.sync(() => count(mDeadLettered({ topic: topic.name, group, reason: reason.reason }), 1))
+        ),
         Effect.andThen(
           audited("dead-lettered", [delivery], () => ({
             reason: reason.reason,
@@ -676,12 +696,16 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
       // a message published inside a span carries its trace context: the handler continues that trace
       const parent = encoded.headers.traceparent === undefined ? undefined : Envelope.traceParentOf(encoded.headers)
       const call = (attempt: number): Effect.Effect<void, E, R> => {
-        const handled = Effect.clockWith((clock) => {
-          const start = clock.currentTimeNanosUnsafe()
-          return Effect.tap(options.handle(payload, new Context(delivery, names, attempt)), () =>
-            timed([encoded], start)
-          )
-        })
+        const call = options.handle(payload, new Context(delivery, names, attempt))
+        const handled =
+          (++calls & 15) !== 0
+            ? call
+            : Effect.suspend(() => {
+                const start = clock.currentTimeNanosUnsafe()
+                return Effect.map(call, () => {
+                  mDuration.updateUnsafe(Number(clock.currentTimeNanosUnsafe() - start) / 1e9, metricsContext)
+                })
+              })
         return parent === undefined || Option.isNone(parent)
           ? handled
           : Effect.withSpan(handled, `converge.handle ${topic.name}`, {
@@ -718,7 +742,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
                 case "Retry": {
                   const delayMs = Duration.toMillis(decision.delay)
                   const retried = Effect.andThen(
-                    Metric.update(mRetried, 1),
+                    Effect.sync(() => count(mRetried, 1)),
                     audited("retried", [delivery], () => ({ attempt, delayMs, error: decision.error }))
                   )
                   if (delayMs <= inProcessLimit && inProcess < maxInProcess) {
@@ -781,7 +805,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         }
         if (settleFirst.length > 0) yield* handleEach(settleFirst)
         if (items.length === 0) return
-        const start = yield* Effect.clockWith((clock) => Effect.succeed(clock.currentTimeNanosUnsafe()))
+        const start = clock.currentTimeNanosUnsafe()
         // one span for the batch, linked to each message's publisher span
         const links: Array<Tracer.SpanLink> = []
         for (const d of deliveries) {
@@ -806,10 +830,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
               })
         )
         if (Exit.isSuccess(exit)) {
-          yield* timed(
-            deliveries.map((d) => d.envelope),
-            start
-          )
+          observeBatch(deliveries.length, start)
           yield* confirmAndAck(deliveries).pipe(Effect.uninterruptible)
           return
         }
@@ -862,7 +883,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         handling++
         return Effect.ensuring(
           Effect.andThen(
-            Metric.update(mDelivered, batch.length),
+            Effect.sync(() => count(mDelivered, batch.length)),
             auditing && audit.deliveries === true
               ? Effect.andThen(
                   audited("delivered", batch, (d) => ({ attempt: Math.max(1, d.envelope.attempt) })),

@@ -10,7 +10,7 @@
  *
  * @since 0.1.0
  */
-import { Clock, Context, Effect, Layer, Metric, Result } from "effect"
+import { Clock, Context, Effect, Layer, type Metric, Result } from "effect"
 import * as Audit from "./Audit.ts"
 import { Broker } from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
@@ -83,7 +83,18 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
   Effect.gen(function* () {
     const broker = yield* Broker
     const source = options?.source
-    const mPublished = Metrics.tagged(Metrics.published)
+    // one prepared counter per topic; updated synchronously with the registry's context, read once
+    const publishedBy = Metrics.tagged(Metrics.published)
+    const publishedOf = new Map<string, Metric.Metric<number, unknown>>()
+    const metricsContext = yield* Effect.context<never>()
+    const countPublished = (topic: string, n: number) => {
+      let m = publishedOf.get(topic)
+      if (m === undefined) {
+        m = publishedBy({ topic })
+        publishedOf.set(topic, m)
+      }
+      m.updateUnsafe(n, metricsContext)
+    }
     const publishAll = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
@@ -104,7 +115,12 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
           if (encoded.length === 0) return Effect.succeed([])
           const published = Effect.map(broker.publish(encoded), (entryIds) =>
             encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
-          ).pipe(Effect.tap(() => Metric.update(mPublished({ topic: topic.name }), encoded.length)))
+          ).pipe(
+            Effect.map((receipts) => {
+              countPublished(topic.name, encoded.length)
+              return receipts
+            })
+          )
           // the sink of the caller's context (read per call: the audit layer may sit above the publisher's)
           return Effect.flatMap(Effect.service(Audit.AuditSink), (audit) =>
             audit.enabled

@@ -95,42 +95,43 @@ export const make = (options?: Options): Effect.Effect<Publisher["Service"], nev
       }
       m.updateUnsafe(n, metricsContext)
     }
+    // one fiber read per publish: the clock, the current span (trace context; a producer span when the
+    // caller is traced) and the audit sink of the caller's context (the audit layer may sit above this one)
     const publishAll = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
       makeOptions?: Envelope.MakeOptions
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
-      Envelope.producerSpan(topic.name, "converge.publish", publishIn(topic, payloads, makeOptions))
+      Effect.withFiber((fiber) => {
+        const span = fiber.cache.span
+        const traced = span !== undefined && span._tag === "Span"
+        const run = Effect.flatMap(
+          traced ? Envelope.withTraceContext(makeOptions) : Effect.succeed(makeOptions),
+          (withContext) => publishIn(topic, payloads, withContext, fiber.getRef(Audit.AuditSink))
+        )
+        return traced ? Envelope.producerSpan(topic.name, "converge.publish", run) : run
+      })
     const publishIn = <A, I>(
       topic: Topic.Topic<A, I>,
       payloads: Iterable<A>,
-      makeOptions?: Envelope.MakeOptions
+      makeOptions: Envelope.MakeOptions | undefined,
+      audit: Audit.Sink
     ): Effect.Effect<ReadonlyArray<Receipt>, PublishError> =>
-      Effect.flatMap(
-        Effect.zip(Envelope.withTraceContext(makeOptions), Clock.currentTimeMillis),
-        ([traced, now]): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
-          const made = Envelope.makeEncodedAllResult(topic, payloads, now, traced, source)
-          if (Result.isFailure(made)) return Effect.fail(made.failure)
-          const encoded = made.success
-          if (encoded.length === 0) return Effect.succeed([])
-          const published = Effect.map(broker.publish(encoded), (entryIds) =>
-            encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
-          ).pipe(
-            Effect.map((receipts) => {
-              countPublished(topic.name, encoded.length)
-              return receipts
-            })
-          )
-          // the sink of the caller's context (read per call: the audit layer may sit above the publisher's)
-          return Effect.flatMap(Effect.service(Audit.AuditSink), (audit) =>
-            audit.enabled
-              ? Effect.tap(published, () =>
-                  Audit.recordWith(audit, "enqueue", "published", encoded, () => ({ detail: "direct" }))
-                )
-              : published
-          )
-        }
-      )
+      Effect.flatMap(Clock.currentTimeMillis, (now): Effect.Effect<ReadonlyArray<Receipt>, PublishError> => {
+        const made = Envelope.makeEncodedAllResult(topic, payloads, now, makeOptions, source)
+        if (Result.isFailure(made)) return Effect.fail(made.failure)
+        const encoded = made.success
+        if (encoded.length === 0) return Effect.succeed([])
+        const published = Effect.map(broker.publish(encoded), (entryIds) => {
+          countPublished(topic.name, encoded.length)
+          return encoded.map((e, i): Receipt => ({ id: e.id, entryId: entryIds[i]! }))
+        })
+        return audit.enabled
+          ? Effect.tap(published, () =>
+              Audit.recordWith(audit, "enqueue", "published", encoded, () => ({ detail: "direct" }))
+            )
+          : published
+      })
     return Publisher.of({
       publishAll,
       publish: (topic, payload, makeOptions) =>

@@ -513,7 +513,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           lastTime = time
           lastMillis = Date.parse(time)
         }
-        if (lastMillis === lastMillis) mLatency.updateUnsafe(Math.max(0, (now - lastMillis) / 1000), metricsContext)
+        if (!Number.isNaN(lastMillis)) mLatency.updateUnsafe(Math.max(0, (now - lastMillis) / 1000), metricsContext)
       }
     }
     // the audit sink, read once: off (the default) costs a boolean check per read

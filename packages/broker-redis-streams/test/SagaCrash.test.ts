@@ -23,12 +23,7 @@ let ports = 41_000 + Math.floor(Math.random() * 10_000)
 const Setup = Layer.effectDiscard(
   Effect.gen(function* () {
     const sql = yield* SqlClient.SqlClient
-    yield* Effect.addFinalizer(() =>
-      Effect.andThen(
-        Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw),
-        SagaPg.dropEngineTables(`${schema}_cluster`)
-      )
-    )
+    yield* Effect.addFinalizer(() => SagaPg.dropStore(schema))
     const store = yield* SqlStore.make({ schema, partitions: 4 })
     yield* sql.unsafe(
       `CREATE TABLE ${store.table("effects")} (seq bigint GENERATED ALWAYS AS IDENTITY, what text NOT NULL, order_id text NOT NULL, pid int NOT NULL)`

@@ -395,6 +395,37 @@ const stepName = (run: SagaRun["Service"], name: string): string => {
   return seen === 1 ? name : `${name}#${seen}`
 }
 
+/** Records an action's outcome (the store's step record and the audit event), in the current transaction. */
+const recordOutcome = <A, I>(
+  store: SagaStore.SagaStore["Service"],
+  run: SagaRun["Service"],
+  name: string,
+  success: Schema.Codec<A, I>,
+  exit: Exit.Exit<A, unknown>,
+  startedAt: number
+): Effect.Effect<void> =>
+  Effect.gen(function* () {
+    if (Exit.isFailure(exit) && Cause.hasInterruptsOnly(exit.cause)) return
+    const finishedAt = yield* SagaStore.now
+    const base = {
+      executionId: run.executionId,
+      step: name,
+      phase: "action",
+      attempts: 1,
+      startedAt,
+      finishedAt
+    } as const
+    if (Exit.isSuccess(exit)) {
+      const result = yield* encodeJson(success, exit.value)
+      yield* Effect.orDie(store.step({ ...base, status: "completed", result }))
+      yield* Audit.recordSaga("saga-step-completed", run, { step: name })
+    } else {
+      const error = describe(exit.cause)
+      yield* Effect.orDie(store.step({ ...base, status: "failed", error }))
+      yield* Audit.recordSaga("saga-step-failed", run, { step: name, error })
+    }
+  })
+
 /**
  * Registers the saga's body with the workflow engine: the layer to provide
  * wherever the engine runs (each coordinator process). The body is the
@@ -646,24 +677,7 @@ export const step = <A, AI, E = never, EI = never, R = never, R2 = never>(
       execute: Effect.gen(function* () {
         const startedAt = yield* SagaStore.now
         const exit = yield* Effect.exit(tx.wrap(options.run))
-        const finishedAt = yield* SagaStore.now
-        const base = {
-          executionId: run.executionId,
-          step: name,
-          phase: "action",
-          attempts: 1,
-          startedAt,
-          finishedAt
-        } as const
-        if (Exit.isSuccess(exit)) {
-          const result = yield* encodeJson(options.success, exit.value)
-          yield* Effect.orDie(store.step({ ...base, status: "completed", result }))
-          yield* Audit.recordSaga("saga-step-completed", run, { step: name })
-        } else if (!Cause.hasInterruptsOnly(exit.cause)) {
-          const error = describe(exit.cause)
-          yield* Effect.orDie(store.step({ ...base, status: "failed", error }))
-          yield* Audit.recordSaga("saga-step-failed", run, { step: name, error })
-        }
+        yield* recordOutcome(store, run, name, options.success, exit, startedAt)
         return yield* exit
       })
     }).annotate(ClusterSchema.WithTransaction, options.transactional ?? true)
@@ -784,27 +798,7 @@ export const request = <C, CI, A, AI, E, EI, R2 = never>(
           ? Exit.fail(outcome.error)
           : Exit.fail(new StepTimedOut({ step: name, timeout: Duration.format(timeout) }))
     // idempotent (a replay rewrites the same record; the store keeps the first finishedAt)
-    yield* Effect.orDie(
-      Effect.gen(function* () {
-        const finishedAt = yield* SagaStore.now
-        const base = {
-          executionId: run.executionId,
-          step: name,
-          phase: "action",
-          attempts: 1,
-          startedAt,
-          finishedAt
-        } as const
-        if (Exit.isSuccess(exit)) {
-          yield* store.step({ ...base, status: "completed", result: yield* encodeJson(command.success, exit.value) })
-          yield* Audit.recordSaga("saga-step-completed", run, { step: name })
-        } else {
-          const error = describe(exit.cause)
-          yield* store.step({ ...base, status: "failed", error })
-          yield* Audit.recordSaga("saga-step-failed", run, { step: name, error })
-        }
-      })
-    )
+    yield* recordOutcome(store, run, name, command.success, exit, startedAt)
     if (Exit.isFailure(exit)) return yield* exit
     pushCompensation(run, name, exit.value, options)
     return exit.value

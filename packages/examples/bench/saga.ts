@@ -22,7 +22,6 @@ import { Saga } from "@converge/core"
 import { Inbox, Outbox, OutboxRelay, SagaPg, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
 import { Effect, Layer, Redacted, Schema } from "effect"
-import { SqlClient } from "effect/sql"
 import pg from "pg"
 import * as Checkout from "../src/03-saga/saga.ts"
 import { type Bench, median, rate, round } from "./harness.ts"
@@ -90,19 +89,7 @@ const convergeRun = (): Promise<number> => {
     ),
     Layer.provideMerge(SqlStore.layer({ schema, partitions: 8 })),
     Layer.provideMerge(MemoryBroker.layer()),
-    Layer.provideMerge(
-      Layer.effectDiscard(
-        Effect.gen(function* () {
-          const sql = yield* SqlClient.SqlClient
-          yield* Effect.addFinalizer(() =>
-            Effect.andThen(
-              Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw),
-              SagaPg.dropEngineTables(`${schema}_cluster`)
-            )
-          )
-        })
-      )
-    ),
+    Layer.provideMerge(Layer.effectDiscard(Effect.addFinalizer(() => SagaPg.dropStore(schema)))),
     Layer.provideMerge(PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 12 })),
     Layer.orDie
   )

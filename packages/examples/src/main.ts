@@ -94,14 +94,7 @@ const demo = (
     )
     yield* Effect.scoped(
       Effect.gen(function* () {
-        const sql = yield* SqlClient.SqlClient
-        if (!embedded)
-          yield* Effect.addFinalizer(() =>
-            Effect.andThen(
-              Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${sagaSchema} CASCADE`).raw),
-              SagaPg.dropEngineTables(`${sagaSchema}_cluster`)
-            )
-          )
+        if (!embedded) yield* Effect.addFinalizer(() => SagaPg.dropStore(sagaSchema))
         return yield* Effect.scoped(Checkout.program).pipe(
           Effect.provide(
             CheckoutSaga.layer({

@@ -434,3 +434,16 @@ export const dropEngineTables = (prefix: string): Effect.Effect<void, never, Sql
       WHERE schemaname = ANY (current_schemas(false)) AND left(tablename, ${prefix.length + 1}) = ${`${prefix}_`}`
     for (const row of rows) yield* sql.unsafe(`DROP TABLE IF EXISTS ${row.name} CASCADE`).raw
   }).pipe(Effect.ignore)
+
+/**
+ * Drops a store's schema and its engine's tables (`<schema>_cluster_*`, the {@link layer} default): for
+ * tests and demos that made a store of their own.
+ *
+ * @since 0.1.0
+ */
+export const dropStore = (schema: string): Effect.Effect<void, never, SqlClient.SqlClient> =>
+  Effect.gen(function* () {
+    const sql = yield* SqlClient.SqlClient
+    yield* Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw)
+    yield* dropEngineTables(`${schema}_cluster`)
+  })

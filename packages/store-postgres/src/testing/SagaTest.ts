@@ -17,7 +17,6 @@ import { Broker, Consumer, Saga, SagaStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
 import { Clock, Effect, Exit, Layer, Redacted, Schema } from "effect"
-import { SqlClient } from "effect/sql"
 import * as Inbox from "../Inbox.ts"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
@@ -177,17 +176,7 @@ export const suite = (
   const url = options.url ?? process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
   const schema = `converge_saga_${randomUUID().replaceAll("-", "").slice(0, 12)}`
   const Pg = PgClient.layer({ url: Redacted.make(url), maxConnections: 8 })
-  const Schema_ = Layer.effectDiscard(
-    Effect.gen(function* () {
-      const sql = yield* SqlClient.SqlClient
-      yield* Effect.addFinalizer(() =>
-        Effect.andThen(
-          Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw),
-          SagaPg.dropEngineTables(`${schema}_cluster`)
-        )
-      )
-    })
-  )
+  const Schema_ = Layer.effectDiscard(Effect.addFinalizer(() => SagaPg.dropStore(schema)))
   const Effects = Layer.effectDiscard(
     Effect.gen(function* () {
       const { sql, table } = yield* SqlStore.SqlStore

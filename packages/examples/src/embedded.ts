@@ -19,7 +19,7 @@ import { Effect, Layer, Option, Redacted } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
 
 /** A free loopback port (the OS picks it). */
-const freePort = Effect.promise(
+export const freePort = Effect.promise(
   () =>
     new Promise<number>((resolve, reject) => {
       const server = createServer()

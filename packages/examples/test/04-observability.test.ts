@@ -1,22 +1,11 @@
-import { createServer } from "node:net"
 import { assert, it } from "@effect/vitest"
 import { Effect, Layer } from "effect"
 import { metricsEndpoint, program, services } from "../src/04-observability/program.ts"
-
-const freePort = () =>
-  new Promise<number>((resolve, reject) => {
-    const server = createServer()
-    server.once("error", reject)
-    server.listen(0, "127.0.0.1", () => {
-      const address = server.address()
-      const port = typeof address === "object" && address !== null ? address.port : 0
-      server.close(() => resolve(port))
-    })
-  })
+import { freePort } from "../src/embedded.ts"
 
 it.live("example 04: a Prometheus scrape of the running example shows the counters; the audit has o-2's timeline", () =>
   Effect.gen(function* () {
-    const port = yield* Effect.promise(freePort)
+    const port = yield* freePort
     // the example runs with its endpoint up; the scrape is taken while it is
     const { result, scrape } = yield* Effect.gen(function* () {
       const result = yield* Effect.scoped(program)

@@ -480,13 +480,16 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
             // that failed for now stay for the next cycle. Nothing is published twice by this cycle, and one
             // refused row holds back nothing else
             const published: Array<string> = []
+            const relayed: Array<Envelope.Encoded> = []
             let retryLater: BrokerError.BrokerError | undefined
             if (messages.length > 0) {
               const outcomes = yield* relaySpan(messages, publish(messages))
               for (let i = 0; i < outcomes.length; i++) {
                 const o = outcomes[i]!
-                if (o._tag === "Stored") published.push(seqs[i]!)
-                else if (o.error.isRetryable) retryLater ??= o.error
+                if (o._tag === "Stored") {
+                  published.push(seqs[i]!)
+                  relayed.push(messages[i]!)
+                } else if (o.error.isRetryable) retryLater ??= o.error
                 else poison.push({ seq: seqs[i]!, reason: DeadReason.rejected, error: o.error.message })
               }
             }
@@ -494,24 +497,11 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
               yield* sql.unsafe(markSql, retention === 0 ? [published] : [published, nowIso])
               yield* Metric.update(Metrics.relayBatchSize, published.length)
               const perTopic = new Map<string, number>()
-              for (let i = 0; i < messages.length; i++) {
-                if (published.includes(seqs[i]!)) {
-                  const t = messages[i]!.topic
-                  perTopic.set(t, (perTopic.get(t) ?? 0) + 1)
-                }
-              }
+              for (const m of relayed) perTopic.set(m.topic, (perTopic.get(m.topic) ?? 0) + 1)
               for (const [topic, n] of perTopic) yield* Metric.update(mRelayed({ topic }), n)
-              if (audit.enabled) {
-                // batched, off the cycle's transaction (the transactional steps are the outbox insert, the
-                // inbox and saga steps; a relayed row in the cycle held its locks longer)
-                const relayed = new Set(published)
-                yield* Audit.recordWith(
-                  audit,
-                  "enqueue",
-                  "relayed",
-                  messages.filter((_, i) => relayed.has(seqs[i]!))
-                )
-              }
+              // batched, off the cycle's transaction (the transactional steps are the outbox insert, the
+              // inbox and saga steps; a relayed row in the cycle held its locks longer)
+              if (audit.enabled) yield* Audit.recordWith(audit, "enqueue", "relayed", relayed)
             }
             for (const p of poison) {
               yield* sql.unsafe(deadSql, [p.seq, p.reason, p.error, nowIso])

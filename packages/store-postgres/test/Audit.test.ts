@@ -11,6 +11,7 @@ import { assert, describe, layer } from "@effect/vitest"
 import { Data, Effect, Exit, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { AuditPg, Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
+import { freshSchemaLayer } from "./helpers/schema.ts"
 
 const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_audit_test_${process.pid}`
@@ -25,15 +26,7 @@ const Live = Layer.mergeAll(
   Layer.provideMerge(AuditPg.layer({ flushInterval: "50 millis", deliveries: true })),
   Layer.provideMerge(SqlStore.layer({ schema, partitions: 2 })),
   Layer.provideMerge(MemoryBroker.layer()),
-  Layer.provideMerge(
-    Layer.effectDiscard(
-      Effect.gen(function* () {
-        const sql = yield* SqlClient.SqlClient
-        yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-      })
-    )
-  ),
+  Layer.provideMerge(freshSchemaLayer(schema)),
   Layer.provideMerge(PgClient.layer({ url: Redacted.make(url), maxConnections: 6 }))
 )
 

@@ -5,6 +5,7 @@ import { assert, describe, layer } from "@effect/vitest"
 import { Data, Deferred, Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
+import { freshSchemaLayer } from "./helpers/schema.ts"
 
 const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_outbox_test_${process.pid}`
@@ -19,15 +20,7 @@ const Store = SqlStore.layer({ schema, partitions: 4 })
 const Live = Layer.mergeAll(Outbox.layer(), Inbox.layer(), OutboxRelay.layer({ pollInterval: "200 millis" })).pipe(
   Layer.provideMerge(Store),
   Layer.provideMerge(MemoryBroker.layer({ orderedPerKey: true })),
-  Layer.provideMerge(
-    Layer.effectDiscard(
-      Effect.gen(function* () {
-        const sql = yield* SqlClient.SqlClient
-        yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-      })
-    )
-  ),
+  Layer.provideMerge(freshSchemaLayer(schema)),
   Layer.provideMerge(Pg)
 )
 

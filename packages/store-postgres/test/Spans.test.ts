@@ -8,8 +8,8 @@ import { Consumer, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
 import { Data, Effect, Layer, Option, Redacted, Schema, Tracer } from "effect"
-import { SqlClient } from "effect/sql"
 import { Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
+import { freshSchemaLayer } from "./helpers/schema.ts"
 
 const url = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_spans_test_${process.pid}`
@@ -28,15 +28,7 @@ const recording = Tracer.make({
 const Live = Layer.mergeAll(Outbox.layer(), OutboxRelay.layer({ pollInterval: "100 millis" })).pipe(
   Layer.provideMerge(SqlStore.layer({ schema, partitions: 2 })),
   Layer.provideMerge(MemoryBroker.layer()),
-  Layer.provideMerge(
-    Layer.effectDiscard(
-      Effect.gen(function* () {
-        const sql = yield* SqlClient.SqlClient
-        yield* sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw
-        yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
-      })
-    )
-  ),
+  Layer.provideMerge(freshSchemaLayer(schema)),
   Layer.provideMerge(PgClient.layer({ url: Redacted.make(url), maxConnections: 4 })),
   Layer.provideMerge(Layer.succeed(Tracer.Tracer, recording))
 )

@@ -364,16 +364,24 @@ export const recordWith = (
   )
 }
 
-const handledInTransaction = new WeakSet<object>()
+/**
+ * The slot of a handler's message context that {@link markHandled} sets: a context with this key can be
+ * marked (`Consumer`'s contexts have it, `false` until marked).
+ *
+ * @since 0.1.0
+ */
+export const handledKey: unique symbol = Symbol.for("@converge/core/Audit/handled")
 
 /**
- * Marks a message context whose `handled` event a store already wrote in the handler's transaction (the
- * inbox does), so `Consumer` does not write it again.
+ * Marks a handler's message context whose `handled` event a store already wrote in the handler's
+ * transaction (the inbox does), so `Consumer` does not write it again. The mark is on the context — one
+ * group's delivery of one attempt — never on the envelope, which a broker may share between the groups of a
+ * topic. A context without the {@link handledKey} slot (a hand-made one, in a test) is left alone.
  *
  * @since 0.1.0
  */
 export const markHandled = (context: object): void => {
-  handledInTransaction.add(context)
+  if (handledKey in context) (context as { [handledKey]: boolean })[handledKey] = true
 }
 
 /**
@@ -381,7 +389,8 @@ export const markHandled = (context: object): void => {
  *
  * @since 0.1.0
  */
-export const isMarkedHandled = (context: object): boolean => handledInTransaction.has(context)
+export const isMarkedHandled = (context: object): boolean =>
+  (context as { readonly [handledKey]?: boolean })[handledKey] === true
 
 /**
  * Records a saga event (`messageId`: the execution id, `topic`: the saga's name, `detail`: the step) with

@@ -131,6 +131,8 @@ export interface MessageContext {
 
 /** The handler's context: a view over the delivery; `time` is computed on first use. */
 class Context implements MessageContext {
+  /** Set by `Audit.markHandled` when a store wrote the `handled` event in the handler's transaction. */
+  [Audit.handledKey] = false
   readonly delivery: Broker.Delivery
   readonly names: { readonly group: string; readonly consumer: string }
   readonly attempt: number
@@ -608,7 +610,8 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         observeLatency(toAck)
         if (auditing) {
           // the inbox writes `handled` in the handler's transaction; the others are written here
-          const unmarked = toAck.filter((d) => !Audit.isMarkedHandled(d.envelope))
+          const unmarked = recordedByStore.size === 0 ? toAck : toAck.filter((d) => !recordedByStore.has(d))
+          for (const d of deliveries) recordedByStore.delete(d)
           yield* audited("handled", unmarked, (d) => ({ attempt: attempts.get(d) ?? Math.max(1, d.envelope.attempt) }))
         }
         yield* broker.ackAll(toAck).pipe(
@@ -619,6 +622,8 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
 
     /** The attempt a delivery's handler succeeded at (for its confirmation). */
     const attempts = new WeakMap<Broker.Delivery, number>()
+    /** Successes whose `handled` event a store wrote in the handler's transaction (`Audit.markHandled`). */
+    const recordedByStore = new Set<Broker.Delivery>()
 
     /**
      * Dead-letters a delivery and logs it (a warning annotated with topic, group and message id, so an
@@ -695,8 +700,8 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         )
       // a message published inside a span carries its trace context: the handler continues that trace
       const parent = encoded.headers.traceparent === undefined ? undefined : Envelope.traceParentOf(encoded.headers)
-      const call = (attempt: number): Effect.Effect<void, E, R> => {
-        const call = options.handle(payload, new Context(delivery, names, attempt))
+      const call = (context: Context): Effect.Effect<void, E, R> => {
+        const call = options.handle(payload, context)
         const handled =
           (++calls & 15) !== 0
             ? call
@@ -717,15 +722,17 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
                 "messaging.destination.name": topic.name,
                 "messaging.consumer.group.name": group,
                 "messaging.message.id": encoded.id,
-                "messaging.converge.attempt": attempt
+                "messaging.converge.attempt": context.attempt
               }
             })
       }
-      const loop = (attempt: number, inProcess: number): Effect.Effect<void, never, R> =>
-        Effect.matchCauseEffect(call(attempt), {
+      const loop = (attempt: number, inProcess: number): Effect.Effect<void, never, R> => {
+        const context = new Context(delivery, names, attempt)
+        return Effect.matchCauseEffect(call(context), {
           onSuccess: () => {
             acks.push(delivery)
             if (confirm || auditing) attempts.set(delivery, attempt)
+            if (context[Audit.handledKey]) recordedByStore.add(delivery)
             return Effect.void
           },
           onFailure: (cause) => {
@@ -765,6 +772,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
             })
           }
         })
+      }
       const run = loop(Math.max(1, encoded.attempt), 1)
       return perKey ? locks.withLock(encoded.key, run) : run
     }
@@ -831,6 +839,11 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         )
         if (Exit.isSuccess(exit)) {
           observeBatch(deliveries.length, start)
+          if (auditing) {
+            for (const item of items) {
+              if ((item.context as Context)[Audit.handledKey]) recordedByStore.add((item.context as Context).delivery)
+            }
+          }
           yield* confirmAndAck(deliveries).pipe(Effect.uninterruptible)
           return
         }

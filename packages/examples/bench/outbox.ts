@@ -529,8 +529,9 @@ const observedBench = (transport: Transport): Bench => ({
     const tracing: Array<number> = []
     const auditRatios: Array<number> = []
     const tracingRatios: Array<number> = []
-    // 5 interleaved rounds: the ratio of one round ranges over ±10% on this machine
-    for (let i = 0; i < 5; i++) {
+    // interleaved rounds (BENCH_ROUNDS, default 5): the ratio of one round ranges over ±10% on this machine
+    const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
+    for (let i = 0; i < rounds; i++) {
       const p = rate(drainCount, await drainConverge(transport))
       const a = rate(drainCount, await drainConverge(transport, "audit"))
       const t = rate(drainCount, await drainConverge(transport, "tracing"))

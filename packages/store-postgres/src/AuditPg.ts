@@ -18,7 +18,7 @@
  */
 
 import { Audit } from "@converge/core"
-import { Clock, Duration, Effect, Layer, Semaphore } from "effect"
+import { Clock, Duration, Effect, Latch, Layer, Semaphore } from "effect"
 import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
 /**
@@ -108,15 +108,29 @@ export const make = (options?: Options) =>
     const insert = (events: ReadonlyArray<Audit.Event>) =>
       Effect.suspend(() => {
         if (events.length === 0) return Effect.void
-        const groups = new Map<string, Array<Audit.Event>>()
+        // a batch is mostly one group (a relay cycle's topic, a consumer's read): compare with the groups
+        // found so far, newest first, rather than build a key string per event
+        const groups: Array<Array<Audit.Event>> = []
         for (const e of events) {
-          const key = `${e.at}\u0000${e.kind}\u0000${e.topic}\u0000${e.group ?? ""}\u0000${e.process}`
-          const list = groups.get(key)
-          if (list === undefined) groups.set(key, [e])
+          let list: Array<Audit.Event> | undefined
+          for (let i = groups.length - 1; i >= 0; i--) {
+            const head = groups[i]![0]!
+            if (
+              head.at === e.at &&
+              head.kind === e.kind &&
+              head.topic === e.topic &&
+              head.group === e.group &&
+              head.process === e.process
+            ) {
+              list = groups[i]
+              break
+            }
+          }
+          if (list === undefined) groups.push([e])
           else list.push(e)
         }
         return Effect.forEach(
-          groups.values(),
+          groups,
           (batch) => {
             const first = batch[0]!
             return sql.unsafe(insertSql, [
@@ -158,7 +172,16 @@ export const make = (options?: Options) =>
           )
       })
     )
-    yield* Effect.forkScoped(Effect.forever(Effect.andThen(Effect.sleep(flushEvery), flush)))
+    // the flusher writes every `flushEvery`, or at once when `batchSize` events are buffered: woken, not awaited,
+    // so a relay cycle or a consumer's read does not wait for the audit's transaction (awaiting it here cost
+    // the drain a third of the audit's price). Only a flusher `backlog` batches behind makes writers wait
+    const wake = yield* Latch.make()
+    const backlog = batchSize * 8
+    yield* Effect.forkScoped(
+      Effect.forever(
+        Effect.raceFirst(Effect.sleep(flushEvery), wake.await).pipe(Effect.andThen(wake.close), Effect.andThen(flush))
+      )
+    )
     yield* Effect.addFinalizer(() => flush)
     if (options?.retention !== undefined) {
       const keep = Duration.toMillis(Duration.fromInputUnsafe(options.retention))
@@ -182,7 +205,9 @@ export const make = (options?: Options) =>
       enqueue: (events) =>
         Effect.suspend(() => {
           for (const e of events) buffer.push(e)
-          return buffer.length >= batchSize ? flush : Effect.void
+          if (buffer.length >= backlog) return flush
+          if (buffer.length >= batchSize) wake.openUnsafe()
+          return Effect.void
         })
     }
     const log = Audit.AuditLog.of({

@@ -227,7 +227,7 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
               if (context.encoded === undefined) continue
               envelopes.push(context.encoded)
               attempts.set(context.encoded, context.attempt ?? 1)
-              Audit.markHandled(context.encoded)
+              Audit.markHandled(context)
             }
             yield* Audit.recordWith(audit, "write", "handled", envelopes, (e) => ({
               group: consumer,

@@ -284,6 +284,16 @@ $$`
       `CREATE INDEX audit_topic ON ${s}.audit (topic, at)`,
       `CREATE INDEX audit_at ON ${s}.audit USING brin (at)`
     ]
+  },
+  {
+    // ids compared byte for byte: the GIN insert of a batch's ids compares them, and under a database's
+    // linguistic collation (en_US.UTF-8, or even C.UTF-8) that cost 30-45% more than "C" (40 000 ids: 24 ms
+    // against 34-44 ms on C.UTF-8). Equality, all the trail asks of an id, is the same either way
+    name: "audit ids in the C collation",
+    statements: [
+      `ALTER TABLE ${s}.audit ALTER COLUMN message_ids TYPE text[] COLLATE "C",
+         ALTER COLUMN correlation_ids TYPE text[] COLLATE "C", ALTER COLUMN causation_ids TYPE text[] COLLATE "C"`
+    ]
   }
 ]
 

@@ -106,5 +106,33 @@ describe("AuditPg", () => {
         assert.deepStrictEqual(auditTx, inboxTx, "the handled event commits with the inbox claim")
       })
     )
+
+    it.effect("a message handled by two groups, one through the inbox, has a `handled` event for each", () =>
+      Effect.gen(function* () {
+        const sql = yield* SqlClient.SqlClient
+        yield* sql.unsafe(`CREATE TABLE ${schema}.refunds (id text PRIMARY KEY)`).raw
+        const refunds = Topic.make("audit-pg.refunds", Schema.Struct({ id: Schema.String }))
+        // the memory broker hands both groups the same envelope object: the inbox's mark must not leak
+        // to the other group, whose consumer writes its own event
+        yield* Consumer.make(refunds, {
+          group: "ledger",
+          handle: Inbox.handler(
+            (p: { readonly id: string }) => sql.unsafe(`INSERT INTO ${schema}.refunds VALUES ($1)`, [p.id]).raw
+          )
+        })
+        const { id } = yield* Publisher.publish(refunds, { id: "r-1" })
+        let events: ReadonlyArray<Audit.Stored> = []
+        for (let i = 0; i < 200 && !events.some((e) => e.kind === "handled"); i++) {
+          yield* Effect.sleep(20)
+          events = yield* Audit.query({ messageId: id, kinds: ["handled"] })
+        }
+        yield* Consumer.make(refunds, { group: "mailer", handle: () => Effect.void })
+        for (let i = 0; i < 200 && events.length < 2; i++) {
+          yield* Effect.sleep(20)
+          events = yield* Audit.query({ messageId: id, kinds: ["handled"] })
+        }
+        assert.deepStrictEqual(events.map((e) => `${e.group}:${e.attempt}`).sort(), ["ledger:1", "mailer:1"])
+      })
+    )
   })
 })

@@ -392,7 +392,13 @@ export const make = (
             if (t === undefined || g === undefined) return { pending: 0, lag: t?.entries.length ?? 0 }
             const unread = t.entries.length - t.indexFrom(g.cursor)
             return { pending: g.pending.size, lag: unread + g.ready.length + g.delayed }
-          })
+          }),
+        topics: Effect.sync(() =>
+          [...core.topics.values()]
+            .filter((t) => !t.deleted)
+            .map((t) => ({ name: t.name, groups: [...t.groups.keys()].sort(), deadLetters: t.dlq.length }))
+            .sort((a, b) => (a.name < b.name ? -1 : a.name > b.name ? 1 : 0))
+        )
       }),
       memory
     }

@@ -6,6 +6,7 @@ BrokerTest.suite("memory", MemoryBroker.layer({ orderedPerKey: true }), {
   persistent: true,
   orderedPerKey: true,
   delayedDelivery: true,
+  operatorViews: true,
   restart: MemoryBroker.MemoryBroker.use((m) => m.faults.restart),
   deleteTopic: (topic) => MemoryBroker.MemoryBroker.use((m) => m.faults.deleteTopic(topic)),
   trim: (topic, maxLen) => MemoryBroker.MemoryBroker.use((m) => m.faults.trim(topic, maxLen)),

@@ -194,6 +194,7 @@ export const make = (
     const ctx: BrokerContext = {
       redis,
       impl,
+      prefix,
       keys,
       partitions,
       ordered: options?.orderedPerKey ?? false,
@@ -233,7 +234,8 @@ export const make = (
       ackAll: ackAll(impl),
       deadLetters: DeadLetterQueue.list(ctx),
       purgeDeadLetters: DeadLetterQueue.purge(ctx),
-      groupStats: GroupStats.make(ctx)
+      groupStats: GroupStats.make(ctx),
+      topics: GroupStats.topics(ctx)
     })
   })
 

@@ -260,8 +260,27 @@ export class Broker extends Context.Service<
      * leaves it out.
      */
     readonly groupStats?: ((topic: string, group: string) => Effect.Effect<GroupStats, BrokerError>) | undefined
+    /**
+     * Optional: the topics the broker holds, each with its consumer groups and the size of its dead-letter
+     * queue, by name. What operator tools (`converge status`, the dashboard) list; a broker that cannot
+     * tell leaves it out, and the tools then ask for topic names.
+     */
+    readonly topics?: Effect.Effect<ReadonlyArray<TopicInfo>, BrokerError> | undefined
   }
 >()("@converge/core/Broker") {}
+
+/**
+ * A topic as the broker holds it (see `Broker.topics`).
+ *
+ * @since 0.1.0
+ */
+export interface TopicInfo {
+  readonly name: string
+  /** Its consumer groups, by name. */
+  readonly groups: ReadonlyArray<string>
+  /** Entries in its dead-letter queue. */
+  readonly deadLetters: number
+}
 
 /**
  * A group's position on a topic (see `Broker.groupStats`).

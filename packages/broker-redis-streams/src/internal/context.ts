@@ -19,6 +19,8 @@ export type Durability = "reply" | "waitaof-local" | "waitaof-replicas"
 export interface BrokerContext {
   readonly redis: Redis.Redis["Service"]
   readonly impl: Impl
+  /** The key prefix (`<prefix>:{<topic>}...`). */
+  readonly prefix: string
   readonly keys: (topic: string) => Keys
   readonly partitions: number
   readonly ordered: boolean

@@ -1,11 +1,15 @@
 /**
- * A group's position on a topic, summed over the partitions: `XINFO GROUPS` of each partition stream and
- * its retry stream (`pending`, `lag`, Redis 7+) and the size of its delayed set.
+ * The operator views of the Redis layer. `groupStats`: a group's position on a topic, summed over the
+ * topic's partitions — `XINFO GROUPS` of each partition stream and its retry stream (`pending`, `lag`,
+ * Redis 7+) and the size of its delayed set. `topics`: the topics under the prefix (`SCAN` for their meta
+ * keys), each with its groups and dead-letter count. Both read the partition count the topic recorded in
+ * Redis, so an operator tool needs no partition setting of its own.
  */
 import type { Broker } from "@converge/core"
 import { Effect } from "effect"
 import { type BrokerContext, checkName } from "./context.ts"
 import { fromRedis } from "./errors.ts"
+import * as Keys from "./keys.ts"
 
 /** The fields of one group in an `XINFO GROUPS` reply (RESP2 flat array or RESP3 map). */
 const groupOf = (reply: unknown, group: string): { pending: number; lag: number } | undefined => {
@@ -44,10 +48,11 @@ export const make =
     Effect.gen(function* () {
       yield* checkName("topic", topic)
       yield* checkName("group", group)
-      const keys = ctx.keys(topic)
+      const keys = yield* keysOf(ctx, topic)
+      const partitions = keys.partitions
       let pending = 0
       let lag = 0
-      for (let i = 0; i < ctx.partitions; i++) {
+      for (let i = 0; i < partitions; i++) {
         const part = keys.partition(group, i)
         for (const stream of [part.stream, part.retry]) {
           const s = yield* xinfo(ctx, stream, group)
@@ -58,3 +63,69 @@ export const make =
       }
       return { pending, lag }
     })
+
+/** The topic's keys for the partition count it recorded in Redis (this broker's when none is recorded yet). */
+const keysOf = (ctx: BrokerContext, topic: string) =>
+  ctx.redis.send<string | null>("HGET", ctx.keys(topic).meta, "partitions").pipe(
+    Effect.mapError(fromRedis("HGET")),
+    Effect.map((stored) => {
+      const n = stored === null ? ctx.partitions : Number(stored)
+      const partitions = Number.isInteger(n) && n >= 1 ? n : ctx.partitions
+      return { ...Keys.make(ctx.prefix, partitions)(topic), partitions }
+    })
+  )
+
+/** The names of the groups in an `XINFO GROUPS` reply. */
+const groupNames = (reply: unknown): Array<string> => {
+  if (!Array.isArray(reply)) return []
+  const names: Array<string> = []
+  for (const item of reply) {
+    if (Array.isArray(item)) {
+      const at = item.findIndex((v, i) => i % 2 === 0 && String(v) === "name")
+      if (at >= 0) names.push(String(item[at + 1]))
+    } else if (item instanceof Map) names.push(String(item.get("name")))
+    else if (item !== null && typeof item === "object") names.push(String((item as { name?: unknown }).name))
+  }
+  return names
+}
+
+const groupsOf = (ctx: BrokerContext, stream: string) =>
+  ctx.redis.send<unknown>("XINFO", "GROUPS", stream).pipe(
+    Effect.map(groupNames),
+    Effect.catchIf(
+      (e) => /no such key/i.test(String((e.cause as { message?: unknown } | undefined)?.message ?? e.cause)),
+      () => Effect.succeed([] as Array<string>)
+    ),
+    Effect.mapError(fromRedis("XINFO"))
+  )
+
+/** `Broker.topics` for the Redis Streams layer: every topic with a meta key under the prefix. */
+export const topics = (ctx: BrokerContext): NonNullable<Broker.Broker["Service"]["topics"]> =>
+  Effect.gen(function* () {
+    // the prefix is letters, digits and `._:-`, none of them special in a SCAN pattern
+    const head = `${ctx.prefix}:{`
+    const tail = "}:meta"
+    const names = new Set<string>()
+    let cursor = "0"
+    do {
+      const reply = yield* ctx.redis
+        .send<[unknown, ReadonlyArray<unknown>]>("SCAN", cursor, "MATCH", `${head}*${tail}`, "COUNT", "1000")
+        .pipe(Effect.mapError(fromRedis("SCAN")))
+      cursor = String(reply[0])
+      for (const key of reply[1]) {
+        const k = String(key)
+        if (k.startsWith(head) && k.endsWith(tail)) names.add(k.slice(head.length, k.length - tail.length))
+      }
+    } while (cursor !== "0")
+    return yield* Effect.forEach([...names].sort(), (name) =>
+      Effect.gen(function* () {
+        const keys = yield* keysOf(ctx, name)
+        const groups = new Set<string>()
+        for (let i = 0; i < keys.partitions; i++) {
+          for (const g of yield* groupsOf(ctx, keys.partition("", i).stream)) groups.add(g)
+        }
+        const deadLetters = yield* ctx.redis.send<number>("XLEN", keys.dlq).pipe(Effect.mapError(fromRedis("XLEN")))
+        return { name, groups: [...groups].sort(), deadLetters: Number(deadLetters) }
+      })
+    )
+  })

@@ -1,5 +1,5 @@
 /**
- * `BrokerTest` — the broker conformance suite (cases C01–C26; each case's
+ * `BrokerTest` — the broker conformance suite (cases C01–C27; each case's
  * name says what it checks). Every broker layer, a custom one included, runs
  * it in one line from a vitest file:
  *
@@ -112,6 +112,8 @@ export interface Features<R> {
   readonly orderedPerKey: boolean
   /** Nack with a delay (C19). */
   readonly delayedDelivery: boolean
+  /** `Broker.topics` and `Broker.groupStats`, the optional operator views (C27). */
+  readonly operatorViews?: boolean | undefined
   /** Restarts the broker (C14). */
   readonly restart?: Effect.Effect<void, unknown, R> | undefined
   /** Deletes a topic's storage under running consumers (C21). */
@@ -945,6 +947,35 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
         const stored = [a!, c!].map((m) => (JSON.parse(m.data) as Payload).n)
         assert.deepStrictEqual(sorted((yield* payloadsOf(r)).map((p) => p.n)), stored)
       })
+    )
+
+    run(
+      "C27",
+      "operator views: `topics` lists a topic with its groups and dead-letter count; `groupStats` counts what a group has pending and not yet read",
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        assert.isDefined(broker.topics, "operatorViews declared: Broker.topics is implemented")
+        assert.isDefined(broker.groupStats, "operatorViews declared: Broker.groupStats is implemented")
+        const topic = uniqueTopic("c27")
+        yield* broker.publish(messages(topic, 5))
+        // the first read's deliveries stay pending (never settled); one is dead-lettered
+        const held = yield* Deferred.make<ReadonlyArray<Broker.Delivery>>()
+        yield* Effect.forkScoped(
+          Stream.runForEach(broker.subscribe({ topic, group: "ops", consumer: "c", batchSize: 2 }), (d) =>
+            Deferred.succeed(held, [d])
+          )
+        )
+        const [first] = yield* Deferred.await(held)
+        yield* first!.deadLetter({ reason: "permanent", error: "refused by the test" })
+        yield* quiesce
+        const info = (yield* broker.topics!).find((t) => t.name === topic)
+        assert.deepStrictEqual(info, { name: topic, groups: ["ops"], deadLetters: 1 })
+        const stats = yield* broker.groupStats!(topic, "ops")
+        // 5 published, 1 settled (dead-lettered): the other 4 are pending or not yet delivered
+        assert.strictEqual(stats.pending + stats.lag, 4, JSON.stringify(stats))
+        assert.isAtLeast(stats.pending, 1, "the unsettled deliveries of the read are pending")
+      }),
+      !features.operatorViews && "the layer does not declare operatorViews (Broker.topics and groupStats)"
     )
   })
 }

@@ -37,6 +37,14 @@ export default defineConfig({
       },
       {
         test: {
+          name: "cli",
+          root: "packages/cli",
+          include: ["test/**/*.test.ts"],
+          testTimeout: 120_000
+        }
+      },
+      {
+        test: {
           name: "examples",
           root: "packages/examples",
           include: ["test/**/*.test.ts"],

@@ -150,9 +150,12 @@ export const replay = (
       attempt: 1,
       headers: { ...letter.envelope.headers, [Envelope.Headers.replay]: letter.id }
     }
+    // the event's time is the replay's, taken before the publish: a consumer may handle the message before
+    // this call returns, and the timeline must show the replay before the handling
+    const at = yield* Clock.currentTimeMillis
     const [entryId] = yield* broker.publish([replayed])
     yield* broker.purgeDeadLetters(topic, [id])
-    yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}` }))
+    yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}`, at }))
     yield* Metric.update(Metric.withAttributes(Metrics.replayed, { topic }), 1)
     yield* Effect.logInfo("dead letter replayed").pipe(
       Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })

@@ -200,6 +200,8 @@ export interface DeadRow {
   readonly topic: string
   readonly reason: string
   readonly error: string
+  /** When the relay moved it, RFC 3339 (UTC). */
+  readonly movedAt: string
 }
 
 /**
@@ -569,15 +571,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
       deleteExpired(sql, outbox, "published_at IS NOT NULL AND published_at < $1", now - retention)
     )
 
-    const lag = Effect.gen(function* () {
-      const rows = yield* sql.unsafe<{ readonly n: number; readonly oldest: unknown }>(
-        `SELECT count(*)::int AS n, min(created_at) AS oldest FROM ${outbox} WHERE published_at IS NULL`
-      )
-      const now = yield* Clock.currentTimeMillis
-      const oldest = rows[0]?.oldest
-      const oldestMillis = oldest instanceof Date ? Math.max(0, now - oldest.getTime()) : 0
-      return { unpublished: Number(rows[0]?.n ?? 0), oldestMillis }
-    })
+    const lag = Effect.provideService(backlog, SqlStore, store)
 
     return {
       service: OutboxRelay.of({
@@ -761,6 +755,36 @@ export const layer = (options?: Options): Layer.Layer<OutboxRelay, InvalidOption
   )
 
 /**
+ * The outbox backlog of the store in context: rows not yet published and the age of the oldest, without a
+ * relay (what `converge status` reads; a relay's `lag` is the same query).
+ *
+ * @since 0.1.0
+ */
+export const backlog: Effect.Effect<Lag, SqlError, SqlStore> = Effect.gen(function* () {
+  const store = yield* SqlStore
+  const rows = yield* store.sql.unsafe<{ readonly n: number; readonly oldest: unknown }>(
+    `SELECT count(*)::int AS n, min(created_at) AS oldest FROM ${store.table("outbox")} WHERE published_at IS NULL`
+  )
+  const now = yield* Clock.currentTimeMillis
+  const oldest = rows[0]?.oldest
+  const oldestMillis = oldest instanceof Date ? Math.max(0, now - oldest.getTime()) : 0
+  return { unpublished: Number(rows[0]?.n ?? 0), oldestMillis }
+})
+
+/**
+ * How many rows the relay moved aside to `outbox_dead`.
+ *
+ * @since 0.1.0
+ */
+export const deadCount: Effect.Effect<number, SqlError, SqlStore> = Effect.gen(function* () {
+  const store = yield* SqlStore
+  const rows = yield* store.sql.unsafe<{ readonly n: number }>(
+    `SELECT count(*)::int AS n FROM ${store.table("outbox_dead")}`
+  ).withoutTransform
+  return Number(rows[0]?.n ?? 0)
+})
+
+/**
  * Lists the rows the relay moved aside (newest first).
  *
  * @since 0.1.0
@@ -774,11 +798,21 @@ export const deadRows = (limit = 100): Effect.Effect<ReadonlyArray<DeadRow>, Sql
       readonly topic: string
       readonly reason: string
       readonly error: string
+      readonly moved_at: string
     }>(
-      `SELECT seq::text AS seq, message_id, topic, reason, error FROM ${store.table("outbox_dead")} ORDER BY moved_at DESC, seq DESC LIMIT $1::int`,
+      `SELECT seq::text AS seq, message_id, topic, reason, error,
+         to_char(moved_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') AS moved_at
+       FROM ${store.table("outbox_dead")} ORDER BY moved_at DESC, seq DESC LIMIT $1::int`,
       [limit]
     ).withoutTransform
-    return rows.map((r) => ({ seq: r.seq, messageId: r.message_id, topic: r.topic, reason: r.reason, error: r.error }))
+    return rows.map((r) => ({
+      seq: r.seq,
+      messageId: r.message_id,
+      topic: r.topic,
+      reason: r.reason,
+      error: r.error,
+      movedAt: r.moved_at
+    }))
   })
 
 /**

@@ -285,6 +285,12 @@ export interface EngineOptions {
    */
   readonly runnerAddress?: { readonly host: string; readonly port: number } | undefined
   /**
+   * A client of the coordinators, not one of them (Effect's client-only sharding): it runs no saga and
+   * takes no shard, and what it sends (a parked saga's `Saga.resume`/`resolve`) is stored for the
+   * coordinator that owns the saga. What operator tools use. Default `false`.
+   */
+  readonly clientOnly?: boolean | undefined
+  /**
    * How often the engine polls storage for work sent by other processes
    * (replies delivered elsewhere, taken-over sagas) and for durable timers
    * over a minute (default 500 ms; Effect's own default is 10 s).
@@ -325,7 +331,8 @@ export const engine = (
   const config = ShardingConfig.layer({
     entityMessagePollInterval: options?.pollInterval ?? 500,
     entityReplyPollInterval: options?.pollInterval ?? 500,
-    runnerAddress: Option.some(RunnerAddress.make(address.host, address.port)),
+    runnerAddress:
+      options?.clientOnly === true ? Option.none() : Option.some(RunnerAddress.make(address.host, address.port)),
     ...(options?.lockExpiration === undefined ? {} : { shardLockExpiration: options.lockExpiration })
   })
   // Effect's SingleRunner.layer, with the table prefix it does not expose: one runner of Effect's

@@ -461,3 +461,43 @@ export const layer = (
   options?: Options
 ): Layer.Layer<SqlStore, SqlError | Name.InvalidName | StoreMismatch, SqlClient.SqlClient> =>
   Layer.effect(SqlStore, make(options))
+
+/**
+ * Attaches to an existing store without changing it: no migration, and the
+ * partition count read from the schema (what operator tools use, which must
+ * not create a schema a typo named). A schema without Converge tables fails
+ * with `StoreMismatch` naming it.
+ *
+ * @since 0.1.0
+ */
+export const attach = (
+  schema: string = defaultSchema
+): Effect.Effect<SqlStore["Service"], SqlError | Name.InvalidName | StoreMismatch, SqlClient.SqlClient> =>
+  Effect.gen(function* () {
+    const valid = yield* Name.validate("schema", schema)
+    const sql = yield* SqlClient.SqlClient
+    const rows = yield* sql
+      .unsafe<{ readonly value: string }>(`SELECT value FROM ${valid}.settings WHERE name = 'partitions'`)
+      .pipe(
+        Effect.catchReason("SqlError", "SqlSyntaxError", () =>
+          Effect.fail(
+            new StoreMismatch({ message: `schema ${valid} has no Converge store (no ${valid}.settings table)` })
+          )
+        )
+      )
+    const partitions = Number(rows[0]?.value)
+    if (!Number.isInteger(partitions)) {
+      return yield* new StoreMismatch({ message: `schema ${valid} has no outbox partition count in ${valid}.settings` })
+    }
+    return yield* make({ schema: valid, partitions, migrate: false })
+  })
+
+/**
+ * {@link attach} as a layer.
+ *
+ * @since 0.1.0
+ */
+export const layerAttach = (
+  schema?: string
+): Layer.Layer<SqlStore, SqlError | Name.InvalidName | StoreMismatch, SqlClient.SqlClient> =>
+  Layer.effect(SqlStore, attach(schema))

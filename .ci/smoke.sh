@@ -15,7 +15,7 @@ NPM_CLI="$(dirname "$(readlink -f "$(command -v npm)")")/npm-cli.js"
 npm_() { "$NODE" "$NPM_CLI" --no-audit --no-fund --loglevel=warn "$@"; }
 WORK="$(mktemp -d /tmp/converge-smoke.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-PACKAGES="core broker-memory broker-redis-streams store-postgres"
+PACKAGES="core broker-memory broker-redis-streams store-postgres cli"
 
 echo "-- build and pack"
 rm -rf packages/*/dist
@@ -100,4 +100,17 @@ echo "-- run on Node $("$NODE" --version)"
 (cd "$APP" && "$NODE" memory.ts)
 (cd "$APP" && "$NODE" postgres.ts)
 (cd "$APP" && "$NODE" saga.ts)
+
+echo "-- the converge CLI as installed (npx converge)"
+(cd "$APP" && PATH="$(dirname "$NODE"):$PATH" "$NODE" "$NPM_CLI" exec --no -- converge --help) | grep -q "dlq" ||
+  { echo "FAIL: npx converge --help"; exit 1; }
+set +e
+out="$(cd "$APP" && PATH="$(dirname "$NODE"):$PATH" "$NODE" "$NPM_CLI" exec --no -- converge status --database-url postgres://127.0.0.1:1/none 2>&1)"
+code=$?
+set -e
+if [ "$code" != "3" ] || ! grep -q "cannot reach Postgres" <<<"$out"; then
+  echo "FAIL: converge with an unreachable server: exit $code: $out"
+  exit 1
+fi
+echo "npx converge: help, and exit 3 on an unreachable server: ok"
 echo "smoke: ok"

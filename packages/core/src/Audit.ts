@@ -83,7 +83,7 @@ export interface Event {
   readonly error?: string | undefined
   /** `retried`: the delay before the next attempt. */
   readonly delayMs?: number | undefined
-  /** Epoch milliseconds, from `Clock`. */
+  /** Epoch milliseconds, from `Clock`, with microseconds as the fraction (see {@link currentTime}). */
   readonly at: number
   /** The process that wrote it (`host-pid`). */
   readonly process: string
@@ -359,10 +359,17 @@ export const recordWith = (
   if (!sink.enabled) return Effect.void
   const chosen = envelopes.filter((e) => sink.records(e.topic, e.id))
   if (chosen.length === 0) return Effect.void
-  return Effect.flatMap(Clock.currentTimeMillis, (at) =>
-    sink[mode](chosen.map((e) => eventOf(kind, e, at, extra?.(e))))
-  )
+  return Effect.flatMap(currentTime, (at) => sink[mode](chosen.map((e) => eventOf(kind, e, at, extra?.(e)))))
 }
+
+/**
+ * The time of an event: epoch milliseconds with microseconds as the fraction (`Clock.currentTimeNanos`), so
+ * steps written within one millisecond — a replay and the handling it caused, on an in-memory broker — keep
+ * their order in a timeline. The Postgres store keeps microseconds too.
+ *
+ * @since 0.1.0
+ */
+export const currentTime: Effect.Effect<number> = Effect.map(Clock.currentTimeNanos, (n) => Number(n / 1000n) / 1000)
 
 /**
  * The slot of a handler's message context that {@link markHandled} sets: a context with this key can be
@@ -410,7 +417,7 @@ export const recordSaga = (
 ): Effect.Effect<void> =>
   Effect.flatMap(Effect.service(AuditSink), (sink) => {
     if (!sink.enabled || !sink.records(saga.name, saga.executionId)) return Effect.void
-    return Effect.flatMap(Clock.currentTimeMillis, (at) =>
+    return Effect.flatMap(currentTime, (at) =>
       sink.write([
         {
           kind,

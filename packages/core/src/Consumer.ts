@@ -447,20 +447,18 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         Effect.sync(() => count(mLost, event.entryIds.length)),
         !auditing
           ? Effect.void
-          : Effect.flatMap(
-              Effect.clockWith((c) => c.currentTimeMillis),
-              (at) =>
-                audit.enqueue(
-                  event.entryIds.map((entryId) => ({
-                    kind: "lost-in-broker" as const,
-                    messageId: entryId,
-                    topic: topic.name,
-                    group,
-                    at,
-                    process: Audit.processName,
-                    detail: "broker entry id (the message was deleted from the broker while pending)"
-                  }))
-                )
+          : Effect.flatMap(Audit.currentTime, (at) =>
+              audit.enqueue(
+                event.entryIds.map((entryId) => ({
+                  kind: "lost-in-broker" as const,
+                  messageId: entryId,
+                  topic: topic.name,
+                  group,
+                  at,
+                  process: Audit.processName,
+                  detail: "broker entry id (the message was deleted from the broker while pending)"
+                }))
+              )
             )
       )
     /** Runs `effect` in a span of the message's trace (when it carries one): a retry, a dead-letter. */
@@ -530,9 +528,8 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
         if (!auditing) return Effect.void
         const chosen = deliveries.filter((d) => audit.records(d.envelope.topic, d.envelope.id))
         if (chosen.length === 0) return Effect.void
-        return Effect.flatMap(
-          Effect.clockWith((c) => c.currentTimeMillis),
-          (at) => audit.enqueue(chosen.map((d) => Audit.eventOf(kind, d.envelope, at, { group, ...extra(d) })))
+        return Effect.flatMap(Audit.currentTime, (at) =>
+          audit.enqueue(chosen.map((d) => Audit.eventOf(kind, d.envelope, at, { group, ...extra(d) })))
         )
       })
 

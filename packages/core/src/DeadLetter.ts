@@ -18,7 +18,7 @@
  *
  * @since 0.1.0
  */
-import { Clock, Effect, Metric, Schema } from "effect"
+import { Effect, Metric, Schema } from "effect"
 import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
@@ -152,7 +152,7 @@ export const replay = (
     }
     // the event's time is the replay's, taken before the publish: a consumer may handle the message before
     // this call returns, and the timeline must show the replay before the handling
-    const at = yield* Clock.currentTimeMillis
+    const at = yield* Audit.currentTime
     const [entryId] = yield* broker.publish([replayed])
     yield* broker.purgeDeadLetters(topic, [id])
     yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}`, at }))
@@ -175,7 +175,7 @@ export const purge = (topic: string, ids?: ReadonlyArray<string>): Effect.Effect
     const sink = yield* Audit.AuditSink
     if (sink.enabled && purged > 0) {
       // dead-letter entry ids (the messages are gone): one event per id given, or one for a whole queue
-      const at = yield* Clock.currentTimeMillis
+      const at = yield* Audit.currentTime
       const entries = ids ?? ["*"]
       yield* sink.enqueue(
         entries.map((entry) => ({

@@ -14,16 +14,18 @@
 import { randomUUID } from "node:crypto"
 import { MemoryBroker } from "@converge/broker-memory"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
-import { Publisher } from "@converge/core"
+import { Audit, Publisher } from "@converge/core"
 import { SagaPg } from "@converge/store-postgres"
 import { NodeRedis, NodeRuntime } from "@effect/platform-node"
-import { Console, Effect, Layer, Option, Redacted } from "effect"
+import type { PgClient } from "@effect/sql-pg"
+import { Console, type Context, Effect, Layer, Option, Redacted } from "effect"
 import { SqlClient } from "effect/sql"
 import { program } from "./01-orders/program.ts"
 import * as Outboxes from "./02-outbox/program.ts"
 import * as Checkout from "./03-saga/program.ts"
 import * as CheckoutSaga from "./03-saga/saga.ts"
 import { describeUrl, settings } from "./config.ts"
+import * as Dashboard from "./dashboard.ts"
 import { databaseLayer } from "./embedded.ts"
 
 /** The broker: in memory, or Redis Streams when `REDIS_URL` is set (each run uses keys of its own prefix). */
@@ -34,16 +36,42 @@ const brokerLayer = (redisUrl: Option.Option<Redacted.Redacted<string>>) =>
         Layer.provide(NodeRedis.layer({ url: Redacted.value(redisUrl.value) }))
       )
 
+/** `--dashboard [--port N]`: keep running after the examples, with the dashboard on (see `dashboard.ts`). */
+const dashboardPort = (argv: ReadonlyArray<string>): number | undefined => {
+  if (!argv.includes("--dashboard")) return undefined
+  const at = argv.indexOf("--port")
+  const port = at >= 0 ? Number(argv[at + 1]) : 4400
+  if (!Number.isInteger(port) || port < 0 || port > 65535)
+    throw new Error(`--port must be a port number, got ${argv[at + 1]}`)
+  return port
+}
+
 const main = Effect.gen(function* () {
   const { redisUrl, databaseUrl } = yield* settings
-  yield* demo(redisUrl, databaseUrl).pipe(
-    Effect.provide(Publisher.layer({ source: "urn:example:shop" }).pipe(Layer.provideMerge(brokerLayer(redisUrl))))
+  const port = dashboardPort(process.argv.slice(2))
+  yield* Effect.scoped(
+    Effect.gen(function* () {
+      // one database for the examples (and the dashboard): PGlite starts once
+      const database = yield* Layer.build(databaseLayer(databaseUrl))
+      const schemas = yield* demo(redisUrl, databaseUrl, database, port !== undefined)
+      if (port !== undefined) yield* Dashboard.keepRunning({ port, database, ...schemas })
+    })
+  ).pipe(
+    Effect.provide(
+      Publisher.layer({ source: "urn:example:shop" }).pipe(
+        Layer.provideMerge(brokerLayer(redisUrl)),
+        // with the dashboard, the demo keeps its audit trail in memory for the timelines
+        Layer.provideMerge(port === undefined ? Layer.empty : Audit.layerMemory())
+      )
+    )
   )
 })
 
 const demo = (
   redisUrl: Option.Option<Redacted.Redacted<string>>,
-  databaseUrl: Option.Option<Redacted.Redacted<string>>
+  databaseUrl: Option.Option<Redacted.Redacted<string>>,
+  database: Context.Context<PgClient.PgClient | SqlClient.SqlClient>,
+  keep: boolean
 ) =>
   Effect.gen(function* () {
     const broker = Option.match(redisUrl, {
@@ -75,7 +103,7 @@ const demo = (
           yield* Effect.addFinalizer(() => Effect.ignore(sql.unsafe(`DROP SCHEMA IF EXISTS ${schema} CASCADE`).raw))
         return yield* Effect.scoped(Outboxes.program).pipe(Effect.provide(Outboxes.storeLayer({ schema })))
       })
-    ).pipe(Effect.provide(databaseLayer(databaseUrl)))
+    ).pipe(Effect.provide(database))
     yield* Console.log("\nSummary")
     yield* Console.log(
       `  committed:     ${outbox.committed.join(", ")} (rejected and rolled back: ${outbox.rejected.join(", ")})`
@@ -94,7 +122,7 @@ const demo = (
     )
     yield* Effect.scoped(
       Effect.gen(function* () {
-        if (!embedded) yield* Effect.addFinalizer(() => SagaPg.dropStore(sagaSchema))
+        if (!embedded && !keep) yield* Effect.addFinalizer(() => SagaPg.dropStore(sagaSchema))
         return yield* Effect.scoped(Checkout.program).pipe(
           Effect.provide(
             CheckoutSaga.layer({
@@ -109,7 +137,8 @@ const demo = (
           )
         )
       })
-    ).pipe(Effect.provide(databaseLayer(databaseUrl)))
+    ).pipe(Effect.provide(database))
+    return { schema, sagaSchema }
   })
 
 NodeRuntime.runMain(main)

@@ -94,6 +94,7 @@ describe("dashboard in headless Chromium", () => {
         const browser = yield* launch
         const page = yield* Effect.promise(() => browser.newPage({ viewport: { width: 1280, height: 800 } }))
         const go = (path: string) => Effect.promise(() => page.goto(`${url}${path}`))
+        // biome-ignore lint/performance/useDomNodeTextContent: Playwright's innerText is the text a user sees
         const text = (selector: string) => Effect.promise(() => page.locator(selector).innerText())
 
         // the overview, saved for the README
@@ -174,6 +175,7 @@ describe("dashboard in headless Chromium", () => {
         const page = yield* Effect.promise(() => browser.newPage())
         yield* Effect.promise(() => page.goto(`${url}/dlq/${orders.name}/${letters[0]!.id}`))
         assert.strictEqual(yield* Effect.promise(() => page.locator("button").count()), 1, "only the trace search")
+        // biome-ignore lint/performance/useDomNodeTextContent: Playwright's innerText is the text a user sees
         assert.include(yield* Effect.promise(() => page.locator("main").innerText()), "Read-only dashboard")
         const refused = yield* Effect.promise(() =>
           fetch(`${url}/dlq/${orders.name}/${letters[0]!.id}/replay`, { method: "POST" })

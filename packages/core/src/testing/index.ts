@@ -7,7 +7,7 @@
 
 /** The audit lifecycle scenario shared by the audit stores' tests. */
 export * as AuditTest from "./AuditTest.ts"
-/** The broker conformance suite (C01–C26). */
+/** The broker conformance suite (C01–C27). */
 export * as BrokerTest from "./BrokerTest.ts"
 /** The group gauges scenario shared by the brokers' tests. */
 export * as GaugeTest from "./GaugeTest.ts"

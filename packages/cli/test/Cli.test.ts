@@ -4,7 +4,7 @@
  * row the relay refused, a saga coordinator with a parked saga). Each command's output, its `--json` shape
  * and its exit code; a replay of 1 000 dead letters with progress; unreachable servers and wrong names.
  */
-import { execFile } from "node:child_process"
+import { execFile, spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
@@ -384,7 +384,43 @@ describe("converge CLI against Postgres and Redis", () => {
           assert.include(again.stderr, "is compensated, not needs-attention")
           const unknown = yield* cli(["saga", "show", "no-such-saga", "--json"])
           assert.strictEqual(unknown.code, 4)
+          const resolveUnknown = yield* cli(["saga", "resolve", "no-such-saga"])
+          assert.strictEqual(resolveUnknown.code, 4)
+          assert.include(resolveUnknown.stderr, "no-such-saga")
+          const resolveDone = yield* cli(["saga", "resolve", executionId, "--json"])
+          assert.strictEqual(resolveDone.code, 5, "a compensated saga has nothing to resolve")
         })
+    )
+
+    it.effect("converge dashboard serves the overview and the status API over the same servers, read-only", () =>
+      Effect.gen(function* () {
+        const child = spawn(process.execPath, [bin, "dashboard", "--port", "0", "--read-only"], {
+          env: {
+            ...process.env,
+            REDIS_URL: redisUrl,
+            DATABASE_URL: pgUrl,
+            CONVERGE_REDIS_PREFIX: prefix,
+            CONVERGE_SCHEMA: schema
+          },
+          stdio: ["ignore", "pipe", "pipe"]
+        })
+        yield* Effect.addFinalizer(() => Effect.sync(() => child.kill("SIGINT")))
+        const url = yield* Effect.callback<string, Error>((resume) => {
+          let out = ""
+          child.stdout!.on("data", (chunk: Buffer) => {
+            out += chunk.toString()
+            const found = /converge dashboard on (http:\/\/127\.0\.0\.1:\d+) \(read-only\)/.exec(out)
+            if (found !== null) resume(Effect.succeed(found[1]!))
+          })
+          child.once("exit", (code) => resume(Effect.fail(new Error(`dashboard exited ${code}: ${out}`))))
+        }).pipe(Effect.timeout("30 seconds"))
+        const overview = yield* Effect.promise(() => fetch(url).then((r) => r.text()))
+        assert.include(overview, "cli.orders")
+        const status = yield* Effect.promise(() => fetch(`${url}/api/status`).then((r) => r.json()))
+        assert.strictEqual((status as { outbox: { schema: string } }).outbox.schema, schema)
+        const refused = yield* Effect.promise(() => fetch(`${url}/sagas/x/resume`, { method: "POST" }))
+        assert.strictEqual(refused.status, 403)
+      })
     )
 
     it.effect("unreachable servers, a wrong schema: clear errors and exit codes, nothing created", () =>

@@ -9,7 +9,7 @@ import { fileURLToPath } from "node:url"
 import { assert, describe, it } from "@effect/vitest"
 
 const packagesDir = resolve(dirname(fileURLToPath(import.meta.url)), "../..")
-const libraries = ["core", "broker-memory", "broker-redis-streams", "store-postgres"]
+const libraries = ["core", "broker-memory", "broker-redis-streams", "store-postgres", "cli"]
 
 const sourcesOf = (dir: string): Array<string> =>
   readdirSync(dir, { withFileTypes: true }).flatMap((e) =>

@@ -10,10 +10,12 @@
  * retry stream and delayed set, the dead-letter stream `:dlq`, the topic's
  * `:meta` (its partition count) and, in ordered mode, partition leases and
  * the group's member set: see `internal/keys.ts` and the repository's
- * docs/brokers.md. Entries use the field layout of `Envelope.toFields`
- * (CloudEvents Kafka binary binding: `ce_id`, `ce_type`, `ce_source`,
- * `ce_time`, `ce_topic`, ..., `data`), so any Redis client can write and read
- * Converge messages.
+ * docs/brokers.md. Entries are written in the compact layout by default
+ * (`Envelope.toCompactFields`: `ce`, the CloudEvents attributes as one JSON
+ * field, and `data`), or with `layout: "fields"` one field per attribute
+ * (`Envelope.toFields`, the CloudEvents Kafka binary binding: `ce_id`,
+ * `ce_type`, ..., `data`); subscriptions read both, so any Redis client can
+ * write and read Converge messages.
  *
  * ## How it works
  *
@@ -44,7 +46,7 @@
  *
  * @since 0.1.0
  */
-import { Broker, BrokerError } from "@converge/core"
+import { Broker, BrokerError, Envelope } from "@converge/core"
 import { Config, Duration, Effect, Layer, type Scope } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import type { BrokerContext } from "./internal/context.ts"
@@ -113,7 +115,22 @@ export interface Options {
   readonly orderedPerKey?: boolean | undefined
   /** How long a partition lease lasts without renewal (default 5 seconds). */
   readonly leaseTime?: Duration.Input | undefined
+  /**
+   * The field layout of the entries this broker publishes (default `compact`): `compact` writes two fields,
+   * `ce` (the CloudEvents attributes as JSON) and `data` (`Envelope.toCompactFields`); `fields` writes one
+   * field per attribute (`ce_id`, `ce_type`, ..., `data`: the CloudEvents Kafka binary binding,
+   * `Envelope.toFields`), for consumers that read attributes as fields. Subscriptions read both, whatever
+   * this option says.
+   */
+  readonly layout?: Layout | undefined
 }
+
+/**
+ * The entry layout a broker publishes: see {@link Options.layout}.
+ *
+ * @since 0.1.0
+ */
+export type Layout = "compact" | "fields"
 
 /** An option that must be an integer in `[min, max]`, or an `InvalidArgument` naming it. */
 const integerOption = (argument: string, value: number, min: number, max: number) =>
@@ -207,6 +224,7 @@ export const make = (
       maxLen,
       trimEvery: Duration.toMillis(options?.trimInterval ?? "1 second"),
       sessions,
+      toFields: options?.layout === "fields" ? Envelope.toFields : Envelope.toCompactFields,
       isClosed: () => closed,
       partitionsChecked: new Set()
     }
@@ -252,8 +270,9 @@ export const layer = (options?: Options): Layer.Layer<Broker.Broker, BrokerError
  * The layer with its options from configuration: `CONVERGE_REDIS_PREFIX`
  * (default `converge`), `CONVERGE_REDIS_DURABILITY` (`reply` |
  * `waitaof-local` | `waitaof-replicas`, default `reply`),
- * `CONVERGE_REDIS_PARTITIONS` (default 1) and `CONVERGE_REDIS_ORDERED`
- * (`true` | `false`, default `false`). A bad value is a `ConfigError` naming
+ * `CONVERGE_REDIS_PARTITIONS` (default 1), `CONVERGE_REDIS_ORDERED`
+ * (`true` | `false`, default `false`) and `CONVERGE_REDIS_LAYOUT`
+ * (`compact` | `fields`, default `compact`). A bad value is a `ConfigError` naming
  * the variable.
  *
  * @since 0.1.0
@@ -268,6 +287,9 @@ export const layerConfig: Layer.Layer<Broker.Broker, BrokerError.BrokerError | C
       ).pipe(Config.withDefault("reply" as const))
       const partitions = yield* Config.Int("CONVERGE_REDIS_PARTITIONS").pipe(Config.withDefault(1))
       const orderedPerKey = yield* Config.Boolean("CONVERGE_REDIS_ORDERED").pipe(Config.withDefault(false))
-      return layer({ prefix, durability, partitions, orderedPerKey })
+      const layout = yield* Config.Literals(["compact", "fields"], "CONVERGE_REDIS_LAYOUT").pipe(
+        Config.withDefault("compact" as const)
+      )
+      return layer({ prefix, durability, partitions, orderedPerKey, layout })
     })
   )

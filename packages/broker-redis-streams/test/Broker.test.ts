@@ -59,3 +59,16 @@ BrokerTest.suite(
     only: ["C05", "C09", "C12", "C16", "C18", "C27"]
   }
 )
+
+// The field-per-attribute layout (`layout: "fields"`): the cases that publish, redeliver, dead-letter and
+// read raw entries, on entries of that layout (the suites above run the compact default)
+BrokerTest.suite("redis-streams (layout: fields)", brokerLayer(mainUrl, { layout: "fields" }), {
+  clock: "live",
+  persistent: true,
+  orderedPerKey: false,
+  delayedDelivery: true,
+  claimIdle: "1 second",
+  operatorViews: true,
+  only: ["C01", "C02", "C04", "C17", "C18", "C19", "C23", "C24", "C26", "C27"],
+  ...hooks
+})

@@ -16,7 +16,11 @@ const Order = Schema.Struct({ id: Schema.String })
 const good = Topic.make("good", Order, { key: (o) => o.id })
 const bad = Topic.make("bad", Order, { key: (o) => o.id })
 
-/** Headers enough that no single XADD from a script can carry the entry. */
+/**
+ * Headers enough that no single XADD from a script can carry the entry — in the field-per-attribute layout,
+ * one field per header (the compact layout carries them in one JSON field, so these tests publish with
+ * `layout: "fields"` to get a refusal from Redis).
+ */
 const tooManyHeaders = Object.fromEntries(Array.from({ length: 4000 }, (_, i) => [`h${i}`, "x"]))
 
 describe("refusals", () => {
@@ -52,7 +56,12 @@ describe("refusals", () => {
       assert.strictEqual(Number(left[0]!.n), 0, "nothing left to retry")
     }).pipe(
       Effect.scoped,
-      Effect.provide(Layer.mergeAll(brokerLayer(), PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 4 })))
+      Effect.provide(
+        Layer.mergeAll(
+          brokerLayer(mainUrl, { layout: "fields" }),
+          PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 4 })
+        )
+      )
     )
   )
 
@@ -71,7 +80,7 @@ describe("refusals", () => {
       const prefix = yield* Prefix
       assert.strictEqual(Number(yield* redis.send<number>("XLEN", streamKey(prefix, "mixed"))), 2, "the other two")
       assert.deepStrictEqual(yield* broker.deadLetters("mixed"), [])
-    }).pipe(Effect.provide(brokerLayer()))
+    }).pipe(Effect.provide(brokerLayer(mainUrl, { layout: "fields" })))
   )
 
   it.live("a durability level the server cannot meet is refused when the layer is built, naming the option", () =>

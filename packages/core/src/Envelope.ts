@@ -551,6 +551,8 @@ const positiveInt = /^[1-9][0-9]{0,8}$/
  * @since 0.1.0
  */
 export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnvelope> => {
+  const compact = fields[CompactFieldNames.attributes]
+  if (compact !== undefined) return fromCompact(compact, fields[CompactFieldNames.data])
   const id = fields.ce_id
   const type = fields.ce_type
   const source = fields.ce_source
@@ -612,6 +614,147 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
     headers: headers ?? emptyHeaders,
     data
   })
+}
+
+// ---------------------------------------------------------------------------
+// Compact storage fields: the attributes as one JSON field, the payload in another
+// ---------------------------------------------------------------------------
+
+/**
+ * The field names of the compact storage layout (the Redis layer's default): two fields per entry —
+ * `ce`, the CloudEvents attributes as one JSON object, and `data`, the payload's JSON text. A reader
+ * decodes a few small strings per entry instead of one per attribute, and the payload is still not
+ * parsed before the consumer admits the message (type, size).
+ *
+ * | `ce` member | meaning | required |
+ * | --- | --- | --- |
+ * | `specversion` | `1.0` | no |
+ * | `id` | message id | yes |
+ * | `type` | CloudEvents type | yes |
+ * | `source` | CloudEvents source | yes |
+ * | `time` | RFC 3339 time | yes |
+ * | `topic` | topic name (extension) | yes |
+ * | `attempt` | attempt, integer >= 1 (extension) | no, default 1 |
+ * | `subject` | ordering key | no |
+ * | `headers` | an object of header name to string value | no |
+ *
+ * @since 0.1.0
+ */
+export const CompactFieldNames = {
+  attributes: "ce",
+  data: "data"
+} as const
+
+/**
+ * The compact storage fields of an encoded envelope (see {@link CompactFieldNames}).
+ *
+ * @since 0.1.0
+ */
+export const toCompactFields = (e: Encoded): Record<string, string> => ({
+  ce: compactAttributes(e, e.attempt),
+  data: e.data
+})
+
+/** The `ce` JSON of an envelope at `attempt`. */
+const compactAttributes = (e: Encoded, attempt: number): string => {
+  const attributes: {
+    specversion: "1.0"
+    id: string
+    type: string
+    source: string
+    time: string
+    topic: string
+    attempt?: number
+    subject?: string
+    headers?: Readonly<Record<string, string>>
+  } = { specversion: "1.0", id: e.id, type: e.type, source: e.source, time: e.time, topic: e.topic }
+  if (attempt !== 1) attributes.attempt = attempt
+  if (e.key !== undefined) attributes.subject = e.key
+  for (const _ in e.headers) {
+    attributes.headers = e.headers
+    break
+  }
+  return JSON.stringify(attributes)
+}
+
+const malformed = (message: string) => Result.fail(new MalformedEnvelope({ message }))
+
+const fromCompact = (text: string, data: string | undefined): Result.Result<Encoded, MalformedEnvelope> => {
+  let parsed: unknown
+  try {
+    parsed = JSON.parse(text)
+  } catch {
+    return malformed("field ce is not JSON")
+  }
+  if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed))
+    return malformed("field ce is not a JSON object")
+  const a = parsed as Record<string, unknown>
+  const text_ = (name: string): string | undefined =>
+    typeof a[name] === "string" && a[name] !== "" ? (a[name] as string) : undefined
+  const id = text_("id")
+  if (id === undefined) return malformed("missing or empty ce.id")
+  if (id.length > 200) return malformed("ce.id is longer than 200 characters")
+  const type = text_("type")
+  if (type === undefined) return malformed("missing or empty ce.type")
+  const source = text_("source")
+  if (source === undefined) return malformed("missing or empty ce.source")
+  const time = text_("time")
+  if (time === undefined) return malformed("missing or empty ce.time")
+  if (Number.isNaN(Date.parse(time))) return malformed(`ce.time ${JSON.stringify(time)} is not an RFC 3339 time`)
+  const topic = text_("topic")
+  if (topic === undefined) return malformed("missing or empty ce.topic")
+  if (data === undefined) return malformed("missing field data")
+  if (a.specversion !== undefined && a.specversion !== "1.0") {
+    return malformed(`unsupported ce.specversion ${JSON.stringify(a.specversion)}`)
+  }
+  const attempt = a.attempt === undefined ? 1 : a.attempt
+  if (typeof attempt !== "number" || !Number.isInteger(attempt) || attempt < 1 || attempt > 999_999_999) {
+    return malformed(`ce.attempt ${JSON.stringify(a.attempt)} is not an integer >= 1`)
+  }
+  if (a.subject !== undefined && typeof a.subject !== "string") return malformed("ce.subject is not a string")
+  let headers: Readonly<Record<string, string>> = emptyHeaders
+  if (a.headers !== undefined) {
+    if (a.headers === null || typeof a.headers !== "object" || Array.isArray(a.headers)) {
+      return malformed("ce.headers is not an object")
+    }
+    for (const [name, value] of Object.entries(a.headers as Record<string, unknown>)) {
+      if (typeof value !== "string") return malformed(`ce.headers.${name} is not a string`)
+      if (Result.isFailure(Name.check("header", name)))
+        return malformed(`${JSON.stringify(name)} is not a valid header name`)
+    }
+    headers = a.headers as Record<string, string>
+  }
+  return Result.succeed({ id, topic, type, source, key: a.subject as string | undefined, time, attempt, headers, data })
+}
+
+/**
+ * The fields of a stored entry with its attempt changed, in the entry's own layout (a redelivery re-adds
+ * the message with the next attempt).
+ *
+ * @since 0.1.0
+ */
+export const fieldsWithAttempt = (fields: Fields, envelope: Encoded, attempt: number): Record<string, string> => {
+  const out: Record<string, string> = { ...fields }
+  if (fields[CompactFieldNames.attributes] !== undefined) out.ce = compactAttributes(envelope, attempt)
+  else out[FieldNames.attempt] = String(attempt)
+  return out
+}
+
+/**
+ * The ordering key of stored fields in either layout (`ce_subject`, or `subject` in `ce`); undefined when
+ * there is none or the fields cannot be read.
+ *
+ * @since 0.1.0
+ */
+export const subjectOfFields = (fields: Fields): string | undefined => {
+  const compact = fields[CompactFieldNames.attributes]
+  if (compact === undefined) return fields[FieldNames.subject]
+  try {
+    const subject = (JSON.parse(compact) as { readonly subject?: unknown }).subject
+    return typeof subject === "string" ? subject : undefined
+  } catch {
+    return undefined
+  }
 }
 
 // ---------------------------------------------------------------------------

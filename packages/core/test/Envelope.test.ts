@@ -34,6 +34,11 @@ describe("Envelope", () => {
       const encoded = encode(envelope)
       const fromFields = Envelope.fromFields(Envelope.toFields(encoded))
       assert.deepStrictEqual(fromFields, Result.succeed(encoded))
+      const compact = Envelope.toCompactFields(encoded)
+      assert.deepStrictEqual(Object.keys(compact), ["ce", "data"], "two fields")
+      assert.deepStrictEqual(Envelope.fromFields(compact), Result.succeed(encoded), "the compact layout too")
+      assert.strictEqual(Envelope.subjectOfFields(compact), key)
+      assert.strictEqual(Envelope.subjectOfFields(Envelope.toFields(encoded)), key)
       const decoded = Envelope.decodeResult(topic, encoded)
       assert.isTrue(Result.isSuccess(decoded))
       if (Result.isSuccess(decoded)) assert.deepStrictEqual(decoded.success, envelope)
@@ -186,6 +191,40 @@ describe("Envelope", () => {
       const r = Envelope.fromFields({ ...fields, [field]: value })
       assert.isTrue(Result.isFailure(r) && r.failure.message.includes(why), `${field}=${value}`)
     }
+  })
+
+  it("the compact layout: a redelivery's attempt rewritten in either layout; malformed attributes named", () => {
+    const encoded = encode(make({ name: "a", count: 1, tags: [], nested: { flag: true } }, { key: "k-1", correlationId: "c-1" }))
+    for (const fields of [Envelope.toCompactFields(encoded), Envelope.toFields(encoded)]) {
+      const next = Envelope.fieldsWithAttempt({ ...fields, cv_origin: "1-0" }, encoded, 3)
+      assert.strictEqual(next.cv_origin, "1-0", "other fields kept")
+      assert.deepStrictEqual(Envelope.fromFields(next), Result.succeed({ ...encoded, attempt: 3 }))
+      assert.strictEqual("ce" in next, "ce" in fields, "the entry keeps its layout")
+    }
+    const ce = JSON.parse(Envelope.toCompactFields(encoded).ce!) as Record<string, unknown>
+    assert.deepStrictEqual(Object.keys(ce), ["specversion", "id", "type", "source", "time", "topic", "subject", "headers"])
+    const broken: ReadonlyArray<readonly [unknown, string]> = [
+      ["{not json", "field ce is not JSON"],
+      [[1, 2], "not a JSON object"],
+      [{ ...ce, id: "" }, "ce.id"],
+      [{ ...ce, id: "x".repeat(201) }, "longer than 200"],
+      [{ ...ce, type: 3 }, "ce.type"],
+      [{ ...ce, time: "yesterday" }, "ce.time"],
+      [{ ...ce, topic: undefined }, "ce.topic"],
+      [{ ...ce, attempt: 0 }, "ce.attempt"],
+      [{ ...ce, attempt: 1.5 }, "ce.attempt"],
+      [{ ...ce, specversion: "0.3" }, "specversion"],
+      [{ ...ce, subject: 7 }, "ce.subject"],
+      [{ ...ce, headers: { "Bad-Header": "x" } }, "Bad-Header"],
+      [{ ...ce, headers: { xa: 1 } }, "ce.headers.xa"]
+    ]
+    for (const [value, why] of broken) {
+      const text = typeof value === "string" ? value : JSON.stringify(value)
+      const r = Envelope.fromFields({ ce: text, data: "{}" })
+      assert.isTrue(Result.isFailure(r) && r.failure.message.includes(why), `${text}: ${why}`)
+    }
+    const noData = Envelope.fromFields({ ce: JSON.stringify(ce) })
+    assert.isTrue(Result.isFailure(noData) && noData.failure.message.includes("data"))
   })
 
   describe("CloudEvents", () => {

@@ -5,7 +5,7 @@
  *
  * @internal
  */
-import { BrokerError, Name } from "@converge/core"
+import { BrokerError, type Envelope, Name } from "@converge/core"
 import { Effect, Result } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import type { Impl } from "./delivery.ts"
@@ -34,6 +34,8 @@ export interface BrokerContext {
   readonly trimEvery: number
   /** Drops of the subscriptions' reserved connections, run when the layer shuts down. */
   readonly sessions: Set<Effect.Effect<void>>
+  /** The fields of a published entry, in the configured layout. */
+  readonly toFields: (e: Envelope.Encoded) => Record<string, string>
   /** True once the layer shut down. */
   readonly isClosed: () => boolean
   /** Topics whose partition count was checked against Redis. */

@@ -123,8 +123,7 @@ export class RedisDelivery implements Broker.Delivery {
       return fail(new BrokerError.InvalidArgument({ argument: "attempt", message: "attempt must be an integer >= 1" }))
     }
     return Effect.flatMap(Clock.currentTimeMillis, (now) => {
-      const fields: Record<string, string> = { ...this.fields }
-      fields[Envelope.FieldNames.attempt] = String(attempt)
+      const fields = Envelope.fieldsWithAttempt(this.fields, this.envelope, attempt)
       fields[internalFields.deliveries] = String(this.deliveryCount)
       fields[internalFields.origin] = this.entryId
       const member = JSON.stringify(Object.entries(fields).flat())

@@ -84,8 +84,10 @@ export const make = (
     Effect.map(redis.send<ReadonlyArray<string>>("ZRANGE", p.delayed, "0", "-1"), (members) => {
       for (const member of members) {
         const flat = JSON.parse(String(member)) as Array<string>
-        const at = flat.indexOf(Envelope.FieldNames.subject)
-        if (at >= 0 && at % 2 === 0 && flat[at + 1] !== undefined) parking.blockDelayed(p.index, flat[at + 1]!)
+        const fields: Record<string, string> = {}
+        for (let i = 0; i + 1 < flat.length; i += 2) fields[flat[i]!] = flat[i + 1]!
+        const key = Envelope.subjectOfFields(fields)
+        if (key !== undefined) parking.blockDelayed(p.index, key)
       }
     })
 

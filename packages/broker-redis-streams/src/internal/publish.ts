@@ -6,7 +6,7 @@
  *
  * @internal
  */
-import { type Broker, BrokerError, Envelope, Partition } from "@converge/core"
+import { type Broker, BrokerError, type Envelope, Partition } from "@converge/core"
 import { Clock, Effect } from "effect"
 import { type BrokerContext, checkName, checkPartitions } from "./context.ts"
 import { commandFailed, fail, fromRedis } from "./errors.ts"
@@ -119,7 +119,7 @@ export const make = (ctx: BrokerContext) => {
         ([stream, { topic, indexes }]) => {
           const args: Array<string> = []
           for (const i of indexes) {
-            const fields = Envelope.toFields(messages[i]!)
+            const fields = ctx.toFields(messages[i]!)
             const start = args.length
             args.push("")
             for (const name in fields) args.push(name, fields[name]!)

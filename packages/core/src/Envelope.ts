@@ -628,7 +628,7 @@ export const fromFields = (fields: Fields): Result.Result<Encoded, MalformedEnve
  *
  * | `ce` member | meaning | required |
  * | --- | --- | --- |
- * | `specversion` | `1.0` | no |
+ * | `specversion` | `1.0` (not written: absent reads as 1.0) | no |
  * | `id` | message id | yes |
  * | `type` | CloudEvents type | yes |
  * | `source` | CloudEvents source | yes |
@@ -657,8 +657,9 @@ export const toCompactFields = (e: Encoded): Record<string, string> => ({
 
 /** The `ce` JSON of an envelope at `attempt`. */
 const compactAttributes = (e: Encoded, attempt: number): string => {
+  // no specversion: 1.0 is the only version, and an absent one reads as it (every byte of an entry counts:
+  // a reader decodes them all)
   const attributes: {
-    specversion: "1.0"
     id: string
     type: string
     source: string
@@ -667,7 +668,7 @@ const compactAttributes = (e: Encoded, attempt: number): string => {
     attempt?: number
     subject?: string
     headers?: Readonly<Record<string, string>>
-  } = { specversion: "1.0", id: e.id, type: e.type, source: e.source, time: e.time, topic: e.topic }
+  } = { id: e.id, type: e.type, source: e.source, time: e.time, topic: e.topic }
   if (attempt !== 1) attributes.attempt = attempt
   if (e.key !== undefined) attributes.subject = e.key
   for (const _ in e.headers) {
@@ -688,21 +689,25 @@ const fromCompact = (text: string, data: string | undefined): Result.Result<Enco
   }
   if (parsed === null || typeof parsed !== "object" || Array.isArray(parsed))
     return malformed("field ce is not a JSON object")
-  const a = parsed as Record<string, unknown>
-  const text_ = (name: string): string | undefined =>
-    typeof a[name] === "string" && a[name] !== "" ? (a[name] as string) : undefined
-  const id = text_("id")
-  if (id === undefined) return malformed("missing or empty ce.id")
+  const a = parsed as {
+    readonly id?: unknown
+    readonly type?: unknown
+    readonly source?: unknown
+    readonly time?: unknown
+    readonly topic?: unknown
+    readonly specversion?: unknown
+    readonly attempt?: unknown
+    readonly subject?: unknown
+    readonly headers?: unknown
+  }
+  const { id, type, source, time, topic } = a
+  if (typeof id !== "string" || id === "") return malformed("missing or empty ce.id")
   if (id.length > 200) return malformed("ce.id is longer than 200 characters")
-  const type = text_("type")
-  if (type === undefined) return malformed("missing or empty ce.type")
-  const source = text_("source")
-  if (source === undefined) return malformed("missing or empty ce.source")
-  const time = text_("time")
-  if (time === undefined) return malformed("missing or empty ce.time")
+  if (typeof type !== "string" || type === "") return malformed("missing or empty ce.type")
+  if (typeof source !== "string" || source === "") return malformed("missing or empty ce.source")
+  if (typeof time !== "string" || time === "") return malformed("missing or empty ce.time")
   if (Number.isNaN(Date.parse(time))) return malformed(`ce.time ${JSON.stringify(time)} is not an RFC 3339 time`)
-  const topic = text_("topic")
-  if (topic === undefined) return malformed("missing or empty ce.topic")
+  if (typeof topic !== "string" || topic === "") return malformed("missing or empty ce.topic")
   if (data === undefined) return malformed("missing field data")
   if (a.specversion !== undefined && a.specversion !== "1.0") {
     return malformed(`unsupported ce.specversion ${JSON.stringify(a.specversion)}`)
@@ -711,7 +716,8 @@ const fromCompact = (text: string, data: string | undefined): Result.Result<Enco
   if (typeof attempt !== "number" || !Number.isInteger(attempt) || attempt < 1 || attempt > 999_999_999) {
     return malformed(`ce.attempt ${JSON.stringify(a.attempt)} is not an integer >= 1`)
   }
-  if (a.subject !== undefined && typeof a.subject !== "string") return malformed("ce.subject is not a string")
+  const subject = a.subject
+  if (subject !== undefined && typeof subject !== "string") return malformed("ce.subject is not a string")
   let headers: Readonly<Record<string, string>> = emptyHeaders
   if (a.headers !== undefined) {
     if (a.headers === null || typeof a.headers !== "object" || Array.isArray(a.headers)) {
@@ -724,7 +730,7 @@ const fromCompact = (text: string, data: string | undefined): Result.Result<Enco
     }
     headers = a.headers as Record<string, string>
   }
-  return Result.succeed({ id, topic, type, source, key: a.subject as string | undefined, time, attempt, headers, data })
+  return Result.succeed({ id, topic, type, source, key: subject, time, attempt, headers, data })
 }
 
 /**

@@ -29,13 +29,16 @@ const encodedMessages = (count: number): Array<Envelope.Encoded> => {
 }
 
 /** Runs an Effect with a fresh broker (unique prefix), the broker's context, and cleans up. */
-const withBroker = <A>(f: (prefix: string) => Effect.Effect<A, unknown, Broker.Broker | Redis.Redis | Scope.Scope>) => {
+const withBroker = <A>(
+  f: (prefix: string) => Effect.Effect<A, unknown, Broker.Broker | Redis.Redis | Scope.Scope>,
+  layout: RedisStreamsBroker.Layout = "compact"
+) => {
   const prefix = `cvbench:${randomUUID().slice(0, 8)}`
   return Effect.runPromise(
     f(prefix).pipe(
       Effect.scoped,
       Effect.provide(
-        RedisStreamsBroker.layer({ prefix, block: "100 millis" }).pipe(
+        RedisStreamsBroker.layer({ prefix, block: "100 millis", layout }).pipe(
           Layer.provideMerge(NodeRedis.layer({ url, maxConnections: 20 }))
         )
       )
@@ -68,18 +71,18 @@ const publishConverge = (messages: ReadonlyArray<Envelope.Encoded>) =>
     })
   )
 
+/** The hand-written baselines' entries: two fields, an id and a JSON body (the payload). */
+const twoFields = (m: Envelope.Encoded): Array<string> => ["id", m.id, "body", m.data]
+
 const publishRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
   const client = await rawClient()
   const key = `cvbench:${randomUUID().slice(0, 8)}:{raw}`
   try {
     const start = performance.now()
     for (let b = 0; b < messages.length; b += batch) {
-      // the same input as the broker (encoded envelopes, the same field layout);
       // commands issued in one tick are pipelined by node-redis
       await Promise.all(
-        messages
-          .slice(b, b + batch)
-          .map((m) => client.sendCommand(["XADD", key, "*", ...Object.entries(Envelope.toFields(m)).flat()]))
+        messages.slice(b, b + batch).map((m) => client.sendCommand(["XADD", key, "*", ...twoFields(m)]))
       )
     }
     return performance.now() - start
@@ -92,28 +95,30 @@ const publishRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
 // --- consume -----------------------------------------------------------------
 
 /** Converge: subscribe, JSON.parse each body, one ackAll per read. */
-const consumeConverge = (messages: ReadonlyArray<Envelope.Encoded>) =>
-  withBroker(() =>
-    Effect.gen(function* () {
-      const broker = yield* Broker.Broker
-      for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
-      let consumed = 0
-      const done = Promise.withResolvers<void>()
-      const start = performance.now()
-      yield* broker.subscribe({ topic: orders.name, group: "g", consumer: "c", batchSize: batch }).pipe(
-        Stream.runForEachArray((ds) =>
-          Effect.suspend(() => {
-            for (const d of ds) JSON.parse(d.envelope.data)
-            consumed += ds.length
-            if (consumed >= messages.length) done.resolve()
-            return broker.ackAll(ds)
-          })
-        ),
-        Effect.forkScoped
-      )
-      yield* Effect.promise(() => done.promise)
-      return performance.now() - start
-    })
+const consumeConverge = (messages: ReadonlyArray<Envelope.Encoded>, layout: RedisStreamsBroker.Layout = "compact") =>
+  withBroker(
+    () =>
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
+        let consumed = 0
+        const done = Promise.withResolvers<void>()
+        const start = performance.now()
+        yield* broker.subscribe({ topic: orders.name, group: "g", consumer: "c", batchSize: batch }).pipe(
+          Stream.runForEachArray((ds) =>
+            Effect.suspend(() => {
+              for (const d of ds) JSON.parse(d.envelope.data)
+              consumed += ds.length
+              if (consumed >= messages.length) done.resolve()
+              return broker.ackAll(ds)
+            })
+          ),
+          Effect.forkScoped
+        )
+        yield* Effect.promise(() => done.promise)
+        return performance.now() - start
+      }),
+    layout
   )
 
 /** Converge's typed path: the consumer runtime decoding every payload with its Schema. */
@@ -152,8 +157,11 @@ const xreadgroupEntries = (reply: unknown): Array<[string, Record<string, string
   return out
 }
 
-/** Hand-written: XREADGROUP COUNT n + JSON.parse of each body + XACK, in a loop. */
-const consumeRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
+/**
+ * Hand-written: XREADGROUP COUNT n + JSON.parse of each body + XACK, in a loop, over entries of two fields
+ * (`twoFields`), or of the field-per-attribute layout (`layout: "fields"`, for reference).
+ */
+const consumeRaw = async (messages: ReadonlyArray<Envelope.Encoded>, layout: "two" | "fields" = "two") => {
   const client = await rawClient()
   const reader = client.duplicate()
   reader.on("error", () => {})
@@ -161,7 +169,7 @@ const consumeRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
   const key = `cvbench:${randomUUID().slice(0, 8)}:{raw}`
   try {
     await client.sendCommand(["XGROUP", "CREATE", key, "g", "0", "MKSTREAM"])
-    const fields = messages.map((m) => Object.entries(Envelope.toFields(m)).flat())
+    const fields = messages.map((m) => (layout === "two" ? twoFields(m) : Object.entries(Envelope.toFields(m)).flat()))
     for (let b = 0; b < fields.length; b += 1000) {
       await Promise.all(fields.slice(b, b + 1000).map((f) => client.sendCommand(["XADD", key, "*", ...f])))
     }
@@ -183,7 +191,7 @@ const consumeRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
       ])
       const entries = xreadgroupEntries(reply)
       if (entries.length === 0) continue
-      for (const [, f] of entries) JSON.parse(f.data!)
+      for (const [, f] of entries) JSON.parse(layout === "two" ? f.body! : f.data!)
       await client.sendCommand(["XACK", key, "g", ...entries.map(([id]) => id)])
       consumed += entries.length
     }
@@ -287,14 +295,15 @@ const compare = (
   run: async () => [row(label, baseline, await pairs(ours, theirs, count, theirCount))]
 })
 
-const handWrittenLoop = "node-redis XREADGROUP+XACK loop"
+const handWrittenLoop = "node-redis XREADGROUP+XACK loop, 2-field entries (id, body)"
+const bullmq = "bullmq addBulk+Worker(concurrency 100)"
 
 /** The Redis benchmarks. */
 export const benches: ReadonlyArray<Bench> = [
   compare(
     "redis/publish",
     "redis/publish",
-    "node-redis pipelined XADD",
+    "node-redis pipelined XADD, 2-field entries (id, body)",
     () => publishConverge(messages()),
     () => publishRaw(messages())
   ),
@@ -315,9 +324,24 @@ export const benches: ReadonlyArray<Bench> = [
   compare(
     "redis/consume-vs-bullmq",
     "redis/consume (vs BullMQ)",
-    "bullmq addBulk+Worker(concurrency 100)",
+    bullmq,
     () => consumeConverge(messages()),
     () => consumeBullmq(5_000),
     5_000
+  ),
+  compare(
+    "redis/consume-typed-vs-bullmq",
+    "redis/consume-typed (vs BullMQ)",
+    bullmq,
+    () => consumeTyped(messages()),
+    () => consumeBullmq(5_000),
+    5_000
+  ),
+  compare(
+    "redis/consume-fields",
+    'redis/consume, layout "fields"',
+    "node-redis XREADGROUP+XACK loop, field-per-attribute entries",
+    () => consumeConverge(messages(), "fields"),
+    () => consumeRaw(messages(), "fields")
   )
 ]

@@ -193,20 +193,33 @@ export const ackAll =
   (impl: Impl): Broker.Broker["Service"]["ackAll"] =>
   (deliveries) =>
     Effect.gen(function* () {
-      const byStream = new Map<string, Array<RedisDelivery>>()
+      // one batch per group, consumer, stream and lease token: a read is mostly one, so each delivery is
+      // compared with the batches found so far (newest first) rather than keyed by a string per delivery
+      const batches: Array<Array<RedisDelivery>> = []
       for (const d of deliveries) {
         if (!(d instanceof RedisDelivery) || d.impl !== impl) {
           return yield* fail(
             new BrokerError.InvalidArgument({ argument: "deliveries", message: "a delivery of another broker" })
           )
         }
-        const key = `${d.group}\u0000${d.consumer}\u0000${d.stream}\u0000${d.token}`
-        const batch = byStream.get(key)
-        if (batch === undefined) byStream.set(key, [d])
+        let batch: Array<RedisDelivery> | undefined
+        for (let i = batches.length - 1; i >= 0; i--) {
+          const head = batches[i]![0]!
+          if (
+            head.stream === d.stream &&
+            head.group === d.group &&
+            head.consumer === d.consumer &&
+            head.token === d.token
+          ) {
+            batch = batches[i]
+            break
+          }
+        }
+        if (batch === undefined) batches.push([d])
         else batch.push(d)
       }
       let acked = 0
-      for (const batch of byStream.values()) {
+      for (const batch of batches) {
         const d = batch[0]!
         const n = yield* ackEntries(
           impl,

@@ -89,6 +89,27 @@ const column = <A>(
 const fail = (operation: string) => (cause: unknown) => new Audit.AuditError({ operation, cause })
 
 /**
+ * What the outbox relay needs to write its `relayed` events itself, in the statement that marks the rows:
+ * the audit table, and the topics not audited. Registered for the sinks this module makes whose sampling
+ * is all-or-nothing per topic (a fractional share needs the per-message hash, in JavaScript).
+ */
+interface SqlTarget {
+  readonly table: string
+  /** Topics whose share is 0. */
+  readonly skipped: ReadonlyArray<string>
+}
+
+const sqlTargets = new WeakMap<Audit.Sink, SqlTarget>()
+
+/**
+ * The audit table a sink of this module writes to, when events for a topic are either all recorded or none
+ * (so SQL can filter them); `undefined` for other sinks.
+ *
+ * @internal
+ */
+export const sqlTargetOf = (sink: Audit.Sink): SqlTarget | undefined => sqlTargets.get(sink)
+
+/**
  * The sink and the log over the store in context; the flush and retention fibers live in the scope.
  *
  * @since 0.1.0
@@ -209,6 +230,18 @@ export const make = (options?: Options) =>
           if (buffer.length >= batchSize) wake.openUnsafe()
           return Effect.void
         })
+    }
+    const shares = [options?.default, ...Object.values(options?.topics ?? {})]
+    if (shares.every((v) => v === undefined || typeof v === "boolean" || v === 0 || v === 1)) {
+      const everything = options?.default === undefined || options.default === true || options.default === 1
+      if (everything) {
+        sqlTargets.set(sink, {
+          table: audit,
+          skipped: Object.entries(options?.topics ?? {})
+            .filter(([, v]) => v === false || v === 0)
+            .map(([t]) => t)
+        })
+      }
     }
     const log = Audit.AuditLog.of({
       query: (filter) =>

@@ -72,6 +72,18 @@ describe("AuditPg", () => {
           Effect.orDie
         )
         assert.deepStrictEqual(auditTx, outboxTx, "written by the same transaction")
+        // the relay writes `relayed` in the statement that marks the row (AuditPg, every topic audited)
+        let relayed: ReadonlyArray<Audit.Stored> = []
+        for (let i = 0; i < 100 && relayed.length === 0; i++) {
+          yield* Effect.sleep(20)
+          relayed = yield* Audit.query({ messageId: kept.id, kinds: ["relayed"] })
+        }
+        assert.strictEqual(relayed.length, 1)
+        assert.strictEqual(relayed[0]!.topic, payments.name)
+        assert.strictEqual(relayed[0]!.process, Audit.processName)
+        const relayTx = yield* xminOf("audit", "kind = 'relayed' AND message_ids @> ARRAY[$1::text]", [kept.id])
+        const markedTx = yield* xminOf("outbox", "message_id = $1", [kept.id])
+        assert.deepStrictEqual(relayTx, markedTx, "written by the relay's cycle, with the mark")
       })
     )
 

@@ -203,13 +203,23 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
     })
 
   type Body = Effect.Effect<void, unknown, Broker.Broker | R | Scope.Scope>
+  // what this registration ran, skipped (and why) and left out by `only`: stated by the summary case, so a
+  // layer without hooks or features cannot look conformant by omission
+  const ran: Array<string> = []
+  const skipped: Array<{ readonly id: string; readonly reason: string }> = []
+  const notSelected: Array<string> = []
   const run = (id: string, title: string, body: Body, skip?: string | false) => {
-    if (features.only !== undefined && !features.only.includes(id)) return
+    if (features.only !== undefined && !features.only.includes(id)) {
+      notSelected.push(id)
+      return
+    }
     const label = `${id} ${title}`
     if (skip) {
+      skipped.push({ id, reason: skip })
       it.skip(`${label} [skipped: ${skip}]`, () => {})
       return
     }
+    ran.push(id)
     const test = live ? it.live : it.effect
     // the case's own scope closes (consumers interrupted) before the layer is torn down
     test(
@@ -977,5 +987,31 @@ export const suite = <R, E>(name: string, layer: Layer.Layer<Broker.Broker | R, 
       }),
       !features.operatorViews && "the layer does not declare operatorViews (Broker.topics and groupStats)"
     )
+
+    // the summary: how many of the cases ran, and which were skipped for want of a hook or a feature
+    const total = ran.length + skipped.length + notSelected.length
+    const verdict =
+      features.only !== undefined
+        ? `a selection: ${ran.length} of ${total} cases run (${features.only.join(", ")})`
+        : skipped.length === 0
+          ? `all ${total} cases run`
+          : `${ran.length} of ${total} cases run, NOT fully conformant — skipped: ${skipped
+              .map((c) => `${c.id} (${c.reason})`)
+              .join("; ")}`
+    it(`conformance of ${name}: ${verdict}`, () => {
+      assert.strictEqual(total, caseCount, "every case of the suite was registered")
+      assert.deepStrictEqual(
+        [...ran, ...skipped.map((c) => c.id), ...notSelected].sort(),
+        Array.from({ length: caseCount }, (_, i) => `C${String(i + 1).padStart(2, "0")}`),
+        "each case once"
+      )
+    })
   })
 }
+
+/**
+ * How many cases the suite has (C01 to C27).
+ *
+ * @since 0.1.0
+ */
+export const caseCount = 27

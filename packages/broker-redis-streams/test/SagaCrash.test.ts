@@ -9,10 +9,10 @@ import { randomUUID } from "node:crypto"
 import { fileURLToPath } from "node:url"
 import { SagaPg, SqlStore } from "@converge/store-postgres"
 import { PgClient } from "@effect/sql-pg"
-import { assert, describe, layer } from "@effect/vitest"
+import { afterAll, assert, describe, layer } from "@effect/vitest"
 import { Effect, Layer, Redacted } from "effect"
 import { SqlClient } from "effect/sql"
-import { mainUrl } from "./helpers.ts"
+import { deleteKeysNow, mainUrl } from "./helpers.ts"
 
 const databaseUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const schema = `converge_sagacrash_${randomUUID().replaceAll("-", "").slice(0, 10)}`
@@ -121,6 +121,8 @@ const crashCase = (point: string, fail: boolean, expected: ReadonlyArray<string>
   })
 
 describe("saga coordinators killed with SIGKILL", () => {
+  // the coordinators' keys: their Redis work ran in child processes
+  afterAll(() => deleteKeysNow(prefix))
   layer(Setup, { timeout: 240_000, excludeTestServices: true })((it) => {
     it.effect("killed after a step wrote and before its commit (the engine's record is in that commit): once", () =>
       crashCase("reserve:before-commit", false, ["reserve", "charge", "ship"])

@@ -15,6 +15,7 @@ import { NodeRedis } from "@effect/platform-node"
 import { Context, Effect, Layer, type Scope } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import { SqlClient } from "effect/sql"
+import { createClient } from "redis"
 import { RedisStreamsBroker } from "../src/index.ts"
 
 /** The key prefix of the broker under test. */
@@ -33,6 +34,17 @@ const deleteKeys = (prefix: string) =>
       if (reply[1].length > 0) yield* redis.send("DEL", ...reply[1])
     } while (cursor !== "0")
   })
+
+/** Deletes a prefix's keys with a client of its own (for tests whose Redis work runs in child processes). */
+export const deleteKeysNow = async (prefix: string, url: string = mainUrl): Promise<void> => {
+  const client = createClient({ url })
+  client.on("error", () => {})
+  await client.connect()
+  for await (const keys of client.scanIterator({ MATCH: `${prefix}:*`, COUNT: 1000 })) {
+    if (keys.length > 0) await client.del(keys)
+  }
+  await client.close()
+}
 
 /** Broker + Redis client + a unique prefix, cleaned up afterwards. */
 export const brokerLayer = (url: string = mainUrl, options?: RedisStreamsBroker.Options) =>

@@ -13,9 +13,10 @@ import { AuditPg, Inbox, Outbox, OutboxRelay, SagaPg, SqlStore } from "@converge
 import { SagaTest } from "@converge/store-postgres/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
-import { assert, describe, layer } from "@effect/vitest"
+import { afterAll, assert, describe, layer } from "@effect/vitest"
 import { Data, Effect, Layer, Redacted, Schema } from "effect"
 import { SqlClient } from "effect/sql"
+import { createClient } from "redis"
 
 const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
 const redisUrl = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
@@ -95,15 +96,6 @@ const Payments = Layer.effectDiscard(
   })
 )
 
-const Effects = Layer.effectDiscard(
-  Effect.gen(function* () {
-    const { sql, table } = yield* SqlStore.SqlStore
-    yield* sql.unsafe(
-      `CREATE TABLE ${table("effects")} (seq bigint GENERATED ALWAYS AS IDENTITY, what text NOT NULL, order_id text NOT NULL, value text NOT NULL DEFAULT '')`
-    ).raw
-  })
-)
-
 const Live = Layer.mergeAll(
   Billing,
   Payments,
@@ -111,7 +103,7 @@ const Live = Layer.mergeAll(
   SagaPg.replies({ topic: SagaTest.replyTopic, group: "cli-coordinator" })
 ).pipe(
   Layer.provideMerge(SagaPg.layer({ replyTopic: SagaTest.replyTopic, pollInterval: 200 })),
-  Layer.provideMerge(Effects),
+  Layer.provideMerge(SagaTest.EffectsTable),
   Layer.provideMerge(
     Layer.mergeAll(
       Publisher.layer(),
@@ -148,6 +140,14 @@ interface DeadLetterJson {
 }
 
 describe("converge CLI against Postgres and Redis", () => {
+  afterAll(async () => {
+    const client = createClient({ url: redisUrl })
+    await client.connect()
+    for await (const keys of client.scanIterator({ MATCH: `${prefix}:*`, COUNT: 1000 })) {
+      if (keys.length > 0) await client.del(keys)
+    }
+    await client.close()
+  })
   layer(Live, { timeout: 120_000, excludeTestServices: true })((it) => {
     it.effect(
       "dlq list/show/replay/purge, status, trace: output, --json shapes, exit codes; 1 000 replayed with progress",

@@ -5,6 +5,8 @@
  * benchmarks whose name equals or starts with `<name>`.
  */
 
+import { createClient } from "redis"
+
 /** One measured row. */
 export interface Row {
   readonly bench: string
@@ -88,4 +90,15 @@ export const main = async (benches: ReadonlyArray<Bench>, argv: ReadonlyArray<st
   )
   for (const row of body) process.stdout.write(`${line(row)}\n`)
   process.stdout.write(`\nnode ${process.versions.node}, ${rows.length} rows\n`)
+}
+
+/** Deletes the keys of a Redis matching `pattern` (a benchmark's prefix): runs must not pile up data. */
+export const deleteRedisKeys = async (pattern: string, url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379") => {
+  const client = createClient({ url })
+  client.on("error", () => {})
+  await client.connect()
+  for await (const keys of client.scanIterator({ MATCH: pattern, COUNT: 1000 })) {
+    if (keys.length > 0) await client.del(keys)
+  }
+  await client.close()
 }

@@ -37,7 +37,7 @@ import { Effect, Layer, Redacted, Result, type Scope } from "effect"
 import { SqlClient } from "effect/sql"
 import pg from "pg"
 import { createClient } from "redis"
-import { type Bench, median, percentile, type Row, rate, round } from "./harness.ts"
+import { type Bench, deleteRedisKeys, median, percentile, type Row, rate, round } from "./harness.ts"
 import { Order, order } from "./payload.ts"
 
 const pgUrl = process.env.DATABASE_URL ?? "postgres://postgres@127.0.0.1:5432/test"
@@ -248,16 +248,6 @@ const paced = <E, R>(pace: Pace, send: (i: number) => Effect.Effect<unknown, E, 
   })
 
 // --- hand-written ----------------------------------------------------------------
-
-const deleteRedisKeys = async (pattern: string) => {
-  const client = createClient({ url: redisUrl })
-  client.on("error", () => {})
-  await client.connect()
-  for await (const keys of client.scanIterator({ MATCH: pattern, COUNT: 1000 })) {
-    if (keys.length > 0) await client.del(keys)
-  }
-  await client.close()
-}
 
 interface Pipe {
   /** Sends a claimed batch (pipelined). */

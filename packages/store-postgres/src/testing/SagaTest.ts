@@ -17,6 +17,7 @@ import { Broker, Consumer, Saga, SagaStore, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
 import { Clock, Effect, Exit, Layer, Redacted, Schema } from "effect"
+import type { SqlError } from "effect/sql/SqlError"
 import * as Inbox from "../Inbox.ts"
 import * as Outbox from "../Outbox.ts"
 import * as OutboxRelay from "../OutboxRelay.ts"
@@ -133,6 +134,21 @@ const effectsOf = (order: string) =>
     return rows.map((r) => (r.value === "" ? r.what : `${r.what}:${r.value}`))
   }).pipe(Effect.orDie)
 
+/**
+ * The `effects` table the test saga and its services write (in the store's schema), created when the layer
+ * builds.
+ *
+ * @since 0.1.0
+ */
+export const EffectsTable: Layer.Layer<never, SqlError, SqlStore.SqlStore> = Layer.effectDiscard(
+  Effect.gen(function* () {
+    const { sql, table } = yield* SqlStore.SqlStore
+    yield* sql.unsafe(
+      `CREATE TABLE ${table("effects")} (seq bigint GENERATED ALWAYS AS IDENTITY, what text NOT NULL, order_id text NOT NULL, value text NOT NULL DEFAULT '')`
+    ).raw
+  })
+)
+
 /** Polls until `check` holds (or fails after `timeoutMs`). */
 export const eventually = <A, E, R>(
   what: string,
@@ -177,21 +193,13 @@ export const suite = (
   const schema = `converge_saga_${randomUUID().replaceAll("-", "").slice(0, 12)}`
   const Pg = PgClient.layer({ url: Redacted.make(url), maxConnections: 8 })
   const Schema_ = Layer.effectDiscard(Effect.addFinalizer(() => SagaPg.dropStore(schema)))
-  const Effects = Layer.effectDiscard(
-    Effect.gen(function* () {
-      const { sql, table } = yield* SqlStore.SqlStore
-      yield* sql.unsafe(
-        `CREATE TABLE ${table("effects")} (seq bigint GENERATED ALWAYS AS IDENTITY, what text NOT NULL, order_id text NOT NULL, value text NOT NULL DEFAULT '')`
-      ).raw
-    })
-  )
   const Services = Layer.mergeAll(
     OrderSagaLive,
     SagaPg.replies({ topic: replyTopic, group: "sagatest-coordinator" }),
     Layer.effectDiscard(payments)
   ).pipe(
     Layer.provideMerge(SagaPg.layer({ replyTopic, pollInterval: 200 })),
-    Layer.provideMerge(Effects),
+    Layer.provideMerge(EffectsTable),
     Layer.provideMerge(
       Layer.mergeAll(
         Outbox.layer(),

@@ -14,7 +14,7 @@ import { SagaTest } from "@converge/store-postgres/testing"
 import { NodeRedis } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { afterAll, assert, describe, layer } from "@effect/vitest"
-import { Data, Effect, Layer, Redacted, Schema } from "effect"
+import { Data, Effect, Layer, Redacted, References, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { createClient } from "redis"
 
@@ -120,7 +120,9 @@ const Live = Layer.mergeAll(
       Layer.provide(NodeRedis.layer({ url: redisUrl, maxConnections: 20 }))
     )
   ),
-  Layer.provideMerge(PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 10 }))
+  Layer.provideMerge(PgClient.layer({ url: Redacted.make(pgUrl), maxConnections: 10 })),
+  // 1 000 dead letters make 1 000 warnings: the test's own system logs errors only
+  Layer.provideMerge(Layer.succeed(References.MinimumLogLevel, "Error"))
 )
 
 const eventually = SagaTest.eventually

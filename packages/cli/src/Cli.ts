@@ -264,15 +264,16 @@ const dlqReplay = Command.make("replay", selection, (s) =>
     const report = progress("replaying", letters.length)
     const replayed: Array<{ readonly id: string; readonly messageId: string | null; readonly entryId: string }> = []
     const failed: Array<{ readonly id: string; readonly error: string }> = []
-    for (const d of letters) {
-      const exit = yield* Effect.exit(ops.replay(s.topic, d.id))
-      if (exit._tag === "Success") replayed.push({ id: d.id, messageId: d.envelope?.id ?? null, entryId: exit.value })
-      else {
-        const error = exit.cause.reasons.find((r) => r._tag === "Fail")
-        const failure = error?._tag === "Fail" ? (error.error as Operations.OperationError) : undefined
-        if (failure?.kind === "unavailable") return yield* failure
-        failed.push({ id: d.id, error: failure?.message ?? "interrupted" })
-      }
+    // a page at a time: one publish and one purge per 100 (DeadLetter.replayMany); a message refused fails
+    // alone, an unreachable broker stops the run
+    for (let i = 0; i < letters.length; i += 100) {
+      const page = letters.slice(i, i + 100)
+      const outcomes = yield* ops.replayMany(s.topic, page)
+      outcomes.forEach((o, k) => {
+        if (o._tag === "Replayed") {
+          replayed.push({ id: o.id, messageId: page[k]!.envelope?.id ?? null, entryId: o.entryId })
+        } else failed.push({ id: o.id, error: o.error.message })
+      })
       yield* report(replayed.length + failed.length)
     }
     yield* emit({ topic: s.topic, dryRun: false, matched: letters.length, replayed, failed }, () =>

@@ -154,6 +154,11 @@ export interface Operations {
   readonly deadLetter: (topic: string, id: string) => Effect.Effect<Broker.DeadLetter, OperationError>
   /** Replays one dead letter; returns its new broker entry id. */
   readonly replay: (topic: string, id: string) => Effect.Effect<string, OperationError>
+  /** Replays a page of dead letters in one publish and one purge (`DeadLetter.replayMany`): an outcome each. */
+  readonly replayMany: (
+    topic: string,
+    letters: ReadonlyArray<Broker.DeadLetter>
+  ) => Effect.Effect<ReadonlyArray<DeadLetter.ReplayOutcome>, OperationError>
   /** Purges dead letters by id (the topic's whole queue when `ids` is omitted); returns how many. */
   readonly purge: (topic: string, ids?: ReadonlyArray<string>) => Effect.Effect<number, OperationError>
   /**
@@ -328,6 +333,13 @@ export const make = (input: Input): Effect.Effect<Operations, never, Scope.Scope
           input.audit === undefined
             ? DeadLetter.replay(topic, id)
             : Effect.provide(DeadLetter.replay(topic, id), input.audit)
+        ),
+      replayMany: (topic, letters) =>
+        onBroker(
+          `replaying dead letters of ${topic}`,
+          input.audit === undefined
+            ? DeadLetter.replayMany(topic, letters)
+            : Effect.provide(DeadLetter.replayMany(topic, letters), input.audit)
         ),
       purge: (topic, ids) =>
         onBroker(

@@ -22,6 +22,7 @@ import { Effect, Metric, Schema } from "effect"
 import * as Audit from "./Audit.ts"
 import * as Broker from "./Broker.ts"
 import type { BrokerError } from "./BrokerError.ts"
+import * as BrokerErrors from "./BrokerError.ts"
 import * as Envelope from "./Envelope.ts"
 import * as Metrics from "./Metrics.ts"
 
@@ -72,6 +73,17 @@ export class NotReplayable extends Schema.TaggedError<NotReplayable>("@converge/
 }
 
 const millis = (t: string | number): number => (typeof t === "number" ? t : Date.parse(t))
+
+/**
+ * What a replay publishes: to the topic whose queue the entry came from (the envelope's own topic attribute
+ * may name another, from a foreign producer), attempt 1, the replay marker.
+ */
+const replayedEnvelope = (topic: string, letter: Broker.DeadLetter, envelope: Envelope.Encoded): Envelope.Encoded => ({
+  ...envelope,
+  topic,
+  attempt: 1,
+  headers: { ...envelope.headers, [Envelope.Headers.replay]: letter.id }
+})
 
 /** Dead letters read per broker call by {@link list}. */
 const pageSize = 500
@@ -142,14 +154,7 @@ export const replay = (
     if (letter.envelope === undefined) {
       return yield* new NotReplayable({ topic, id, reason: `the entry is ${letter.reason}, not an envelope` })
     }
-    // to the topic whose queue it came from (the envelope's own topic attribute may name another, from a
-    // foreign producer)
-    const replayed: Envelope.Encoded = {
-      ...letter.envelope,
-      topic,
-      attempt: 1,
-      headers: { ...letter.envelope.headers, [Envelope.Headers.replay]: letter.id }
-    }
+    const replayed = replayedEnvelope(topic, letter, letter.envelope)
     // the event's time is the replay's, taken before the publish: a consumer may handle the message before
     // this call returns, and the timeline must show the replay before the handling
     const at = yield* Audit.currentTime
@@ -161,6 +166,86 @@ export const replay = (
       Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })
     )
     return entryId!
+  })
+
+/**
+ * The outcome of one dead letter in {@link replayMany}: replayed (its new broker entry id), or not (why).
+ *
+ * @since 0.1.0
+ */
+export type ReplayOutcome =
+  | { readonly _tag: "Replayed"; readonly id: string; readonly entryId: string }
+  | { readonly _tag: "Failed"; readonly id: string; readonly error: BrokerError | NotReplayable }
+
+/**
+ * Replays many dead letters of a topic (as listed by {@link list}) in one `publishEach` and one purge: the
+ * same per message as {@link replay} (same message id, attempt 1, replay marker, removed from the queue,
+ * audited), in two broker round trips instead of three per message. A message the broker refuses, or an
+ * entry that is not an envelope, fails alone and stays in the queue. Give it a page at a time (the CLI
+ * replays 100 per call).
+ *
+ * @since 0.1.0
+ */
+export const replayMany = (
+  topic: string,
+  letters: ReadonlyArray<Broker.DeadLetter>
+): Effect.Effect<ReadonlyArray<ReplayOutcome>, BrokerError, Broker.Broker> =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    const outcomes: Array<ReplayOutcome> = new Array(letters.length)
+    const ready: Array<{
+      readonly index: number
+      readonly letter: Broker.DeadLetter
+      readonly envelope: Envelope.Encoded
+    }> = []
+    for (let i = 0; i < letters.length; i++) {
+      const letter = letters[i]!
+      if (letter.envelope === undefined) {
+        outcomes[i] = {
+          _tag: "Failed",
+          id: letter.id,
+          error: new NotReplayable({ topic, id: letter.id, reason: `the entry is ${letter.reason}, not an envelope` })
+        }
+        continue
+      }
+      ready.push({ index: i, letter, envelope: replayedEnvelope(topic, letter, letter.envelope) })
+    }
+    if (ready.length === 0) return outcomes
+    const at = yield* Audit.currentTime
+    const published = yield* broker.publishEach(ready.map((r) => r.envelope))
+    const stored: Array<(typeof ready)[number]> = []
+    for (let k = 0; k < ready.length; k++) {
+      const r = ready[k]!
+      const o = published[k]
+      if (o !== undefined && o._tag === "Stored") {
+        outcomes[r.index] = { _tag: "Replayed", id: r.letter.id, entryId: o.entryId }
+        stored.push(r)
+      } else {
+        outcomes[r.index] = {
+          _tag: "Failed",
+          id: r.letter.id,
+          error:
+            o?._tag === "Failed" ? o.error : BrokerErrors.make(new BrokerErrors.NotConfirmed({ message: "no outcome" }))
+        }
+      }
+    }
+    if (stored.length > 0) {
+      yield* broker.purgeDeadLetters(
+        topic,
+        stored.map((r) => r.letter.id)
+      )
+      const sink = yield* Audit.AuditSink
+      if (sink.enabled) {
+        yield* sink.enqueue(
+          stored
+            .filter((r) => sink.records(r.envelope.topic, r.envelope.id))
+            .map((r) => Audit.eventOf("replayed", r.envelope, at, { detail: `dead letter ${r.letter.id}` }))
+        )
+      }
+      yield* Metric.update(Metric.withAttributes(Metrics.replayed, { topic }), stored.length)
+      yield* Effect.logInfo(`${stored.length} dead letter(s) replayed`).pipe(Effect.annotateLogs({ topic }))
+    }
+    return outcomes
   })
 
 /**

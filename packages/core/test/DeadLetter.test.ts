@@ -1,7 +1,7 @@
 import { MemoryBroker } from "@converge/broker-memory"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Stream } from "effect"
-import { Broker, DeadLetter, Envelope } from "../src/index.ts"
+import { Audit, Broker, DeadLetter, Envelope } from "../src/index.ts"
 import { BrokerTest } from "../src/testing/index.ts"
 
 /** Dead-letters every message published to `topic` (n of them) through the broker's own API. */
@@ -57,6 +57,42 @@ describe("DeadLetter", () => {
       const missing = yield* Effect.flip(DeadLetter.show("t", "999999-0"))
       assert.strictEqual(missing._tag, "DeadLetterNotFound")
     }).pipe(Effect.provide(Recorded))
+  )
+
+  it.effect("replayMany: a page in one publish and one purge; an entry that is not an envelope fails alone", () =>
+    Effect.gen(function* () {
+      const broker = yield* Broker.Broker
+      const memory = yield* MemoryBroker.MemoryBroker
+      const messages = BrokerTest.messages("rm", 250)
+      yield* memory.faults.appendRaw("rm", { junk: "no envelope here" })
+      yield* deadLetterAll("rm", messages)
+      const letters = yield* DeadLetter.list("rm")
+      assert.strictEqual(letters.length, 251, "250 dead-lettered, 1 malformed (by the broker itself)")
+      const outcomes = yield* DeadLetter.replayMany("rm", letters)
+      const failed = outcomes.filter((o) => o._tag === "Failed")
+      assert.strictEqual(outcomes.filter((o) => o._tag === "Replayed").length, 250)
+      assert.strictEqual(failed.length, 1)
+      assert.isTrue(failed[0]!._tag === "Failed" && failed[0]!.error._tag === "NotReplayable")
+      const left = yield* DeadLetter.list("rm")
+      assert.deepStrictEqual(
+        left.map((d) => d.reason),
+        ["malformed"],
+        "only the malformed entry stays"
+      )
+      const replayed = yield* broker.subscribe({ topic: "rm", group: "after", consumer: "c", batchSize: 1000 }).pipe(
+        Stream.filter((d) => DeadLetter.isReplay(d.envelope.headers)),
+        Stream.take(250),
+        Stream.runCollect
+      )
+      assert.deepStrictEqual(
+        replayed.map((d) => d.envelope.id),
+        messages.map((m) => m.id),
+        "the same message ids, in order"
+      )
+      assert.isTrue(replayed.every((d) => d.envelope.attempt === 1))
+      const events = yield* Audit.query({ topic: "rm", kinds: ["replayed"] })
+      assert.strictEqual(events.length, 250, "each replay audited")
+    }).pipe(Effect.provide(Layer.merge(MemoryBroker.layer(), Audit.layerMemory())))
   )
 
   it.effect("replay republishes to the topic whose queue the entry came from", () =>

@@ -519,8 +519,9 @@ const observedBench = (transport: Transport): Bench => ({
     const tracing: Array<number> = []
     const auditRatios: Array<number> = []
     const tracingRatios: Array<number> = []
-    // interleaved rounds (BENCH_ROUNDS, default 5): the ratio of one round ranges over ±10% on this machine
-    const rounds = Number(process.env.BENCH_ROUNDS ?? 5)
+    // interleaved rounds (BENCH_ROUNDS, default 15): the ratio of one round ranges over ±10% on this machine,
+    // and medians of 5 rounds still differed by 8% between identical runs
+    const rounds = Number(process.env.BENCH_ROUNDS ?? 15)
     for (let i = 0; i < rounds; i++) {
       const p = rate(drainCount, await drainConverge(transport))
       const a = rate(drainCount, await drainConverge(transport, "audit"))

@@ -65,7 +65,12 @@ const textOf = (cause: unknown): string => {
 
 const unreachable = /ECONNREFUSED|ENOTFOUND|EHOSTUNREACH|ETIMEDOUT|ECONNRESET|connect|socket|closed/i
 
-/** Classifies a library error into an {@link OperationError}. */
+/**
+ * Classifies a library error into an {@link OperationError}: not found, conflict, invalid, unavailable
+ * (a connection error), or failed; `what` says what was being done.
+ *
+ * @since 0.1.0
+ */
 export const fromError = (what: string, error: unknown): OperationError => {
   if (error instanceof OperationError) return error
   const tag = (error as { readonly _tag?: unknown } | null)?._tag

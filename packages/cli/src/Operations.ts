@@ -290,6 +290,10 @@ export const make = (input: Input): Effect.Effect<Operations, never, Scope.Scope
         return out
       })
 
+    /** An operator's action, recorded by the audit sink of the sources when there is one. */
+    const audited = <A, E, R>(effect: Effect.Effect<A, E, R>): Effect.Effect<A, E, R> =>
+      input.audit === undefined ? effect : Effect.provide(effect, input.audit)
+
     const countSagas = Effect.gen(function* () {
       const counts: Partial<Record<SagaStore.Status, number>> = {}
       for (const status of SagaStore.statuses) {
@@ -332,27 +336,10 @@ export const make = (input: Input): Effect.Effect<Operations, never, Scope.Scope
       status,
       deadLetters,
       deadLetter: (topic, id) => onBroker(`reading dead letter ${id} of ${topic}`, DeadLetter.show(topic, id)),
-      replay: (topic, id) =>
-        onBroker(
-          `replaying dead letter ${id} of ${topic}`,
-          input.audit === undefined
-            ? DeadLetter.replay(topic, id)
-            : Effect.provide(DeadLetter.replay(topic, id), input.audit)
-        ),
+      replay: (topic, id) => onBroker(`replaying dead letter ${id} of ${topic}`, audited(DeadLetter.replay(topic, id))),
       replayMany: (topic, letters) =>
-        onBroker(
-          `replaying dead letters of ${topic}`,
-          input.audit === undefined
-            ? DeadLetter.replayMany(topic, letters)
-            : Effect.provide(DeadLetter.replayMany(topic, letters), input.audit)
-        ),
-      purge: (topic, ids) =>
-        onBroker(
-          `purging dead letters of ${topic}`,
-          input.audit === undefined
-            ? DeadLetter.purge(topic, ids)
-            : Effect.provide(DeadLetter.purge(topic, ids), input.audit)
-        ),
+        onBroker(`replaying dead letters of ${topic}`, audited(DeadLetter.replayMany(topic, letters))),
+      purge: (topic, ids) => onBroker(`purging dead letters of ${topic}`, audited(DeadLetter.purge(topic, ids))),
       activity: (windowMs) =>
         input.audit === undefined
           ? Effect.succeed({})

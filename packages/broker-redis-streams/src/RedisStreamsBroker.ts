@@ -4,12 +4,14 @@
  * It requires the abstract `Redis` service of `effect/persistence/Redis`;
  * applications supply `NodeRedis.layer(...)` from `@effect/platform-node`.
  *
- * ## Keys (all of a topic share the hash tag `{topic}`: one Redis Cluster slot)
+ * ## Keys
  *
- * The stream `<prefix>:{<topic>}` (`:p<n>` per partition), each group's
- * retry stream and delayed set, the dead-letter stream `:dlq`, the topic's
- * `:meta` (its partition count) and, in ordered mode, partition leases and
- * the group's member set: see `internal/keys.ts` and the repository's
+ * The stream `<prefix>:{<topic>}` (one partition) or `<prefix>:{<topic>:p<i>}`
+ * (partition `i` of several: each partition under a hash tag of its own, so
+ * the partitions spread over a Redis Cluster's slots), each group's retry
+ * stream and delayed set, the dead-letter stream `:dlq` (one per partition),
+ * the topic's `:meta` (its partition count) and, in ordered mode, partition
+ * leases and the group's member set: see `internal/keys.ts` and the repository's
  * docs/brokers.md. Entries are written in the compact layout by default
  * (`Envelope.toCompactFields`: `ce`, the CloudEvents attributes as one JSON
  * field, and `data`), or with `layout: "fields"` one field per attribute
@@ -123,6 +125,14 @@ export interface Options {
    * this option says.
    */
   readonly layout?: Layout | undefined
+  /**
+   * Where a topic's keys hash in a Redis Cluster (default `partition`): each partition of a topic under a
+   * hash tag of its own (`{<topic>:p<i>}`), so partitions spread over the cluster's nodes; `topic` keeps
+   * every key of a topic under `{<topic>}`, the layout of earlier versions. A layer with the default refuses
+   * (at the first publish or subscribe, naming this option) a partitioned topic whose streams were written
+   * under the earlier layout. One partition is the same either way.
+   */
+  readonly hashTag?: Keys.HashTag | undefined
 }
 
 /**
@@ -196,7 +206,8 @@ export const make = (
     const replicas = yield* integerOption("replicas", options?.replicas ?? 1, 1, 64)
     const maxLen = options?.maxLen
     if (maxLen !== undefined) yield* integerOption("maxLen", maxLen, 1, Number.MAX_SAFE_INTEGER)
-    const keys = Keys.make(prefix, partitions)
+    const hashTag = options?.hashTag ?? "partition"
+    const keys = Keys.make(prefix, partitions, hashTag)
     const impl: Impl = { redis, keys }
     // On shutdown, release every subscription's reserved connection: the Redis pool waits for its
     // reservations, so a subscription that outlives the layer must not keep one.
@@ -212,6 +223,7 @@ export const make = (
       redis,
       impl,
       prefix,
+      hashTag,
       keys,
       partitions,
       ordered: options?.orderedPerKey ?? false,
@@ -272,7 +284,8 @@ export const layer = (options?: Options): Layer.Layer<Broker.Broker, BrokerError
  * `waitaof-local` | `waitaof-replicas`, default `reply`),
  * `CONVERGE_REDIS_PARTITIONS` (default 1), `CONVERGE_REDIS_ORDERED`
  * (`true` | `false`, default `false`) and `CONVERGE_REDIS_LAYOUT`
- * (`compact` | `fields`, default `compact`). A bad value is a `ConfigError` naming
+ * (`compact` | `fields`, default `compact`) and `CONVERGE_REDIS_HASH_TAG`
+ * (`partition` | `topic`, default `partition`). A bad value is a `ConfigError` naming
  * the variable.
  *
  * @since 0.1.0
@@ -290,6 +303,9 @@ export const layerConfig: Layer.Layer<Broker.Broker, BrokerError.BrokerError | C
       const layout = yield* Config.Literals(["compact", "fields"], "CONVERGE_REDIS_LAYOUT").pipe(
         Config.withDefault("compact" as const)
       )
-      return layer({ prefix, durability, partitions, orderedPerKey, layout })
+      const hashTag = yield* Config.Literals(["partition", "topic"], "CONVERGE_REDIS_HASH_TAG").pipe(
+        Config.withDefault("partition" as const)
+      )
+      return layer({ prefix, durability, partitions, orderedPerKey, layout, hashTag })
     })
   )

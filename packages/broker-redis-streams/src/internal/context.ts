@@ -10,7 +10,7 @@ import { Effect, Result } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import type { Impl } from "./delivery.ts"
 import { fail, fromRedis } from "./errors.ts"
-import type { Keys } from "./keys.ts"
+import { type HashTag, type Keys, make as makeKeys } from "./keys.ts"
 
 /** How a publish counts as stored: see `RedisStreamsBroker.Durability`. */
 export type Durability = "reply" | "waitaof-local" | "waitaof-replicas"
@@ -21,6 +21,8 @@ export interface BrokerContext {
   readonly impl: Impl
   /** The key prefix (`<prefix>:{<topic>}...`). */
   readonly prefix: string
+  /** Where a partitioned topic's keys hash (see `Keys.HashTag`). */
+  readonly hashTag: HashTag
   readonly keys: (topic: string) => Keys
   readonly partitions: number
   readonly ordered: boolean
@@ -72,6 +74,23 @@ export const checkPartitions = (
         const stored = Number(
           yield* ctx.redis.send<string | null>("HGET", meta, "partitions").pipe(Effect.mapError(fromRedis("HGET")))
         )
+        if (stored === ctx.partitions && ctx.partitions > 1 && ctx.hashTag === "partition") {
+          // a partitioned topic written by an earlier version: its streams are under `{topic}:p<i>`, which this
+          // layout would never read
+          const earlier = Number(
+            yield* ctx.redis
+              .send<number>("EXISTS", ctx.keys(topic).topicTagStream0)
+              .pipe(Effect.mapError(fromRedis("EXISTS")))
+          )
+          if (earlier > 0) {
+            return yield* fail(
+              new BrokerError.InvalidArgument({
+                argument: "hashTag",
+                message: `topic ${JSON.stringify(topic)} has partition streams under the earlier key layout (one hash tag per topic, ${ctx.keys(topic).topicTagStream0}); keep reading them with hashTag: "topic" (CONVERGE_REDIS_HASH_TAG=topic), or drain the topic with that setting before switching to hashTag: "partition"`
+              })
+            )
+          }
+        }
         if (stored !== ctx.partitions) {
           return yield* fail(
             new BrokerError.InvalidArgument({
@@ -82,3 +101,17 @@ export const checkPartitions = (
         }
         checked.add(topic)
       })
+
+/**
+ * A topic's keys for the partition count it recorded in Redis (this broker's when none is recorded yet): what
+ * the operator views and the dead-letter queue read, so a tool needs no partition setting of its own.
+ */
+export const keysOf = (ctx: BrokerContext, topic: string) =>
+  ctx.redis.send<string | null>("HGET", ctx.keys(topic).meta, "partitions").pipe(
+    Effect.mapError(fromRedis("HGET")),
+    Effect.map((stored) => {
+      const n = stored === null ? ctx.partitions : Number(stored)
+      const partitions = Number.isInteger(n) && n >= 1 ? n : ctx.partitions
+      return { ...makeKeys(ctx.prefix, partitions, ctx.hashTag)(topic), partitions }
+    })
+  )

@@ -168,7 +168,7 @@ export class RedisDelivery implements Broker.Delivery {
         Effect.mapError(
           this.impl.redis.eval(deadLetterScript)(
             this.stream,
-            this.impl.keys(this.topic).dlq,
+            this.part.dlq,
             this.leaseKey,
             this.group,
             this.consumer,

@@ -7,9 +7,8 @@
  */
 import type { Broker } from "@converge/core"
 import { Effect } from "effect"
-import { type BrokerContext, checkName } from "./context.ts"
+import { type BrokerContext, checkName, keysOf } from "./context.ts"
 import { fromRedis } from "./errors.ts"
-import * as Keys from "./keys.ts"
 
 /** The fields of one group in an `XINFO GROUPS` reply (RESP2 flat array or RESP3 map). */
 const groupOf = (reply: unknown, group: string): { pending: number; lag: number } | undefined => {
@@ -64,17 +63,6 @@ export const make =
       return { pending, lag }
     })
 
-/** The topic's keys for the partition count it recorded in Redis (this broker's when none is recorded yet). */
-const keysOf = (ctx: BrokerContext, topic: string) =>
-  ctx.redis.send<string | null>("HGET", ctx.keys(topic).meta, "partitions").pipe(
-    Effect.mapError(fromRedis("HGET")),
-    Effect.map((stored) => {
-      const n = stored === null ? ctx.partitions : Number(stored)
-      const partitions = Number.isInteger(n) && n >= 1 ? n : ctx.partitions
-      return { ...Keys.make(ctx.prefix, partitions)(topic), partitions }
-    })
-  )
-
 /** The names of the groups in an `XINFO GROUPS` reply. */
 const groupNames = (reply: unknown): Array<string> => {
   if (!Array.isArray(reply)) return []
@@ -124,8 +112,11 @@ export const topics = (ctx: BrokerContext): NonNullable<Broker.Broker["Service"]
         for (let i = 0; i < keys.partitions; i++) {
           for (const g of yield* groupsOf(ctx, keys.partition("", i).stream)) groups.add(g)
         }
-        const deadLetters = yield* ctx.redis.send<number>("XLEN", keys.dlq).pipe(Effect.mapError(fromRedis("XLEN")))
-        return { name, groups: [...groups].sort(), deadLetters: Number(deadLetters) }
+        let deadLetters = 0
+        for (const dlq of keys.dlqs) {
+          deadLetters += Number(yield* ctx.redis.send<number>("XLEN", dlq).pipe(Effect.mapError(fromRedis("XLEN"))))
+        }
+        return { name, groups: [...groups].sort(), deadLetters }
       })
     )
   })

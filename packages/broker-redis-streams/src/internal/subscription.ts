@@ -212,7 +212,7 @@ export const subscribe = (
             const time = new Date(now).toISOString()
             for (const p of parts) {
               yield* redis
-                .eval(moveScript)(p.delayed, p.retry, k.dlq, now, 1000, sub.group, time)
+                .eval(moveScript)(p.delayed, p.retry, p.dlq, now, 1000, sub.group, time)
                 .pipe(
                   Effect.catch((e) =>
                     Effect.logWarning("redis-streams: moving due redeliveries failed; reading goes on", e)

@@ -36,8 +36,6 @@ export interface Part {
 
 /** The keys of one topic. */
 export interface Keys {
-  /** The dead-letter stream of partition 0 (the only one, but with `hashTag: "partition"` and several partitions). */
-  readonly dlq: string
   /** Every dead-letter stream of the topic: one, or one per partition with `hashTag: "partition"`. */
   readonly dlqs: ReadonlyArray<string>
   /** The topic's settings (its partition count). */
@@ -69,7 +67,6 @@ export const make =
     const tagged = (index: number) => `${prefix}:{${topic}:p${index}}`
     const dlqOf = (index: number) => (perPartition ? `${tagged(index)}:dlq` : `${base}:dlq`)
     return {
-      dlq: dlqOf(0),
       dlqs: perPartition ? Array.from({ length: partitions }, (_, i) => dlqOf(i)) : [`${base}:dlq`],
       meta: `${base}:meta`,
       members: (group) => `${base}:members:${group}`,

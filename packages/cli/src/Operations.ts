@@ -16,7 +16,7 @@
  */
 import { Audit, Broker, DeadLetter, Saga, SagaStore } from "@converge/core"
 import { OutboxRelay, type SqlStore } from "@converge/store-postgres"
-import { Cause, Clock, type Context, Effect, type Exit, Layer, Schema, type Scope } from "effect"
+import { Cause, Clock, type Context, Effect, Layer, Schema, type Scope } from "effect"
 import type { WorkflowEngine } from "effect/workflow"
 
 /**
@@ -366,11 +366,3 @@ export const make = (input: Input): Effect.Effect<Operations, never, Scope.Scope
       requeue: (seqs) => onStore("requeueing outbox_dead rows", OutboxRelay.requeueDead(seqs))
     } satisfies Operations
   })
-
-/**
- * Runs an operation to its exit (for tools that report rather than fail).
- *
- * @since 0.1.0
- */
-export const exitOf = <A>(effect: Effect.Effect<A, OperationError>): Effect.Effect<Exit.Exit<A, OperationError>> =>
-  Effect.exit(effect)

@@ -729,7 +729,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           onSuccess: () => {
             acks.push(delivery)
             if (confirm || auditing) attempts.set(delivery, attempt)
-            if (context[Audit.handledKey]) recordedByStore.add(delivery)
+            if (Audit.isMarkedHandled(context)) recordedByStore.add(delivery)
             return Effect.void
           },
           onFailure: (cause) => {
@@ -838,7 +838,7 @@ export const make = <A, I, E extends Retry.Tagged = never, R = never>(
           observeBatch(deliveries.length, start)
           if (auditing) {
             for (const item of items) {
-              if ((item.context as Context)[Audit.handledKey]) recordedByStore.add((item.context as Context).delivery)
+              if (Audit.isMarkedHandled(item.context)) recordedByStore.add((item.context as Context).delivery)
             }
           }
           yield* confirmAndAck(deliveries).pipe(Effect.uninterruptible)

@@ -149,23 +149,11 @@ export const replay = (
   id: string
 ): Effect.Effect<string, BrokerError | DeadLetterNotFound | NotReplayable, Broker.Broker> =>
   Effect.gen(function* () {
-    const broker = yield* Broker.Broker
     const letter = yield* show(topic, id)
-    if (letter.envelope === undefined) {
-      return yield* new NotReplayable({ topic, id, reason: `the entry is ${letter.reason}, not an envelope` })
-    }
-    const replayed = replayedEnvelope(topic, letter, letter.envelope)
-    // the event's time is the replay's, taken before the publish: a consumer may handle the message before
-    // this call returns, and the timeline must show the replay before the handling
-    const at = yield* Audit.currentTime
-    const [entryId] = yield* broker.publish([replayed])
-    yield* broker.purgeDeadLetters(topic, [id])
-    yield* Audit.record("enqueue", "replayed", [replayed], () => ({ detail: `dead letter ${id}`, at }))
-    yield* Metric.update(Metric.withAttributes(Metrics.replayed, { topic }), 1)
-    yield* Effect.logInfo("dead letter replayed").pipe(
-      Effect.annotateLogs({ topic, deadLetterId: id, messageId: replayed.id, entryId })
-    )
-    return entryId!
+    // one replay is a page of one: the same publish, purge, audit event (timed before the publish) and metric
+    const [outcome] = yield* replayMany(topic, [letter])
+    if (outcome!._tag === "Failed") return yield* Effect.fail(outcome!.error)
+    return outcome!.entryId
   })
 
 /**

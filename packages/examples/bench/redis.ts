@@ -54,12 +54,6 @@ const rawClient = async () => {
   return client
 }
 
-const deleteKeys = async (client: Awaited<ReturnType<typeof rawClient>>, pattern: string) => {
-  for await (const keys of client.scanIterator({ MATCH: pattern, COUNT: 1000 })) {
-    if (keys.length > 0) await client.del(keys)
-  }
-}
-
 // --- publish -----------------------------------------------------------------
 
 const publishConverge = (messages: ReadonlyArray<Envelope.Encoded>) =>
@@ -238,7 +232,7 @@ const consumeBullmq = async (count: number) => {
   } finally {
     await queue.obliterate({ force: true }).catch(() => {})
     await queue.close()
-    await deleteKeys(connection, `${prefix}:*`)
+    await deleteRedisKeys(`${prefix}:*`, url)
     await connection.close().catch(() => {})
   }
 }

@@ -219,6 +219,11 @@ export const make = (
         return Effect.forEach(sessions, (drop) => drop, { discard: true })
       })
     )
+    // on a Redis Cluster one command may only touch keys of one slot: partitions are read one command each
+    const cluster = yield* redis.send<string>("INFO", "cluster").pipe(
+      Effect.map((info) => /cluster_enabled:1/.test(String(info))),
+      Effect.orElseSucceed(() => false)
+    )
     const ctx: BrokerContext = {
       redis,
       impl,
@@ -238,6 +243,7 @@ export const make = (
       sessions,
       toFields: options?.layout === "fields" ? Envelope.toFields : Envelope.toCompactFields,
       isClosed: () => closed,
+      cluster,
       partitionsChecked: new Set()
     }
 

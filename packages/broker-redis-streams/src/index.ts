@@ -3,4 +3,6 @@
  *
  * @since 0.1.0
  */
+
+export * as RedisCluster from "./RedisCluster.ts"
 export * as RedisStreamsBroker from "./RedisStreamsBroker.ts"

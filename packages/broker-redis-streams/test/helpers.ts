@@ -46,8 +46,11 @@ export const deleteKeysNow = async (prefix: string, url: string = mainUrl): Prom
   await client.close()
 }
 
-/** Broker + Redis client + a unique prefix, cleaned up afterwards. */
-export const brokerLayer = (url: string = mainUrl, options?: RedisStreamsBroker.Options) =>
+/** Broker + a unique prefix, cleaned up afterwards, over the given `Redis` layer (built per case). */
+export const brokerLayerOn = <RO extends Redis.Redis, E>(
+  redis: () => Layer.Layer<RO, E>,
+  options?: RedisStreamsBroker.Options
+) =>
   Layer.unwrap(
     Effect.sync(() => {
       const prefix = `cvtest:${randomUUID().slice(0, 8)}`
@@ -56,9 +59,13 @@ export const brokerLayer = (url: string = mainUrl, options?: RedisStreamsBroker.
         RedisStreamsBroker.layer({ prefix, block: "500 millis", ...options }),
         Layer.succeed(Prefix, prefix),
         cleanup
-      ).pipe(Layer.provideMerge(NodeRedis.layer({ url, maxConnections: 40 })))
+      ).pipe(Layer.provideMerge(redis()))
     })
   )
+
+/** Broker + Redis client + a unique prefix, cleaned up afterwards. */
+export const brokerLayer = (url: string = mainUrl, options?: RedisStreamsBroker.Options) =>
+  brokerLayerOn(() => NodeRedis.layer({ url, maxConnections: 40 }), options)
 
 /** Key of a topic's stream. */
 export const streamKey = (prefix: string, topic: string) => `${prefix}:{${topic}}`
@@ -215,3 +222,101 @@ export const pendingOf = (
       (reply) => ({ count: Number(reply[0]), byConsumer: Object.fromEntries(reply[3] ?? []) })
     )
   )
+
+/** Runs `redis-cli` with `args` and resolves with what it printed (rejects on a non-zero exit). */
+export const redisCli = (args: ReadonlyArray<string>): Promise<string> =>
+  new Promise((resolve, reject) => {
+    const p = spawn("redis-cli", [...args], { stdio: ["ignore", "pipe", "pipe"] })
+    let out = ""
+    p.stdout?.on("data", (d) => {
+      out += String(d)
+    })
+    p.stderr?.on("data", (d) => {
+      out += String(d)
+    })
+    p.on("close", (code) => (code === 0 ? resolve(out) : reject(new Error(`redis-cli ${args.join(" ")}: ${out}`))))
+  })
+
+/**
+ * A Redis Cluster owned by a test: three masters (`redis-server --cluster-enabled yes`, no persistence) on
+ * loopback ports `base`, `base + 1`, `base + 2` (and their bus ports, +10000), joined with
+ * `redis-cli --cluster create`; stopped and its directory removed by {@link stop}.
+ */
+export class OwnedCluster {
+  readonly nodes: ReadonlyArray<OwnedRedis>
+  readonly dir: string
+  readonly procs: Array<ChildProcess> = []
+  constructor(base: number) {
+    this.nodes = [0, 1, 2].map((i) => new OwnedRedis(base + i))
+    this.dir = mkdtempSync(join(tmpdir(), "converge-cluster-"))
+  }
+  get ports(): ReadonlyArray<number> {
+    return this.nodes.map((n) => n.port)
+  }
+  /** The root nodes for `RedisCluster.layer`. */
+  get rootNodes(): Array<{ url: string }> {
+    return this.nodes.map((n) => ({ url: n.url }))
+  }
+  async start(): Promise<void> {
+    for (const node of this.nodes) {
+      if (await node.ping())
+        throw new Error(`port ${node.port} already answers PING: not starting a test-owned cluster there`)
+    }
+    for (const node of this.nodes) {
+      const proc = spawn(
+        "redis-server",
+        [
+          "--port",
+          String(node.port),
+          "--bind",
+          "127.0.0.1",
+          "--cluster-enabled",
+          "yes",
+          "--cluster-config-file",
+          join(this.dir, `nodes-${node.port}.conf`),
+          "--cluster-node-timeout",
+          "5000",
+          "--appendonly",
+          "no",
+          "--save",
+          "",
+          "--dir",
+          this.dir
+        ],
+        { stdio: "ignore" }
+      )
+      this.procs.push(proc)
+      node.proc = proc
+    }
+    for (const node of this.nodes) {
+      let up = false
+      for (let i = 0; i < 100 && !up; i++) {
+        up = await node.ping()
+        if (!up) await new Promise((r) => setTimeout(r, 50))
+      }
+      if (!up) throw new Error(`cluster node on port ${node.port} did not start`)
+    }
+    await redisCli([
+      "--cluster",
+      "create",
+      ...this.nodes.map((n) => `127.0.0.1:${n.port}`),
+      "--cluster-replicas",
+      "0",
+      "--cluster-yes"
+    ])
+    // every node must know the whole slot map before a client asks any of them
+    for (let i = 0; i < 200; i++) {
+      const states = await Promise.all(
+        this.nodes.map((n) => redisCli(["-h", "127.0.0.1", "-p", String(n.port), "cluster", "info"]))
+      )
+      if (states.every((s) => s.includes("cluster_state:ok"))) return
+      await new Promise((r) => setTimeout(r, 100))
+    }
+    throw new Error("the test-owned cluster did not reach cluster_state:ok")
+  }
+  async stop(): Promise<void> {
+    for (const node of this.nodes) await node.kill()
+    for (const node of this.nodes) rmSync(node.dir, { recursive: true, force: true })
+    rmSync(this.dir, { recursive: true, force: true })
+  }
+}

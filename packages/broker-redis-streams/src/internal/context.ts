@@ -40,6 +40,11 @@ export interface BrokerContext {
   readonly toFields: (e: Envelope.Encoded) => Record<string, string>
   /** True once the layer shut down. */
   readonly isClosed: () => boolean
+  /**
+   * The server is a Redis Cluster node (`INFO cluster`: `cluster_enabled:1`): a subscription reads each
+   * partition with a command of its own, since one command may only touch keys of one slot.
+   */
+  readonly cluster: boolean
   /** Topics whose partition count was checked against Redis. */
   readonly partitionsChecked: Set<string>
 }

@@ -14,10 +14,11 @@ export const fail = (reason: BrokerError.BrokerErrorReason) => Effect.fail(Broke
 
 /**
  * Error replies that a later attempt may not get: the server is loading, out of memory, busy, failing over,
- * or cannot persist. Any other error reply (`ERR`, `WRONGTYPE`, `NOPERM`, a script error, ...) is a refusal
+ * or cannot persist, or (on a cluster, to a connection that does not follow redirects) the slot moved. Any other error reply (`ERR`, `WRONGTYPE`, `NOPERM`, a script error, ...) is a refusal
  * that will recur.
  */
-const transientReply = /^(OOM|LOADING|BUSY|TRYAGAIN|MASTERDOWN|READONLY|CLUSTERDOWN|MISCONF|NOREPLICAS|NOSCRIPT)\b/
+const transientReply =
+  /^(OOM|LOADING|BUSY|TRYAGAIN|MASTERDOWN|READONLY|CLUSTERDOWN|MISCONF|NOREPLICAS|NOSCRIPT|MOVED|ASK)\b/
 
 /** An error reply of the server (an upper-case code first), as opposed to a failure of the connection. */
 const errorReply = /^[A-Z][A-Z_]+\b/

@@ -268,11 +268,28 @@ export const subscribe = (
             const wait = Math.min(blockMs, nextMoveAt - now, ordered ? leaseEvery : blockMs)
             args.push("BLOCK", String(Math.max(1, wait)))
           }
-          const reply = Replies.streamsOf(
-            yield* conn
-              .send<unknown>("XREADGROUP", ...args, "STREAMS", ...streams.map(([, s]) => s), ...ids)
-              .pipe(Effect.mapError(fromRedis("XREADGROUP")))
+          // one command for all streams; on a cluster one per partition (a partition's streams share its hash
+          // tag, partitions do not), run at once, each on a socket of its own (`RedisCluster`'s reserved
+          // connection), so a partition with entries answers while the others block
+          const slots =
+            ctx.cluster && ctx.hashTag === "partition" && parts.length > 1
+              ? parts.map((p) => streams.flatMap(([q], i) => (q === p ? [i] : [])))
+              : [streams.map((_, i) => i)]
+          const replies = yield* Effect.forEach(
+            slots,
+            (at) =>
+              conn
+                .send<unknown>(
+                  "XREADGROUP",
+                  ...args,
+                  "STREAMS",
+                  ...at.map((i) => streams[i]![1]),
+                  ...at.map((i) => ids[i]!)
+                )
+                .pipe(Effect.map(Replies.streamsOf), Effect.mapError(fromRedis("XREADGROUP"))),
+            { concurrency: "unbounded" }
           )
+          const reply = replies.length === 1 ? replies[0]! : new Map(replies.flatMap((r) => Array.from(r)))
           for (const [part, stream] of streams) {
             const entries = reply.get(stream) ?? []
             if (inHistory && history.has(stream)) {

@@ -29,6 +29,14 @@ export default defineConfig({
       },
       {
         test: {
+          name: "broker-nats",
+          root: "packages/broker-nats",
+          include: ["test/**/*.test.ts"],
+          testTimeout: 60_000
+        }
+      },
+      {
+        test: {
           name: "store-postgres",
           root: "packages/store-postgres",
           include: ["test/**/*.test.ts"],

@@ -15,7 +15,7 @@ const walk = (dir: string): Array<string> =>
   )
 
 let changed = 0
-for (const pkg of ["core", "broker-memory", "broker-redis-streams", "store-postgres", "cli"]) {
+for (const pkg of ["core", "broker-memory", "broker-redis-streams", "broker-nats", "store-postgres", "cli"]) {
   for (const file of walk(join("packages", pkg, "dist"))) {
     const text = readFileSync(file, "utf8")
     const next = text.replace(

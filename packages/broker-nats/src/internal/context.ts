@@ -1,0 +1,128 @@
+/**
+ * What the parts of one NATS broker share: the client, the names and the resolved options, and the
+ * streams and consumers already ensured.
+ *
+ * @internal
+ */
+import { BrokerError, Name } from "@converge/core"
+import type { JetStreamClient, JetStreamManager, StreamConfig } from "@nats-io/jetstream"
+import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType } from "@nats-io/jetstream"
+import type { NatsConnection } from "@nats-io/transport-node"
+import { Effect, Result } from "effect"
+import { attempt, fail } from "./errors.ts"
+import type { Names } from "./names.ts"
+
+/** The shared state of one broker. */
+export interface Context {
+  readonly connection: NatsConnection
+  readonly js: JetStreamClient
+  readonly jsm: JetStreamManager
+  readonly names: Names
+  readonly storage: "file" | "memory"
+  readonly replicas: number
+  readonly duplicateWindowMs: number
+  readonly maxMessages: number | undefined
+  readonly maxAckPending: number
+  readonly attemptsMaxAgeMs: number
+  readonly publishTimeoutMs: number
+  /** Streams known to exist (created or checked once). */
+  readonly streams: Set<string>
+  /** True once the layer shut down. */
+  readonly isClosed: () => boolean
+}
+
+/** Fails with `InvalidArgument` when `value` is not a valid name of `kind`. */
+export const checkName = (kind: Name.NameKind, value: string): Effect.Effect<void, BrokerError.BrokerError> => {
+  const ok = Name.check(kind, value)
+  return Result.isFailure(ok)
+    ? fail(new BrokerError.InvalidArgument({ argument: kind, message: ok.failure.message }))
+    : Effect.void
+}
+
+const nanos = (ms: number) => ms * 1_000_000
+
+/** Creates a stream if it does not exist (once per broker; `add` of an existing equal stream is fine too). */
+export const ensureStream = (
+  ctx: Context,
+  config: Partial<StreamConfig> & { readonly name: string }
+): Effect.Effect<void, BrokerError.BrokerError> =>
+  ctx.streams.has(config.name)
+    ? Effect.void
+    : attempt("stream info", () => ctx.jsm.streams.info(config.name)).pipe(
+        Effect.catchIf(
+          (e) => e.reason._tag === "CommandFailed" && /stream not found/i.test(e.reason.message),
+          () =>
+            attempt("stream add", () =>
+              ctx.jsm.streams.add({
+                storage: ctx.storage === "memory" ? StorageType.Memory : StorageType.File,
+                num_replicas: ctx.replicas,
+                retention: RetentionPolicy.Limits,
+                discard: DiscardPolicy.Old,
+                allow_direct: true,
+                ...config
+              })
+            ).pipe(
+              // created meanwhile by another publisher or consumer (or a foreign client): use it as it is
+              Effect.catch((e) =>
+                attempt("stream info", () => ctx.jsm.streams.info(config.name)).pipe(Effect.mapError(() => e))
+              )
+            )
+        ),
+        Effect.tap(() => Effect.sync(() => ctx.streams.add(config.name))),
+        Effect.asVoid
+      )
+
+/** A topic's stream: every message of the topic, kept (or the newest `maxMessages`), deduplicated by id. */
+export const ensureTopic = (ctx: Context, topic: string) =>
+  ensureStream(ctx, {
+    name: ctx.names.stream(topic),
+    subjects: [ctx.names.subject(topic)],
+    duplicate_window: nanos(ctx.duplicateWindowMs),
+    ...(ctx.maxMessages === undefined ? {} : { max_msgs: ctx.maxMessages })
+  })
+
+/** The dead-letter stream (every topic's, a subject each). */
+export const ensureDeadLetters = (ctx: Context) =>
+  ensureStream(ctx, { name: ctx.names.dlqStream, subjects: [ctx.names.dlqSubject("*")] })
+
+/** The attempts of nacked messages: the newest per subject, for `attemptsMaxAge`. */
+export const ensureAttempts = (ctx: Context) =>
+  ensureStream(ctx, {
+    name: ctx.names.attemptsStream,
+    subjects: [`${ctx.names.attemptSubject("*", "*", 0).replace(/\.0$/, ".*")}`],
+    max_msgs_per_subject: 1,
+    max_age: nanos(ctx.attemptsMaxAgeMs)
+  })
+
+/**
+ * A group's durable pull consumer on a topic's stream, created from the stream's start (a new group reads the
+ * retained history), explicit acks, redelivery after `ackWaitMs` without an ack (the claim of a dead
+ * consumer's messages), no delivery limit (Converge dead-letters by attempts). An existing consumer with
+ * another `ack_wait` is updated to this one.
+ */
+export const ensureGroup = (ctx: Context, topic: string, group: string, ackWaitMs: number) =>
+  Effect.gen(function* () {
+    const stream = ctx.names.stream(topic)
+    const durable = ctx.names.durable(group)
+    const existing = yield* attempt("consumer info", () => ctx.jsm.consumers.info(stream, durable)).pipe(
+      Effect.map((info) => info as { readonly config: { readonly ack_wait?: number } } | undefined),
+      Effect.catchIf(
+        (e) => e.reason._tag === "CommandFailed" && /consumer not found/i.test(e.reason.message),
+        () => Effect.succeed(undefined)
+      )
+    )
+    if (existing === undefined) {
+      yield* attempt("consumer add", () =>
+        ctx.jsm.consumers.add(stream, {
+          durable_name: durable,
+          ack_policy: AckPolicy.Explicit,
+          deliver_policy: DeliverPolicy.All,
+          ack_wait: nanos(ackWaitMs),
+          max_deliver: -1,
+          max_ack_pending: ctx.maxAckPending
+        })
+      )
+    } else if (existing.config.ack_wait !== nanos(ackWaitMs)) {
+      yield* attempt("consumer update", () => ctx.jsm.consumers.update(stream, durable, { ack_wait: nanos(ackWaitMs) }))
+    }
+  })

@@ -1,0 +1,178 @@
+/**
+ * The read loop of one subscription: the group's durable consumer, read with the client's `consume()` (it
+ * keeps pull requests open and refills them, and recovers its pulls across reconnects), bridged into a
+ * bounded queue so a read never runs further ahead than one batch; attempt numbers of nacked messages
+ * looked up for redeliveries; malformed messages dead-lettered on receipt; a consumer or stream deleted
+ * under the subscription recreated with backoff; and on close the unsettled messages given back (`NAK`), so
+ * the group's other consumers get them at once.
+ *
+ * @internal
+ */
+import { Broker, BrokerError, Envelope } from "@converge/core"
+import type { ConsumerMessages, JsMsg } from "@nats-io/jetstream"
+import { Duration, Effect, Queue, Result, Stream } from "effect"
+import { fieldsOf } from "./codec.ts"
+import { type Context, checkName, ensureAttempts, ensureGroup, ensureTopic } from "./context.ts"
+import { NatsDelivery, type Tracker } from "./delivery.ts"
+import { attempt, fail } from "./errors.ts"
+
+/** The placeholder envelope of a malformed message (never handled: dead-lettered at once). */
+const placeholder: Envelope.Encoded = {
+  id: "malformed",
+  topic: "malformed",
+  type: "malformed",
+  source: "malformed",
+  key: undefined,
+  time: "1970-01-01T00:00:00.000Z",
+  attempt: 1,
+  headers: {},
+  data: "null"
+}
+
+const decoder = new TextDecoder()
+
+export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
+  Stream.unwrap(
+    Effect.gen(function* () {
+      yield* checkName("topic", sub.topic)
+      yield* checkName("group", sub.group)
+      yield* checkName("consumer", sub.consumer)
+      if (
+        sub.batchSize !== undefined &&
+        !(Number.isInteger(sub.batchSize) && sub.batchSize >= 1 && sub.batchSize <= 10_000)
+      ) {
+        return yield* fail(
+          new BrokerError.InvalidArgument({
+            argument: "batchSize",
+            message: `batchSize must be an integer from 1 to 10000, got ${sub.batchSize}`
+          })
+        )
+      }
+      const batch = sub.batchSize ?? 100
+      const ackWaitMs = Math.max(1, Math.round(Duration.toMillis(Duration.fromInputUnsafe(sub.claimIdle ?? "30 seconds"))))
+      const onEvent = sub.onEvent ?? Broker.logEvent
+      const stream = ctx.names.stream(sub.topic)
+      const durable = ctx.names.durable(sub.group)
+      const ensure = Effect.andThen(ensureTopic(ctx, sub.topic), ensureGroup(ctx, sub.topic, sub.group, ackWaitMs))
+      yield* ensure
+
+      const tracker: Tracker = { unsettled: new Set(), closed: false }
+      const queue = yield* Queue.bounded<JsMsg, BrokerError.BrokerError>(batch)
+      let current: ConsumerMessages | undefined
+      let iterator: AsyncIterator<JsMsg> | undefined
+      yield* Effect.addFinalizer(() =>
+        Effect.gen(function* () {
+          tracker.closed = true
+          // stop pulling first, so nothing given back is delivered to this subscription again
+          const messages = current
+          current = undefined
+          if (messages !== undefined) yield* Effect.promise(() => messages.close().catch(() => undefined))
+          // give back what was read and never settled, what waits in the queue, and what the client still holds
+          for (const d of tracker.unsettled) d.release()
+          tracker.unsettled.clear()
+          for (const m of yield* Queue.clear(queue).pipe(Effect.orElseSucceed(() => [] as Array<JsMsg>))) m.nak(1)
+          const rest = iterator
+          if (rest !== undefined) {
+            yield* Effect.promise(async () => {
+              for (let r = await rest.next(); r.done !== true; r = await rest.next()) r.value.nak(1)
+            }).pipe(Effect.timeout("1 second"), Effect.ignore)
+          }
+          yield* Effect.promise(() => ctx.connection.flush().catch(() => undefined))
+        })
+      )
+
+      /** One `consume()` session fed into the queue; ends when the consumer or its stream is gone. */
+      const session = Effect.gen(function* () {
+        const consumer = yield* attempt("consumer get", () => ctx.js.consumers.get(stream, durable))
+        const messages = yield* attempt("consume", () =>
+          // pull requests of 2 s (the client refills them): a request outlives its session by at most that long
+          // on the server, where a redelivery could be handed to it after the subscription closed
+          consumer.consume({ max_messages: batch, expires: 2_000, abort_on_missing_resource: true })
+        )
+        current = messages
+        const it = messages[Symbol.asyncIterator]()
+        iterator = it
+        while (!tracker.closed) {
+          // a message arriving once the subscription closed (this read was cut off) is given back at once
+          const next = yield* attempt("consume", () =>
+            it.next().then((r) => {
+              if (tracker.closed && r.done !== true) r.value.nak(1)
+              return r
+            })
+          )
+          if (next.done === true || tracker.closed) break
+          const m = next.value
+          yield* Queue.offer(queue, m).pipe(Effect.onInterrupt(() => Effect.sync(() => m.nak(1))))
+        }
+      })
+      let recreations = 0
+      const feeder = Effect.gen(function* () {
+        while (!tracker.closed) {
+          const ended = yield* Effect.result(session)
+          if (tracker.closed || ctx.isClosed()) return
+          // the consumer or its stream was deleted (or the session failed): recreate, with backoff
+          const delay = Math.min(100 * 2 ** Math.min(recreations, 6), 5_000)
+          recreations++
+          yield* Effect.logWarning(
+            `nats: the consume session of ${sub.topic}/${sub.group} ended${Result.isFailure(ended) ? `: ${ended.failure.message}` : ""}; recreating in ${delay} ms`
+          )
+          yield* Effect.sleep(delay)
+          ctx.streams.delete(stream)
+          const again = yield* Effect.result(ensure)
+          if (Result.isSuccess(again)) yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
+        }
+      })
+      yield* Effect.forkScoped(feeder)
+
+      /** Attempt numbers recorded by nacks, for redelivered messages. */
+      const attemptsOf = (msgs: ReadonlyArray<JsMsg>) =>
+        Effect.gen(function* () {
+          const out = new Map<number, number>()
+          const redelivered = msgs.filter((m) => m.info.deliveryCount > 1)
+          if (redelivered.length === 0) return out
+          yield* ensureAttempts(ctx)
+          yield* Effect.forEach(
+            redelivered,
+            (m) =>
+              attempt("attempt lookup", () =>
+                ctx.jsm.direct.getMessage(ctx.names.attemptsStream, {
+                  last_by_subj: ctx.names.attemptSubject(sub.topic, sub.group, m.seq)
+                })
+              ).pipe(
+                Effect.map((stored) => {
+                  if (stored !== null) out.set(m.seq, Number(decoder.decode(stored.data)))
+                }),
+                Effect.catch(() => Effect.void)
+              ),
+            { concurrency: 16, discard: true }
+          )
+          return out
+        })
+
+      type Batch = readonly [Broker.Delivery, ...Array<Broker.Delivery>]
+      const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
+        while (true) {
+          if (ctx.isClosed()) return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
+          const msgs = yield* Queue.takeBetween(queue, 1, batch)
+          const attempts = yield* attemptsOf(msgs)
+          const out: Array<Broker.Delivery> = []
+          for (const m of msgs) {
+            const read = Envelope.fromFields(fieldsOf(m.headers, m.data))
+            if (Result.isFailure(read)) {
+              const malformed = new NatsDelivery(ctx, tracker, m, placeholder, sub.topic, sub.group, sub.consumer)
+              yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
+              yield* onEvent({ _tag: "Malformed", topic: sub.topic, entryId: String(m.seq), reason: read.failure.message })
+              continue
+            }
+            const recorded = attempts.get(m.seq)
+            const envelope = recorded === undefined ? read.success : { ...read.success, attempt: recorded }
+            const d = new NatsDelivery(ctx, tracker, m, envelope, sub.topic, sub.group, sub.consumer)
+            tracker.unsettled.add(d)
+            out.push(d)
+          }
+          if (out.length > 0) return out as unknown as Batch
+        }
+      })
+      return Stream.fromPull(Effect.succeed(pull))
+    })
+  )

@@ -1,0 +1,35 @@
+/**
+ * The shared conformance suite on NATS JetStream: the machine's server (127.0.0.1:4222) with a prefix per
+ * case, and C14 against a test-owned server (file store) that is killed and restarted.
+ */
+import { BrokerTest } from "@converge/core/testing"
+import { afterAll, beforeAll, describe } from "@effect/vitest"
+import { Effect } from "effect"
+import { brokerLayer, hooks, OwnedNats, whenBack } from "./helpers.ts"
+
+BrokerTest.suite("nats-jetstream", brokerLayer(), {
+  clock: "live",
+  persistent: true,
+  orderedPerKey: false,
+  delayedDelivery: true,
+  claimIdle: "1 second",
+  operatorViews: true,
+  claimSkipsHolder: false,
+  ...hooks
+})
+
+describe("with a test-owned nats-server (file store, kill -9, restart)", () => {
+  const owned = new OwnedNats(4300 + (process.pid % 50))
+  beforeAll(() => owned.start(), 20_000)
+  afterAll(() => owned.stop())
+  BrokerTest.suite("nats-jetstream (restart)", brokerLayer(owned.url), {
+    clock: "live",
+    persistent: true,
+    orderedPerKey: false,
+    delayedDelivery: true,
+    claimIdle: "1 second",
+    only: ["C14"],
+    // the restart is over once the broker's connection is back and JetStream answers on it
+    restart: Effect.andThen(Effect.promise(() => owned.restart()), whenBack)
+  })
+})

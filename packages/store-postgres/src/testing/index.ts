@@ -11,3 +11,5 @@ export * as InboxStoreTest from "./InboxStoreTest.ts"
 export * as OutboxStoreTest from "./OutboxStoreTest.ts"
 /** The saga suite (S01–S07) over any broker layer. */
 export * as SagaTest from "./SagaTest.ts"
+/** The outbox → relay → broker → inbox path (P01–P02) over any broker layer. */
+export * as PipelineTest from "./PipelineTest.ts"

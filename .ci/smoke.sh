@@ -15,7 +15,7 @@ NPM_CLI="$(dirname "$(readlink -f "$(command -v npm)")")/npm-cli.js"
 npm_() { "$NODE" "$NPM_CLI" --no-audit --no-fund --loglevel=warn "$@"; }
 WORK="$(mktemp -d /tmp/converge-smoke.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
-PACKAGES="core broker-memory broker-redis-streams store-postgres cli"
+PACKAGES="core broker-memory broker-redis-streams broker-nats store-postgres cli"
 
 echo "-- build and pack"
 rm -rf packages/*/dist

@@ -130,34 +130,41 @@ export const make = (
     }
     const names = ctx.names
 
-    const publishOne = (e: Envelope.Encoded): Effect.Effect<string, BrokerError.BrokerError> =>
-      Effect.gen(function* () {
-        yield* checkName("topic", e.topic)
-        yield* ensureTopic(ctx, e.topic)
-        const { headers, data } = toMessage(e)
-        const ack: PubAck = yield* attempt("publish", () =>
-          ctx.js.publish(names.subject(e.topic), data, { msgID: msgIdOf(e), headers, timeout: ctx.publishTimeoutMs })
-        )
-        return String(ack.seq)
-      })
-
     const guard = <A>(f: Effect.Effect<A, BrokerError.BrokerError>) =>
       closed ? fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" })) : f
 
     const publishEach: Broker.Broker["Service"]["publishEach"] = (messages) =>
       guard(
-        // one publish per message, all in flight at once (the client pipelines them on the connection)
-        Effect.forEach(
-          messages,
-          (e) =>
-            Effect.result(publishOne(e)).pipe(
-              Effect.map(
-                (r): Broker.PublishOutcome =>
-                  Result.isSuccess(r) ? { _tag: "Stored", entryId: r.success } : { _tag: "Failed", error: r.failure }
-              )
-            ),
-          { concurrency: "unbounded" }
-        )
+        Effect.gen(function* () {
+          // each topic of the batch checked and its stream ensured once; a bad topic fails its messages alone
+          const topicErrors = new Map<string, BrokerError.BrokerError | undefined>()
+          for (const e of messages) {
+            if (topicErrors.has(e.topic)) continue
+            const ready = yield* Effect.result(Effect.andThen(checkName("topic", e.topic), ensureTopic(ctx, e.topic)))
+            topicErrors.set(e.topic, Result.isFailure(ready) ? ready.failure : undefined)
+          }
+          // then every message in flight at once (the client pipelines them on the connection)
+          const settled = yield* Effect.promise(() =>
+            Promise.allSettled(
+              messages.map((e) => {
+                if (topicErrors.get(e.topic) !== undefined) return Promise.resolve(undefined)
+                const { headers, data } = toMessage(e)
+                return ctx.js.publish(names.subject(e.topic), data, {
+                  msgID: msgIdOf(e),
+                  headers,
+                  timeout: ctx.publishTimeoutMs
+                })
+              })
+            )
+          )
+          return settled.map((r, i): Broker.PublishOutcome => {
+            const refused = topicErrors.get(messages[i]!.topic)
+            if (refused !== undefined) return { _tag: "Failed", error: refused }
+            return r.status === "fulfilled"
+              ? { _tag: "Stored", entryId: String((r.value as PubAck).seq) }
+              : { _tag: "Failed", error: fromNats("publish")(r.reason) }
+          })
+        })
       )
 
     const publish: Broker.Broker["Service"]["publish"] = (messages) =>
@@ -185,7 +192,12 @@ export const make = (
                 })
               )
         }
-        let seq = opts?.after !== undefined ? (yield* parse(opts.after)) + 1 : opts?.from !== undefined ? yield* parse(opts.from) : 1
+        let seq =
+          opts?.after !== undefined
+            ? (yield* parse(opts.after)) + 1
+            : opts?.from !== undefined
+              ? yield* parse(opts.from)
+              : 1
         const limit = opts?.limit ?? Number.POSITIVE_INFINITY
         const out: Array<Broker.DeadLetter> = []
         while (out.length < limit) {
@@ -238,9 +250,9 @@ export const make = (
             ctx.jsm.direct.getMessage(names.dlqStream, { seq })
           ).pipe(Effect.orElseSucceed(() => null))
           if (stored === null || stored.subject !== names.dlqSubject(topic)) continue
-          const deleted = yield* attempt("dead-letter delete", () => ctx.jsm.streams.deleteMessage(names.dlqStream, seq, false)).pipe(
-            Effect.orElseSucceed(() => false)
-          )
+          const deleted = yield* attempt("dead-letter delete", () =>
+            ctx.jsm.streams.deleteMessage(names.dlqStream, seq, false)
+          ).pipe(Effect.orElseSucceed(() => false))
           if (deleted) n++
         }
         return n
@@ -250,7 +262,9 @@ export const make = (
       Effect.gen(function* () {
         yield* checkName("topic", topic)
         yield* checkName("group", group)
-        const info = yield* attempt("consumer info", () => ctx.jsm.consumers.info(names.stream(topic), names.durable(group))).pipe(
+        const info = yield* attempt("consumer info", () =>
+          ctx.jsm.consumers.info(names.stream(topic), names.durable(group))
+        ).pipe(
           Effect.map((i) => ({ pending: i.num_ack_pending, lag: i.num_pending })),
           Effect.catchIf(
             (e) => /not found/i.test(e.message),

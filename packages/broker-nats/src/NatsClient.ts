@@ -70,9 +70,12 @@ export const make = (options?: Options): Effect.Effect<NatsClient["Service"], Na
             ...options
           }),
         catch: (cause) =>
-          new NatsConnectError(`cannot connect to NATS at ${String(options?.servers ?? "127.0.0.1:4222")}: ${String(cause)}`, {
-            cause
-          })
+          new NatsConnectError(
+            `cannot connect to NATS at ${String(options?.servers ?? "127.0.0.1:4222")}: ${String(cause)}`,
+            {
+              cause
+            }
+          )
       }),
       (nc) => Effect.promise(() => nc.drain().catch(() => nc.close()))
     )

@@ -30,6 +30,9 @@ describe("with a test-owned nats-server (file store, kill -9, restart)", () => {
     claimIdle: "1 second",
     only: ["C14"],
     // the restart is over once the broker's connection is back and JetStream answers on it
-    restart: Effect.andThen(Effect.promise(() => owned.restart()), whenBack)
+    restart: Effect.andThen(
+      Effect.promise(() => owned.restart()),
+      whenBack
+    )
   })
 })

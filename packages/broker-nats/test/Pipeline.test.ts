@@ -18,6 +18,9 @@ describe("with a test-owned nats-server (file store, kill -9, restart)", () => {
   afterAll(() => owned.stop())
   PipelineTest.suite("nats-jetstream (restart)", {
     broker: brokerLayer(owned.url),
-    restart: Effect.andThen(Effect.promise(() => owned.restart()), whenBack)
+    restart: Effect.andThen(
+      Effect.promise(() => owned.restart()),
+      whenBack
+    )
   })
 })

@@ -26,7 +26,8 @@ const deleteStreams = (prefix: string) =>
     const { manager } = yield* NatsClient.NatsClient
     yield* Effect.promise(async () => {
       const names: Array<string> = []
-      for await (const s of manager.streams.list()) if (s.config.name.startsWith(`${prefix}_`)) names.push(s.config.name)
+      for await (const s of manager.streams.list())
+        if (s.config.name.startsWith(`${prefix}_`)) names.push(s.config.name)
       for (const name of names) await manager.streams.delete(name).catch(() => false)
     })
   })

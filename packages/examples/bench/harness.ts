@@ -102,3 +102,38 @@ export const deleteRedisKeys = async (pattern: string, url = process.env.REDIS_U
   }
   await client.close()
 }
+
+/** Alternating runs of a benchmark and its baseline (after one warm-up each). */
+const runs = 5
+
+/** Medians of `runs` alternating runs: our rate, the baseline's, and the median ratio. */
+export const pairs = async (
+  ours: () => Promise<number>,
+  theirs: () => Promise<number>,
+  count: number,
+  theirCount = count
+): Promise<{ msgs: number; base: number; ratio: number }> => {
+  await ours()
+  await theirs()
+  const a: Array<number> = []
+  const b: Array<number> = []
+  const r: Array<number> = []
+  for (let i = 0; i < runs; i++) {
+    const x = rate(count, await ours())
+    const y = rate(theirCount, await theirs())
+    a.push(x)
+    b.push(y)
+    r.push(x / y)
+  }
+  return { msgs: median(a), base: median(b), ratio: median(r) }
+}
+
+/** A table row of a compared pair. */
+export const row = (bench: string, baseline: string, m: { msgs: number; base: number; ratio: number }): Row => ({
+  bench,
+  msgs_per_s: round(m.msgs),
+  baseline,
+  baseline_msgs_per_s: round(m.base),
+  ratio: round(m.ratio, 3)
+})
+

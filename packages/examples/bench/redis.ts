@@ -12,7 +12,7 @@ import { Queue, Worker } from "bullmq"
 import { Effect, Layer, Result, type Scope, Stream } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import { createClient } from "redis"
-import { type Bench, deleteRedisKeys, median, type Row, rate, round } from "./harness.ts"
+import { type Bench, deleteRedisKeys, pairs, row } from "./harness.ts"
 import { Order, order } from "./payload.ts"
 
 const url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
@@ -238,37 +238,6 @@ const consumeBullmq = async (count: number) => {
 }
 
 // --- rows --------------------------------------------------------------------
-
-const runs = 5
-
-const pairs = async (
-  ours: () => Promise<number>,
-  theirs: () => Promise<number>,
-  count: number,
-  theirCount = count
-): Promise<{ msgs: number; base: number; ratio: number }> => {
-  await ours()
-  await theirs()
-  const a: Array<number> = []
-  const b: Array<number> = []
-  const r: Array<number> = []
-  for (let i = 0; i < runs; i++) {
-    const x = rate(count, await ours())
-    const y = rate(theirCount, await theirs())
-    a.push(x)
-    b.push(y)
-    r.push(x / y)
-  }
-  return { msgs: median(a), base: median(b), ratio: median(r) }
-}
-
-const row = (bench: string, baseline: string, m: { msgs: number; base: number; ratio: number }): Row => ({
-  bench,
-  msgs_per_s: round(m.msgs),
-  baseline,
-  baseline_msgs_per_s: round(m.base),
-  ratio: round(m.ratio, 3)
-})
 
 const count = 20_000
 let messagesCache: Array<Envelope.Encoded> | undefined

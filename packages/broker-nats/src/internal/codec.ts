@@ -7,7 +7,7 @@
  * @internal
  */
 import { Envelope } from "@converge/core"
-import { headers as makeHeaders, type MsgHdrs } from "@nats-io/transport-node"
+import { type MsgHdrs, headers as makeHeaders } from "@nats-io/transport-node"
 
 const encoder = new TextEncoder()
 const decoder = new TextDecoder()

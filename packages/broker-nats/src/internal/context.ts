@@ -39,6 +39,16 @@ export const checkName = (kind: Name.NameKind, value: string): Effect.Effect<voi
     : Effect.void
 }
 
+/** How long a pull request of a subscription lasts on the server (the client's minimum). */
+export const pullExpiresMs = 1_000
+
+/**
+ * The delay of the `NAK` that gives a closing subscription's messages back: past the life of its last pull
+ * request, which the server may still hand a message to after the subscription closed (nobody would read it,
+ * and the server would not count that delivery). A closing consumer's messages reach the others after it.
+ */
+export const releaseDelayMs = pullExpiresMs + 200
+
 const nanos = (ms: number) => ms * 1_000_000
 
 /** Creates a stream if it does not exist (once per broker; `add` of an existing equal stream is fine too). */

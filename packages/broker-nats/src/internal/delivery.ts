@@ -6,11 +6,11 @@
  *
  * @internal
  */
-import { type Broker, BrokerError, Envelope } from "@converge/core"
+import { type Broker, BrokerError, type Envelope } from "@converge/core"
 import type { JsMsg } from "@nats-io/jetstream"
 import { Clock, Duration, Effect } from "effect"
 import { type DeadLetterInfo, fieldsOf, toDeadLetterMessage } from "./codec.ts"
-import { type Context, ensureAttempts, ensureDeadLetters } from "./context.ts"
+import { type Context, ensureAttempts, ensureDeadLetters, releaseDelayMs } from "./context.ts"
 import { attempt, fail } from "./errors.ts"
 
 const encoder = new TextEncoder()
@@ -82,10 +82,7 @@ export class NatsDelivery implements Broker.Delivery {
   }
 
   get ack(): Effect.Effect<void, BrokerError.BrokerError> {
-    return this.settle(
-      "ack",
-      attempt("ack", () => this.msg.ackAck()).pipe(Effect.asVoid)
-    )
+    return this.settle("ack", attempt("ack", () => this.msg.ackAck()).pipe(Effect.asVoid))
   }
 
   nack(delay: Duration.Input, options?: Broker.NackOptions): Effect.Effect<void, BrokerError.BrokerError> {
@@ -98,11 +95,9 @@ export class NatsDelivery implements Broker.Delivery {
         if (next !== undefined && next !== self.envelope.attempt) {
           yield* ensureAttempts(self.ctx)
           yield* attempt("attempt record", () =>
-            self.ctx.js.publish(
-              self.ctx.names.attemptSubject(self.topic, self.group, self.msg.seq),
-              String(next),
-              { timeout: self.ctx.publishTimeoutMs }
-            )
+            self.ctx.js.publish(self.ctx.names.attemptSubject(self.topic, self.group, self.msg.seq), String(next), {
+              timeout: self.ctx.publishTimeoutMs
+            })
           )
         }
         // at least 1 ms: see `release`
@@ -145,9 +140,7 @@ export class NatsDelivery implements Broker.Delivery {
   release(): void {
     if (this.settled) return
     this.settled = true
-    // a NAK without delay, sent while no pull of this client wants the message, is not counted as a delivery by
-    // the server (2.9): a delay of 1 ms makes the redelivery count
-    this.msg.nak(1)
+    this.msg.nak(releaseDelayMs)
   }
 }
 
@@ -167,5 +160,10 @@ export const ackAll =
         d.msg.ack()
         n++
       }
-      return n === 0 ? Effect.succeed(0) : Effect.as(attempt("ack", () => ctx.connection.flush()), n)
+      return n === 0
+        ? Effect.succeed(0)
+        : Effect.as(
+            attempt("ack", () => ctx.connection.flush()),
+            n
+          )
     })

@@ -12,7 +12,15 @@ import { Broker, BrokerError, Envelope } from "@converge/core"
 import type { ConsumerMessages, JsMsg } from "@nats-io/jetstream"
 import { Duration, Effect, Queue, Result, Stream } from "effect"
 import { fieldsOf } from "./codec.ts"
-import { type Context, checkName, ensureAttempts, ensureGroup, ensureTopic } from "./context.ts"
+import {
+  type Context,
+  checkName,
+  ensureAttempts,
+  ensureGroup,
+  ensureTopic,
+  pullExpiresMs,
+  releaseDelayMs
+} from "./context.ts"
 import { NatsDelivery, type Tracker } from "./delivery.ts"
 import { attempt, fail } from "./errors.ts"
 
@@ -31,7 +39,10 @@ const placeholder: Envelope.Encoded = {
 
 const decoder = new TextDecoder()
 
-export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
+export const subscribe = (
+  ctx: Context,
+  sub: Broker.SubscribeOptions
+): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
   Stream.unwrap(
     Effect.gen(function* () {
       yield* checkName("topic", sub.topic)
@@ -49,7 +60,10 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
         )
       }
       const batch = sub.batchSize ?? 100
-      const ackWaitMs = Math.max(1, Math.round(Duration.toMillis(Duration.fromInputUnsafe(sub.claimIdle ?? "30 seconds"))))
+      const ackWaitMs = Math.max(
+        1,
+        Math.round(Duration.toMillis(Duration.fromInputUnsafe(sub.claimIdle ?? "30 seconds")))
+      )
       const onEvent = sub.onEvent ?? Broker.logEvent
       const stream = ctx.names.stream(sub.topic)
       const durable = ctx.names.durable(sub.group)
@@ -66,15 +80,19 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
           // stop pulling first, so nothing given back is delivered to this subscription again
           const messages = current
           current = undefined
-          if (messages !== undefined) yield* Effect.promise(() => messages.close().catch(() => undefined))
+          // `close()` settles once the iterator is read to its end (below), so it is not awaited first
+          const closing = messages?.close().catch(() => undefined)
           // give back what was read and never settled, what waits in the queue, and what the client still holds
           for (const d of tracker.unsettled) d.release()
           tracker.unsettled.clear()
-          for (const m of yield* Queue.clear(queue).pipe(Effect.orElseSucceed(() => [] as Array<JsMsg>))) m.nak(1)
+          for (const m of yield* Queue.clear(queue).pipe(Effect.orElseSucceed(() => [] as Array<JsMsg>))) {
+            m.nak(releaseDelayMs)
+          }
           const rest = iterator
           if (rest !== undefined) {
             yield* Effect.promise(async () => {
-              for (let r = await rest.next(); r.done !== true; r = await rest.next()) r.value.nak(1)
+              for (let r = await rest.next(); r.done !== true; r = await rest.next()) r.value.nak(releaseDelayMs)
+              await closing
             }).pipe(Effect.timeout("1 second"), Effect.ignore)
           }
           yield* Effect.promise(() => ctx.connection.flush().catch(() => undefined))
@@ -85,9 +103,9 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
       const session = Effect.gen(function* () {
         const consumer = yield* attempt("consumer get", () => ctx.js.consumers.get(stream, durable))
         const messages = yield* attempt("consume", () =>
-          // pull requests of 2 s (the client refills them): a request outlives its session by at most that long
-          // on the server, where a redelivery could be handed to it after the subscription closed
-          consumer.consume({ max_messages: batch, expires: 2_000, abort_on_missing_resource: true })
+          // pull requests of 1 s (the client refills them): a request outlives its session by at most that long
+          // on the server, where a message given back at close could be handed to it (see `releaseDelayMs`)
+          consumer.consume({ max_messages: batch, expires: pullExpiresMs, abort_on_missing_resource: true })
         )
         current = messages
         const it = messages[Symbol.asyncIterator]()
@@ -96,13 +114,13 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
           // a message arriving once the subscription closed (this read was cut off) is given back at once
           const next = yield* attempt("consume", () =>
             it.next().then((r) => {
-              if (tracker.closed && r.done !== true) r.value.nak(1)
+              if (tracker.closed && r.done !== true) r.value.nak(releaseDelayMs)
               return r
             })
           )
           if (next.done === true || tracker.closed) break
           const m = next.value
-          yield* Queue.offer(queue, m).pipe(Effect.onInterrupt(() => Effect.sync(() => m.nak(1))))
+          yield* Queue.offer(queue, m).pipe(Effect.onInterrupt(() => Effect.sync(() => m.nak(releaseDelayMs))))
         }
       })
       let recreations = 0
@@ -139,9 +157,7 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
                   last_by_subj: ctx.names.attemptSubject(sub.topic, sub.group, m.seq)
                 })
               ).pipe(
-                Effect.map((stored) => {
-                  if (stored !== null) out.set(m.seq, Number(decoder.decode(stored.data)))
-                }),
+                Effect.map((stored) => (stored === null ? out : out.set(m.seq, Number(decoder.decode(stored.data))))),
                 Effect.catch(() => Effect.void)
               ),
             { concurrency: 16, discard: true }
@@ -152,7 +168,8 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
       type Batch = readonly [Broker.Delivery, ...Array<Broker.Delivery>]
       const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
         while (true) {
-          if (ctx.isClosed()) return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
+          if (ctx.isClosed())
+            return yield* fail(new BrokerError.BrokerClosed({ message: "the broker layer was shut down" }))
           const msgs = yield* Queue.takeBetween(queue, 1, batch)
           const attempts = yield* attemptsOf(msgs)
           const out: Array<Broker.Delivery> = []
@@ -161,7 +178,12 @@ export const subscribe = (ctx: Context, sub: Broker.SubscribeOptions): Stream.St
             if (Result.isFailure(read)) {
               const malformed = new NatsDelivery(ctx, tracker, m, placeholder, sub.topic, sub.group, sub.consumer)
               yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
-              yield* onEvent({ _tag: "Malformed", topic: sub.topic, entryId: String(m.seq), reason: read.failure.message })
+              yield* onEvent({
+                _tag: "Malformed",
+                topic: sub.topic,
+                entryId: String(m.seq),
+                reason: read.failure.message
+              })
               continue
             }
             const recorded = attempts.get(m.seq)

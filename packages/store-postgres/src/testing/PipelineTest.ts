@@ -19,7 +19,7 @@
  * @since 0.1.0
  */
 import { randomUUID } from "node:crypto"
-import { Broker, Consumer, Topic } from "@converge/core"
+import { type Broker, Consumer, Topic } from "@converge/core"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, it } from "@effect/vitest"
 import { Effect, Layer, Redacted, Schema } from "effect"

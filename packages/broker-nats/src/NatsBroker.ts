@@ -66,16 +66,6 @@ export interface Options {
   readonly publishTimeout?: Duration.Input | undefined
 }
 
-const integerOption = (argument: string, value: number, min: number, max: number) =>
-  Number.isInteger(value) && value >= min && value <= max
-    ? Effect.succeed(value)
-    : fail(
-        new BrokerError.InvalidArgument({
-          argument,
-          message: `${argument} must be an integer from ${min} to ${max}, got ${value}`
-        })
-      )
-
 /** The `Nats-Msg-Id` of a message: its id, or for a replay its id and the dead letter's. */
 const msgIdOf = (e: Envelope.Encoded): string => {
   const replay = e.headers[Envelope.Headers.replay]
@@ -102,10 +92,10 @@ export const make = (
         })
       )
     }
-    const replicas = yield* integerOption("replicas", options?.replicas ?? 1, 1, 5)
-    const maxAckPending = yield* integerOption("maxAckPending", options?.maxAckPending ?? 10_000, 1, 1_000_000)
+    const replicas = yield* Broker.checkInteger("replicas", options?.replicas ?? 1, 1, 5)
+    const maxAckPending = yield* Broker.checkInteger("maxAckPending", options?.maxAckPending ?? 10_000, 1, 1_000_000)
     if (options?.maxMessages !== undefined) {
-      yield* integerOption("maxMessages", options.maxMessages, 1, Number.MAX_SAFE_INTEGER)
+      yield* Broker.checkInteger("maxMessages", options.maxMessages, 1, Number.MAX_SAFE_INTEGER)
     }
     let closed = false
     yield* Effect.addFinalizer(() =>

@@ -142,17 +142,6 @@ export interface Options {
  */
 export type Layout = "compact" | "fields"
 
-/** An option that must be an integer in `[min, max]`, or an `InvalidArgument` naming it. */
-const integerOption = (argument: string, value: number, min: number, max: number) =>
-  Number.isInteger(value) && value >= min && value <= max
-    ? Effect.succeed(value)
-    : fail(
-        new BrokerError.InvalidArgument({
-          argument,
-          message: `${argument} must be an integer from ${min} to ${max}, got ${value}`
-        })
-      )
-
 /**
  * Refuses, at construction, a durability level the server cannot meet, instead of failing (or, before,
  * republishing) on every publish: `WAITAOF` needs Redis >= 7.2, `waitaof-local` an AOF
@@ -202,10 +191,10 @@ export const make = (
         })
       )
     }
-    const partitions = yield* integerOption("partitions", options?.partitions ?? 1, 1, 1024)
-    const replicas = yield* integerOption("replicas", options?.replicas ?? 1, 1, 64)
+    const partitions = yield* Broker.checkInteger("partitions", options?.partitions ?? 1, 1, 1024)
+    const replicas = yield* Broker.checkInteger("replicas", options?.replicas ?? 1, 1, 64)
     const maxLen = options?.maxLen
-    if (maxLen !== undefined) yield* integerOption("maxLen", maxLen, 1, Number.MAX_SAFE_INTEGER)
+    if (maxLen !== undefined) yield* Broker.checkInteger("maxLen", maxLen, 1, Number.MAX_SAFE_INTEGER)
     const hashTag = options?.hashTag ?? "partition"
     const keys = Keys.make(prefix, partitions, hashTag)
     const impl: Impl = { redis, keys }

@@ -72,9 +72,11 @@
  *
  * @since 0.1.0
  */
-import { Context, type Duration, Effect, Schema, type Stream } from "effect"
+import { Context, type Duration, Effect, Result, Schema, type Stream } from "effect"
 import type { BrokerError } from "./BrokerError.ts"
+import * as BrokerErrors from "./BrokerError.ts"
 import type * as Envelope from "./Envelope.ts"
+import * as Name from "./Name.ts"
 
 /**
  * What a consumer gets from a subscription: one message and its settlement.
@@ -327,6 +329,69 @@ export const publishEachBySplitting =
               })
             )
     })
+
+// --- helpers for broker layers ----------------------------------------------------------------------------
+
+const invalid = (argument: string, message: string) =>
+  Effect.fail(BrokerErrors.make(new BrokerErrors.InvalidArgument({ argument, message })))
+
+/**
+ * For broker layers: fails with `InvalidArgument` naming `kind` when `value` is not a valid name of that kind
+ * (the check every layer makes at its boundary: publish, subscribe, the dead-letter queue).
+ *
+ * @since 0.1.0
+ */
+export const checkName = (kind: Name.NameKind, value: string): Effect.Effect<void, BrokerError> => {
+  const ok = Name.check(kind, value)
+  return Result.isFailure(ok) ? invalid(kind, ok.failure.message) : Effect.void
+}
+
+/**
+ * For broker layers: an option that must be an integer from `min` to `max`, or `InvalidArgument` naming it.
+ *
+ * @since 0.1.0
+ */
+export const checkInteger = (
+  argument: string,
+  value: number,
+  min: number,
+  max: number
+): Effect.Effect<number, BrokerError> =>
+  Number.isInteger(value) && value >= min && value <= max
+    ? Effect.succeed(value)
+    : invalid(argument, `${argument} must be an integer from ${min} to ${max}, got ${value}`)
+
+/**
+ * For broker layers: the names of a subscription (topic, group, consumer) and its `batchSize` (at most
+ * `maxBatch`), checked; the first bad one fails with `InvalidArgument` naming it.
+ *
+ * @since 0.1.0
+ */
+export const checkSubscribe = (options: SubscribeOptions, maxBatch: number): Effect.Effect<void, BrokerError> =>
+  Effect.gen(function* () {
+    yield* checkName("topic", options.topic)
+    yield* checkName("group", options.group)
+    yield* checkName("consumer", options.consumer)
+    if (options.batchSize !== undefined) yield* checkInteger("batchSize", options.batchSize, 1, maxBatch)
+  })
+
+/**
+ * For broker layers: the envelope of a delivery made for a malformed entry, which is never handled (the layer
+ * dead-letters it at once, with the entry's own fields).
+ *
+ * @since 0.1.0
+ */
+export const malformedEnvelope: Envelope.Encoded = {
+  id: "malformed",
+  topic: "malformed",
+  type: "malformed",
+  source: "malformed",
+  key: undefined,
+  time: "1970-01-01T00:00:00.000Z",
+  attempt: 1,
+  headers: {},
+  data: "null"
+}
 
 /**
  * Default `onEvent`: logs the event as a warning.

@@ -136,4 +136,3 @@ export const row = (bench: string, baseline: string, m: { msgs: number; base: nu
   baseline_msgs_per_s: round(m.base),
   ratio: round(m.ratio, 3)
 })
-

@@ -147,7 +147,12 @@ const consumeRaw = () =>
     return elapsed
   })
 
-const compare = (name: string, baseline: string, ours: () => Promise<number>, theirs: () => Promise<number>): Bench => ({
+const compare = (
+  name: string,
+  baseline: string,
+  ours: () => Promise<number>,
+  theirs: () => Promise<number>
+): Bench => ({
   name,
   run: async () => [row(name, baseline, await pairs(ours, theirs, count))]
 })

@@ -12,6 +12,13 @@ import * as RedisBench from "./redis.ts"
 import * as SagaBench from "./saga.ts"
 
 await main(
-  [...Memory.benches, ...ConsumerBench.benches, ...RedisBench.benches, ...NatsBench.benches, ...OutboxBench.benches, ...SagaBench.benches],
+  [
+    ...Memory.benches,
+    ...ConsumerBench.benches,
+    ...RedisBench.benches,
+    ...NatsBench.benches,
+    ...OutboxBench.benches,
+    ...SagaBench.benches
+  ],
   process.argv.slice(2)
 )

@@ -4,12 +4,12 @@
  *
  * @internal
  */
-import { BrokerError, Name } from "@converge/core"
+import { Broker, type BrokerError } from "@converge/core"
 import type { JetStreamClient, JetStreamManager, StreamConfig } from "@nats-io/jetstream"
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
-import { Effect, Result } from "effect"
-import { attempt, fail } from "./errors.ts"
+import { Effect } from "effect"
+import { attempt } from "./errors.ts"
 import type { Names } from "./names.ts"
 
 /** The shared state of one broker. */
@@ -31,13 +31,8 @@ export interface Context {
   readonly isClosed: () => boolean
 }
 
-/** Fails with `InvalidArgument` when `value` is not a valid name of `kind`. */
-export const checkName = (kind: Name.NameKind, value: string): Effect.Effect<void, BrokerError.BrokerError> => {
-  const ok = Name.check(kind, value)
-  return Result.isFailure(ok)
-    ? fail(new BrokerError.InvalidArgument({ argument: kind, message: ok.failure.message }))
-    : Effect.void
-}
+/** Fails with `InvalidArgument` when `value` is not a valid name of `kind` (`Broker.checkName`). */
+export const checkName = Broker.checkName
 
 /** How long a pull request of a subscription lasts on the server (the client's minimum). */
 export const pullExpiresMs = 1_000

@@ -12,30 +12,9 @@ import { Broker, BrokerError, Envelope } from "@converge/core"
 import type { ConsumerMessages, JsMsg } from "@nats-io/jetstream"
 import { Duration, Effect, Queue, Result, Stream } from "effect"
 import { fieldsOf } from "./codec.ts"
-import {
-  type Context,
-  checkName,
-  ensureAttempts,
-  ensureGroup,
-  ensureTopic,
-  pullExpiresMs,
-  releaseDelayMs
-} from "./context.ts"
+import { type Context, ensureAttempts, ensureGroup, ensureTopic, pullExpiresMs, releaseDelayMs } from "./context.ts"
 import { NatsDelivery, type Tracker } from "./delivery.ts"
 import { attempt, fail } from "./errors.ts"
-
-/** The placeholder envelope of a malformed message (never handled: dead-lettered at once). */
-const placeholder: Envelope.Encoded = {
-  id: "malformed",
-  topic: "malformed",
-  type: "malformed",
-  source: "malformed",
-  key: undefined,
-  time: "1970-01-01T00:00:00.000Z",
-  attempt: 1,
-  headers: {},
-  data: "null"
-}
 
 const decoder = new TextDecoder()
 
@@ -45,20 +24,7 @@ export const subscribe = (
 ): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
   Stream.unwrap(
     Effect.gen(function* () {
-      yield* checkName("topic", sub.topic)
-      yield* checkName("group", sub.group)
-      yield* checkName("consumer", sub.consumer)
-      if (
-        sub.batchSize !== undefined &&
-        !(Number.isInteger(sub.batchSize) && sub.batchSize >= 1 && sub.batchSize <= 10_000)
-      ) {
-        return yield* fail(
-          new BrokerError.InvalidArgument({
-            argument: "batchSize",
-            message: `batchSize must be an integer from 1 to 10000, got ${sub.batchSize}`
-          })
-        )
-      }
+      yield* Broker.checkSubscribe(sub, 10_000)
       const batch = sub.batchSize ?? 100
       const ackWaitMs = Math.max(
         1,
@@ -176,7 +142,15 @@ export const subscribe = (
           for (const m of msgs) {
             const read = Envelope.fromFields(fieldsOf(m.headers, m.data))
             if (Result.isFailure(read)) {
-              const malformed = new NatsDelivery(ctx, tracker, m, placeholder, sub.topic, sub.group, sub.consumer)
+              const malformed = new NatsDelivery(
+                ctx,
+                tracker,
+                m,
+                Broker.malformedEnvelope,
+                sub.topic,
+                sub.group,
+                sub.consumer
+              )
               yield* malformed.deadLetter({ reason: "malformed", error: read.failure.message, attempts: 0 })
               yield* onEvent({
                 _tag: "Malformed",

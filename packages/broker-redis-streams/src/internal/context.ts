@@ -5,8 +5,8 @@
  *
  * @internal
  */
-import { BrokerError, type Envelope, Name } from "@converge/core"
-import { Effect, Result } from "effect"
+import { Broker, BrokerError, type Envelope } from "@converge/core"
+import { Effect } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import type { Impl } from "./delivery.ts"
 import { fail, fromRedis } from "./errors.ts"
@@ -49,13 +49,8 @@ export interface BrokerContext {
   readonly partitionsChecked: Set<string>
 }
 
-/** Fails with `InvalidArgument` when `value` is not a valid name of `kind`. */
-export const checkName = (kind: Name.NameKind, value: string): Effect.Effect<void, BrokerError.BrokerError> => {
-  const ok = Name.check(kind, value)
-  return Result.isFailure(ok)
-    ? fail(new BrokerError.InvalidArgument({ argument: kind, message: ok.failure.message }))
-    : Effect.void
-}
+/** Fails with `InvalidArgument` when `value` is not a valid name of `kind` (`Broker.checkName`). */
+export const checkName = Broker.checkName
 
 /**
  * Checks, once per topic and broker, that the topic's partition count in Redis is this broker's: the first

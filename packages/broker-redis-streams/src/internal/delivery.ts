@@ -30,19 +30,6 @@ const ackEntries = (impl: Impl, d: RedisDelivery, ids: ReadonlyArray<string>) =>
     ? impl.redis.send<number>("XACK", d.stream, d.group, ...ids)
     : impl.redis.eval(ackScript)(d.stream, d.part.lease, d.group, d.token, ...ids)
 
-/** The envelope of a malformed entry (never handled: dead-lettered at once). */
-export const placeholder: Envelope.Encoded = {
-  id: "malformed",
-  topic: "malformed",
-  type: "malformed",
-  source: "malformed",
-  key: undefined,
-  time: "1970-01-01T00:00:00.000Z",
-  attempt: 1,
-  headers: {},
-  data: "null"
-}
-
 /** A delivery read from `stream` (a partition's stream or its group's retry stream). */
 export class RedisDelivery implements Broker.Delivery {
   readonly entryId: string

@@ -12,8 +12,8 @@
 import { Broker, BrokerError, Envelope } from "@converge/core"
 import { Clock, Duration, Effect, Exit, Fiber, Result, Scope, Stream } from "effect"
 import type * as Redis from "effect/persistence/Redis"
-import { type BrokerContext, checkName, checkPartitions } from "./context.ts"
-import { placeholder, RedisDelivery } from "./delivery.ts"
+import { type BrokerContext, checkPartitions } from "./context.ts"
+import { RedisDelivery } from "./delivery.ts"
 import { fail, fromRedis, isNoGroup } from "./errors.ts"
 import { internalFields, type Part } from "./keys.ts"
 import * as Leases from "./leases.ts"
@@ -41,24 +41,11 @@ export const subscribe = (
 ): Stream.Stream<Broker.Delivery, BrokerError.BrokerError> =>
   Stream.unwrap(
     Effect.gen(function* () {
-      yield* checkName("topic", sub.topic)
-      yield* checkName("group", sub.group)
-      yield* checkName("consumer", sub.consumer)
+      yield* Broker.checkSubscribe(sub, 100_000)
       yield* checkPartitions(ctx, ctx.partitionsChecked, sub.topic)
       const { redis, impl, keys, partitions, ordered, leaseMs, blockMs, moveEvery, sessions } = ctx
       const k = keys(sub.topic)
       const all = Array.from({ length: partitions }, (_, i) => k.partition(sub.group, i))
-      if (
-        sub.batchSize !== undefined &&
-        !(Number.isInteger(sub.batchSize) && sub.batchSize >= 1 && sub.batchSize <= 100_000)
-      ) {
-        return yield* fail(
-          new BrokerError.InvalidArgument({
-            argument: "batchSize",
-            message: `batchSize must be an integer from 1 to 100000, got ${sub.batchSize}`
-          })
-        )
-      }
       const count = String(sub.batchSize ?? 100)
       const claimIdle = Math.max(1, Duration.toMillis(sub.claimIdle ?? "30 seconds"))
       const onEvent = sub.onEvent ?? Broker.logEvent
@@ -149,7 +136,7 @@ export const subscribe = (
                 stream,
                 entry.id,
                 entry.fields,
-                placeholder,
+                Broker.malformedEnvelope,
                 count,
                 token
               )

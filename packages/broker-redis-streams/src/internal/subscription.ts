@@ -262,20 +262,21 @@ export const subscribe = (
             ctx.cluster && ctx.hashTag === "partition" && parts.length > 1
               ? parts.map((p) => streams.flatMap(([q], i) => (q === p ? [i] : [])))
               : [streams.map((_, i) => i)]
-          const replies = yield* Effect.forEach(
-            slots,
-            (at) =>
-              conn
-                .send<unknown>(
-                  "XREADGROUP",
-                  ...args,
-                  "STREAMS",
-                  ...at.map((i) => streams[i]![1]),
-                  ...at.map((i) => ids[i]!)
-                )
-                .pipe(Effect.map(Replies.streamsOf), Effect.mapError(fromRedis("XREADGROUP"))),
-            { concurrency: "unbounded" }
-          )
+          const readSlot = (at: ReadonlyArray<number>) =>
+            conn
+              .send<unknown>(
+                "XREADGROUP",
+                ...args,
+                "STREAMS",
+                ...at.map((i) => streams[i]![1]),
+                ...at.map((i) => ids[i]!)
+              )
+              .pipe(Effect.map(Replies.streamsOf), Effect.mapError(fromRedis("XREADGROUP")))
+          // one slot (always off a cluster): no fork on the hot path
+          const replies =
+            slots.length === 1
+              ? [yield* readSlot(slots[0]!)]
+              : yield* Effect.forEach(slots, readSlot, { concurrency: "unbounded" })
           const reply = replies.length === 1 ? replies[0]! : new Map(replies.flatMap((r) => Array.from(r)))
           for (const [part, stream] of streams) {
             const entries = reply.get(stream) ?? []

@@ -2,7 +2,9 @@
  * `Cli` — the `converge` command (`effect/cli`): dead letters, status,
  * traces, sagas, the outbox and the dashboard, over {@link Operations}.
  *
- * Settings come from flags or the environment: `--redis-url`/`REDIS_URL`,
+ * Settings come from flags or the environment: `--redis-url`/`REDIS_URL`
+ * (with `--redis-cluster`/`CONVERGE_REDIS_CLUSTER`, or several URLs, a Redis
+ * Cluster), `--nats-url`/`NATS_URL` (NATS JetStream instead of Redis),
  * `--database-url`/`DATABASE_URL`, `--prefix`/`CONVERGE_REDIS_PREFIX`,
  * `--schema`/`CONVERGE_SCHEMA`, `--saga-schema`/`CONVERGE_SAGA_SCHEMA`.
  * Human-readable tables by default, `--json` for scripts; exit codes in
@@ -31,12 +33,24 @@ const root = Command.make("converge").pipe(
       Flag.withDescription("Redis URL of the Redis Streams broker (default: REDIS_URL)"),
       Flag.optional
     ),
+    redisCluster: Flag.Boolean("redis-cluster").pipe(
+      Flag.withDescription(
+        "the Redis URLs (comma-separated) are Redis Cluster nodes (default: CONVERGE_REDIS_CLUSTER)"
+      ),
+      Flag.withDefault(false)
+    ),
+    natsUrl: Flag.String("nats-url").pipe(
+      Flag.withDescription("NATS URL(s), comma-separated, of the NATS JetStream broker (default: NATS_URL)"),
+      Flag.optional
+    ),
     databaseUrl: Flag.String("database-url").pipe(
       Flag.withDescription("Postgres URL of the store (default: DATABASE_URL)"),
       Flag.optional
     ),
     prefix: Flag.String("prefix").pipe(
-      Flag.withDescription("Redis key prefix (default: CONVERGE_REDIS_PREFIX or converge)"),
+      Flag.withDescription(
+        "the broker's key/stream prefix (default: CONVERGE_REDIS_PREFIX, CONVERGE_NATS_PREFIX or converge)"
+      ),
       Flag.optional
     ),
     schema: Flag.String("schema").pipe(
@@ -59,13 +73,22 @@ const root = Command.make("converge").pipe(
 const operations = Effect.gen(function* () {
   const flags = yield* root
   const pick = (flag: Option.Option<string>, name: string) => Option.getOrUndefined(flag) ?? env(name)
-  const redis = pick(flags.redisUrl, "REDIS_URL")
+  // a flag for one broker overrides the environment's URL of the other
+  const redisFlag = Option.getOrUndefined(flags.redisUrl)
+  const natsFlag = Option.getOrUndefined(flags.natsUrl)
+  const redis = redisFlag ?? (natsFlag === undefined ? env("REDIS_URL") : undefined)
+  const nats = natsFlag ?? (redisFlag === undefined ? env("NATS_URL") : undefined)
   const database = pick(flags.databaseUrl, "DATABASE_URL")
   const schema = pick(flags.schema, "CONVERGE_SCHEMA")
   return yield* Environment.make({
     redisUrl: redis === undefined ? undefined : Redacted.make(redis),
+    redisCluster: flags.redisCluster || env("CONVERGE_REDIS_CLUSTER") === "true",
+    natsUrl: nats === undefined ? undefined : Redacted.make(nats),
     databaseUrl: database === undefined ? undefined : Redacted.make(database),
-    prefix: pick(flags.prefix, "CONVERGE_REDIS_PREFIX"),
+    prefix: pick(
+      flags.prefix,
+      redis === undefined && nats !== undefined ? "CONVERGE_NATS_PREFIX" : "CONVERGE_REDIS_PREFIX"
+    ),
     schema,
     sagaSchema: pick(flags.sagaSchema, "CONVERGE_SAGA_SCHEMA") ?? schema
   })
@@ -344,7 +367,7 @@ const statusText = (ops: Operations.Operations, st: Operations.Status): string =
     out.push(
       rows.length === 0 ? "  no topics" : Format.table(["TOPIC", "GROUP", "PENDING", "LAG", "DEAD LETTERS"], rows)
     )
-  } else out.push("", "broker: none (--redis-url or REDIS_URL)")
+  } else out.push("", "broker: none (--redis-url or REDIS_URL, --nats-url or NATS_URL)")
   if (st.sagas !== undefined) {
     const s = st.sagas
     out.push(

@@ -1,7 +1,7 @@
 /**
  * `Environment` — {@link Operations} over real servers, from settings (the
- * CLI's flags or the environment): the Redis Streams broker under a key
- * prefix, and a Postgres store attached to its schema (never migrated or
+ * CLI's flags or the environment): the broker (Redis Streams on one server
+ * or a Redis Cluster, or NATS JetStream) under a prefix, and a Postgres store attached to its schema (never migrated or
  * created by an operator tool), with its audit log and its saga store.
  *
  * A server that cannot be reached within `connectTimeout` fails with an
@@ -10,12 +10,14 @@
  *
  * @since 0.1.0
  */
-import { RedisStreamsBroker } from "@converge/broker-redis-streams"
+import { NatsBroker, NatsClient } from "@converge/broker-nats"
+import { RedisCluster, RedisStreamsBroker } from "@converge/broker-redis-streams"
 import type { Broker } from "@converge/core"
 import { AuditPg, SagaPg, SqlStore } from "@converge/store-postgres"
 import { NodeRedis } from "@effect/platform-node"
 import { PgClient } from "@effect/sql-pg"
 import { type Context, Duration, Effect, Layer, Redacted, type Scope } from "effect"
+import type * as Redis from "effect/persistence/Redis"
 import { SqlClient } from "effect/sql"
 import * as Operations from "./Operations.ts"
 
@@ -26,9 +28,14 @@ import * as Operations from "./Operations.ts"
  * @since 0.1.0
  */
 export interface Settings {
+  /** The Redis of the Redis Streams broker; with {@link redisCluster}, a comma-separated list of root nodes. */
   readonly redisUrl?: Redacted.Redacted<string> | undefined
+  /** The Redis URLs are nodes of a Redis Cluster (`RedisCluster.layer`); implied by several URLs. */
+  readonly redisCluster?: boolean | undefined
+  /** The NATS server(s) of the NATS JetStream broker, comma-separated (instead of Redis). */
+  readonly natsUrl?: Redacted.Redacted<string> | undefined
   readonly databaseUrl?: Redacted.Redacted<string> | undefined
-  /** The Redis key prefix (default `converge`, as `RedisStreamsBroker`'s). */
+  /** The broker's prefix (default `converge`, as `RedisStreamsBroker`'s and `NatsBroker`'s). */
   readonly prefix?: string | undefined
   /** The store's Postgres schema: outbox, inbox, audit (default `converge`). */
   readonly schema?: string | undefined
@@ -111,31 +118,61 @@ export const make = (
     const timeout = Duration.fromInputUnsafe(settings.connectTimeout ?? "5 seconds")
     const schema = settings.schema ?? SqlStore.defaultSchema
     const sagaSchema = settings.sagaSchema ?? schema
+    const prefix = settings.prefix ?? "converge"
+    const list = (url: Redacted.Redacted<string>) =>
+      Redacted.value(url)
+        .split(",")
+        .map((u) => u.trim())
+        .filter((u) => u !== "")
+        .map((u) => Redacted.make(u))
+    const redisUrls = settings.redisUrl === undefined ? [] : list(settings.redisUrl)
+    const cluster = settings.redisCluster === true || redisUrls.length > 1
+    const natsUrls = settings.natsUrl === undefined ? [] : list(settings.natsUrl)
+    if (redisUrls.length > 0 && natsUrls.length > 0) {
+      return yield* Effect.fail(
+        new Operations.OperationError({
+          kind: "invalid",
+          message:
+            "both a Redis URL and a NATS URL are set: give the one of the broker to operate (--redis-url or --nats-url)"
+        })
+      )
+    }
     const sources: Operations.Sources = {
       broker:
-        settings.redisUrl === undefined
-          ? undefined
-          : `${describeUrl(settings.redisUrl)} (prefix ${settings.prefix ?? "converge"})`,
+        redisUrls.length > 0
+          ? `${redisUrls.map(describeUrl).join(", ")}${cluster ? " (Redis Cluster)" : ""} (prefix ${prefix})`
+          : natsUrls.length > 0
+            ? `${natsUrls.map(describeUrl).join(", ")} (NATS JetStream) (prefix ${prefix})`
+            : undefined,
       database: settings.databaseUrl === undefined ? undefined : describeUrl(settings.databaseUrl),
       schema: settings.databaseUrl === undefined ? undefined : schema,
       sagaSchema: settings.databaseUrl === undefined ? undefined : sagaSchema
     }
 
     let broker: Context.Context<Broker.Broker> | undefined
-    if (settings.redisUrl !== undefined) {
-      yield* checkUrl("the Redis URL", settings.redisUrl, ["redis:", "rediss:"])
-      const redis = yield* connect(
-        `Redis at ${describeUrl(settings.redisUrl)}`,
-        NodeRedis.layer({ url: Redacted.value(settings.redisUrl), maxConnections: 4 }),
+    if (redisUrls.length > 0) {
+      for (const url of redisUrls) yield* checkUrl("the Redis URL", url, ["redis:", "rediss:"])
+      const where = `Redis at ${redisUrls.map(describeUrl).join(", ")}`
+      const client: Layer.Layer<Redis.Redis, unknown> = cluster
+        ? RedisCluster.layer({ rootNodes: redisUrls.map((url) => ({ url: Redacted.value(url) })), maxConnections: 4 })
+        : NodeRedis.layer({ url: Redacted.value(redisUrls[0]!), maxConnections: 4 })
+      const redis = yield* connect(where, client, scope, timeout)
+      broker = yield* Layer.buildWithScope(
+        RedisStreamsBroker.layer({ prefix }).pipe(Layer.provide(Layer.succeedContext(redis))),
+        scope
+      ).pipe(Effect.mapError((e) => Operations.fromError("starting the Redis Streams broker", e)))
+    } else if (natsUrls.length > 0) {
+      for (const url of natsUrls) yield* checkUrl("the NATS URL", url, ["nats:", "tls:"])
+      const nats = yield* connect(
+        `NATS at ${natsUrls.map(describeUrl).join(", ")}`,
+        NatsClient.layer({ servers: natsUrls.map(Redacted.value), maxReconnectAttempts: 3 }),
         scope,
         timeout
       )
       broker = yield* Layer.buildWithScope(
-        RedisStreamsBroker.layer({ prefix: settings.prefix ?? "converge" }).pipe(
-          Layer.provide(Layer.succeedContext(redis))
-        ),
+        NatsBroker.layer({ prefix }).pipe(Layer.provide(Layer.succeedContext(nats))),
         scope
-      ).pipe(Effect.mapError((e) => Operations.fromError("starting the Redis Streams broker", e)))
+      ).pipe(Effect.mapError((e) => Operations.fromError("starting the NATS JetStream broker", e)))
     }
 
     if (settings.databaseUrl === undefined) return yield* Operations.make({ sources, broker })

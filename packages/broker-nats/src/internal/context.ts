@@ -32,7 +32,7 @@ export interface Context {
 }
 
 /** Fails with `InvalidArgument` when `value` is not a valid name of `kind` (`Broker.checkName`). */
-export const checkName = Broker.checkName
+export const checkName: typeof Broker.checkName = Broker.checkName
 
 /** How long a pull request of a subscription lasts on the server (the client's minimum). */
 export const pullExpiresMs = 1_000

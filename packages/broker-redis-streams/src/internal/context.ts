@@ -50,7 +50,7 @@ export interface BrokerContext {
 }
 
 /** Fails with `InvalidArgument` when `value` is not a valid name of `kind` (`Broker.checkName`). */
-export const checkName = Broker.checkName
+export const checkName: typeof Broker.checkName = Broker.checkName
 
 /**
  * Checks, once per topic and broker, that the topic's partition count in Redis is this broker's: the first

@@ -31,7 +31,7 @@
  *
  * @since 0.1.0
  */
-import { Broker, BrokerError, Envelope } from "@converge/core"
+import { Broker, BrokerError, Envelope, Partition } from "@converge/core"
 import type { PubAck } from "@nats-io/jetstream"
 import { Config, Duration, Effect, Layer, Result, type Scope } from "effect"
 import { deadLetterInfoOf, fieldsOf, toMessage } from "./internal/codec.ts"
@@ -64,6 +64,17 @@ export interface Options {
   readonly attemptsMaxAge?: Duration.Input | undefined
   /** How long a publish waits for the server's ack (default 5 seconds). */
   readonly publishTimeout?: Duration.Input | undefined
+  /**
+   * Per-key order (default false): a topic's messages go to `partitions` subjects by a hash of their key
+   * (`Partition.ofMessage`), each read by a consumer of its own per group with one message in flight
+   * (`max_ack_pending: 1`): a key's next message waits while one is held, nacked or backing off, and the
+   * group's consumers share the partitions. A partition then moves one message per round trip: use several.
+   * Publishers and consumers of a topic must agree (the stream records it; a broker configured otherwise
+   * fails with `InvalidArgument`).
+   */
+  readonly orderedPerKey?: boolean | undefined
+  /** Partitions of an ordered topic (default 1; 1–1024; only with `orderedPerKey`). */
+  readonly partitions?: number | undefined
 }
 
 /** The `Nats-Msg-Id` of a message: its id, or for a replay its id and the dead letter's. */
@@ -94,6 +105,16 @@ export const make = (
     }
     const replicas = yield* Broker.checkInteger("replicas", options?.replicas ?? 1, 1, 5)
     const maxAckPending = yield* Broker.checkInteger("maxAckPending", options?.maxAckPending ?? 10_000, 1, 1_000_000)
+    const ordered = options?.orderedPerKey ?? false
+    const partitions = yield* Broker.checkInteger("partitions", options?.partitions ?? 1, 1, 1024)
+    if (!ordered && partitions > 1) {
+      return yield* fail(
+        new BrokerError.InvalidArgument({
+          argument: "partitions",
+          message: `partitions (${partitions}) needs orderedPerKey: true on NATS, where an unordered group reads the whole topic with one consumer`
+        })
+      )
+    }
     if (options?.maxMessages !== undefined) {
       yield* Broker.checkInteger("maxMessages", options.maxMessages, 1, Number.MAX_SAFE_INTEGER)
     }
@@ -116,6 +137,8 @@ export const make = (
       attemptsMaxAgeMs: Duration.toMillis(Duration.fromInputUnsafe(options?.attemptsMaxAge ?? "14 days")),
       publishTimeoutMs: Duration.toMillis(Duration.fromInputUnsafe(options?.publishTimeout ?? "5 seconds")),
       streams: new Set(),
+      ordered,
+      partitions,
       isClosed: () => closed
     }
     const names = ctx.names
@@ -139,7 +162,10 @@ export const make = (
               messages.map((e) => {
                 if (topicErrors.get(e.topic) !== undefined) return Promise.resolve(undefined)
                 const { headers, data } = toMessage(e)
-                return ctx.js.publish(names.subject(e.topic), data, {
+                const subject = ordered
+                  ? names.partitionSubject(e.topic, Partition.ofMessage(e, partitions))
+                  : names.subject(e.topic)
+                return ctx.js.publish(subject, data, {
                   msgID: msgIdOf(e),
                   headers,
                   timeout: ctx.publishTimeoutMs
@@ -252,16 +278,22 @@ export const make = (
       Effect.gen(function* () {
         yield* checkName("topic", topic)
         yield* checkName("group", group)
-        const info = yield* attempt("consumer info", () =>
-          ctx.jsm.consumers.info(names.stream(topic), names.durable(group))
-        ).pipe(
-          Effect.map((i) => ({ pending: i.num_ack_pending, lag: i.num_pending })),
-          Effect.catchIf(
-            (e) => /not found/i.test(e.message),
-            () => Effect.succeed({ pending: 0, lag: 0 })
+        const durables = ordered
+          ? Array.from({ length: partitions }, (_, i) => names.partitionDurable(group, i))
+          : [names.durable(group)]
+        const each = yield* Effect.forEach(durables, (durable) =>
+          attempt("consumer info", () => ctx.jsm.consumers.info(names.stream(topic), durable)).pipe(
+            Effect.map((i) => ({ pending: i.num_ack_pending, lag: i.num_pending })),
+            Effect.catchIf(
+              (e) => /not found/i.test(e.message),
+              () => Effect.succeed({ pending: 0, lag: 0 })
+            )
           )
         )
-        return info
+        return {
+          pending: each.reduce((a, x) => a + x.pending, 0),
+          lag: each.reduce((a, x) => a + x.lag, 0)
+        }
       })
 
     const topics: NonNullable<Broker.Broker["Service"]["topics"]> = Effect.gen(function* () {
@@ -282,8 +314,8 @@ export const make = (
         if (topic === undefined) continue
         const groups = yield* attempt("consumer list", async () => {
           const found: Array<string> = []
-          for await (const c of ctx.jsm.consumers.list(stream)) found.push(Names.untoken(c.name))
-          return found.sort()
+          for await (const c of ctx.jsm.consumers.list(stream)) found.push(names.groupOf(c.name))
+          return Array.from(new Set(found)).sort()
         })
         out.push({ name: topic, groups, deadLetters: dlq[names.dlqSubject(topic)] ?? 0 })
       }

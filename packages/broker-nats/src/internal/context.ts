@@ -4,7 +4,7 @@
  *
  * @internal
  */
-import { Broker, type BrokerError } from "@converge/core"
+import { Broker, BrokerError } from "@converge/core"
 import type { JetStreamClient, JetStreamManager, StreamConfig } from "@nats-io/jetstream"
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType } from "@nats-io/jetstream"
 import type { NatsConnection } from "@nats-io/transport-node"
@@ -25,6 +25,10 @@ export interface Context {
   readonly maxAckPending: number
   readonly attemptsMaxAgeMs: number
   readonly publishTimeoutMs: number
+  /** Per-key order: a subject and a consumer per partition, one message in flight per partition. */
+  readonly ordered: boolean
+  /** Partitions of an ordered topic. */
+  readonly partitions: number
   /** Streams known to exist (created or checked once). */
   readonly streams: Set<string>
   /** True once the layer shut down. */
@@ -77,14 +81,41 @@ export const ensureStream = (
         Effect.asVoid
       )
 
-/** A topic's stream: every message of the topic, kept (or the newest `maxMessages`), deduplicated by id. */
-export const ensureTopic = (ctx: Context, topic: string) =>
-  ensureStream(ctx, {
-    name: ctx.names.stream(topic),
-    subjects: [ctx.names.subject(topic)],
+/** What a topic's stream records of its layout (its `description`), fixed by its first publisher or consumer. */
+const layoutOf = (ctx: Context) => (ctx.ordered ? `converge:ordered:${ctx.partitions}` : "converge:unordered")
+
+/**
+ * A topic's stream: every message of the topic, kept (or the newest `maxMessages`), deduplicated by id; ordered,
+ * one subject per partition. The layout is recorded in the stream's description, and a broker configured
+ * otherwise fails with `InvalidArgument` at its first publish or subscribe instead of publishing to subjects
+ * nobody reads (a stream without a description, written by another client, counts as unordered).
+ */
+export const ensureTopic = (ctx: Context, topic: string): Effect.Effect<void, BrokerError.BrokerError> => {
+  const name = ctx.names.stream(topic)
+  if (ctx.streams.has(name)) return Effect.void
+  return ensureStream(ctx, {
+    name,
+    subjects: [ctx.ordered ? `${ctx.names.subject(topic)}.*` : ctx.names.subject(topic)],
+    description: layoutOf(ctx),
     duplicate_window: nanos(ctx.duplicateWindowMs),
     ...(ctx.maxMessages === undefined ? {} : { max_msgs: ctx.maxMessages })
-  })
+  }).pipe(
+    Effect.andThen(attempt("stream info", () => ctx.jsm.streams.info(name))),
+    Effect.flatMap((info) => {
+      const found = info.config.description ?? "converge:unordered"
+      if (found === layoutOf(ctx)) return Effect.void
+      ctx.streams.delete(name)
+      return Effect.fail(
+        BrokerError.make(
+          new BrokerError.InvalidArgument({
+            argument: ctx.ordered ? "orderedPerKey" : "partitions",
+            message: `topic ${JSON.stringify(topic)} is ${found.replace("converge:", "").replace(":", " with partitions: ")} on NATS, and this broker is configured ${layoutOf(ctx).replace("converge:", "").replace(":", " with partitions: ")}: every publisher and consumer of a topic must use the same orderedPerKey and partitions`
+          })
+        )
+      )
+    })
+  )
+}
 
 /** The dead-letter stream (every topic's, a subject each). */
 export const ensureDeadLetters = (ctx: Context) =>
@@ -106,9 +137,24 @@ export const ensureAttempts = (ctx: Context) =>
  * another `ack_wait` is updated to this one.
  */
 export const ensureGroup = (ctx: Context, topic: string, group: string, ackWaitMs: number) =>
+  Effect.forEach(
+    ctx.ordered
+      ? Array.from({ length: ctx.partitions }, (_, i) => ({
+          durable: ctx.names.partitionDurable(group, i),
+          filter: ctx.names.partitionSubject(topic, i)
+        }))
+      : [{ durable: ctx.names.durable(group), filter: undefined }],
+    ({ durable, filter }) => ensureConsumer(ctx, ctx.names.stream(topic), durable, filter, ackWaitMs),
+    { discard: true }
+  )
+
+/**
+ * One durable consumer. Ordered (`filter`: a partition's subject): at most one message of the partition in
+ * flight (`max_ack_pending: 1`), so the next message of a key waits while one is held, nacked or backing off,
+ * and the group's consumers share the partitions' messages without leases.
+ */
+const ensureConsumer = (ctx: Context, stream: string, durable: string, filter: string | undefined, ackWaitMs: number) =>
   Effect.gen(function* () {
-    const stream = ctx.names.stream(topic)
-    const durable = ctx.names.durable(group)
     const existing = yield* attempt("consumer info", () => ctx.jsm.consumers.info(stream, durable)).pipe(
       Effect.map((info) => info as { readonly config: { readonly ack_wait?: number } } | undefined),
       Effect.catchIf(
@@ -124,7 +170,8 @@ export const ensureGroup = (ctx: Context, topic: string, group: string, ackWaitM
           deliver_policy: DeliverPolicy.All,
           ack_wait: nanos(ackWaitMs),
           max_deliver: -1,
-          max_ack_pending: ctx.maxAckPending
+          max_ack_pending: filter === undefined ? ctx.maxAckPending : 1,
+          ...(filter === undefined ? {} : { filter_subject: filter })
         })
       )
     } else if (existing.config.ack_wait !== nanos(ackWaitMs)) {

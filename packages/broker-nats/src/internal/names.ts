@@ -7,8 +7,8 @@
  *
  * | what | name |
  * | --- | --- |
- * | a topic's stream | `<prefix>_<topic~>`, subject `<prefix>.t.<topic~>` |
- * | a group | the durable pull consumer `<group~>` on the topic's stream |
+ * | a topic's stream | `<prefix>_<topic~>`, subject `<prefix>.t.<topic~>` (ordered: `<prefix>.t.<topic~>.p<i>` per partition) |
+ * | a group | the durable pull consumer `<group~>` on the topic's stream (ordered: `<group~>=p<i>` per partition) |
  * | the dead-letter queue | stream `<prefix>_dlq`, subject `<prefix>.dlq.<topic~>` per topic |
  * | attempt numbers of nacked messages | stream `<prefix>_attempts` (one message per subject kept), subject `<prefix>.attempt.<topic~>.<group~>.<stream seq>` |
  *
@@ -29,6 +29,12 @@ export interface Names {
   readonly stream: (topic: string) => string
   readonly subject: (topic: string) => string
   readonly durable: (group: string) => string
+  /** The subject of partition `index` of an ordered topic. */
+  readonly partitionSubject: (topic: string, index: number) => string
+  /** The durable consumer of a group on partition `index` of an ordered topic. */
+  readonly partitionDurable: (group: string, index: number) => string
+  /** The group a durable consumer name stands for (either form). */
+  readonly groupOf: (durable: string) => string
   readonly dlqStream: string
   readonly dlqSubject: (topic: string) => string
   readonly attemptsStream: string
@@ -46,6 +52,9 @@ export const make = (prefix: string): Names => {
     stream: (topic) => `${head}${token(topic)}`,
     subject: (topic) => `${prefix}.t.${token(topic)}`,
     durable: token,
+    partitionSubject: (topic, index) => `${prefix}.t.${token(topic)}.p${index}`,
+    partitionDurable: (group, index) => `${token(group)}=p${index}`,
+    groupOf: (durable) => untoken(durable.replace(/=p\d+$/, "")),
     dlqStream,
     dlqSubject: (topic) => `${prefix}.dlq.${token(topic)}`,
     attemptsStream,

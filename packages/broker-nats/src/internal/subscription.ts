@@ -32,81 +32,89 @@ export const subscribe = (
       )
       const onEvent = sub.onEvent ?? Broker.logEvent
       const stream = ctx.names.stream(sub.topic)
-      const durable = ctx.names.durable(sub.group)
+      const durables = ctx.ordered
+        ? Array.from({ length: ctx.partitions }, (_, i) => ctx.names.partitionDurable(sub.group, i))
+        : [ctx.names.durable(sub.group)]
       const ensure = Effect.andThen(ensureTopic(ctx, sub.topic), ensureGroup(ctx, sub.topic, sub.group, ackWaitMs))
       yield* ensure
 
       const tracker: Tracker = { unsettled: new Set(), closed: false }
       const queue = yield* Queue.bounded<JsMsg, BrokerError.BrokerError>(batch)
-      let current: ConsumerMessages | undefined
-      let iterator: AsyncIterator<JsMsg> | undefined
+      // the consume sessions (one per consumer: per partition when ordered) and their iterators
+      const sessions = new Map<
+        string,
+        { readonly messages: ConsumerMessages; readonly iterator: AsyncIterator<JsMsg> }
+      >()
       yield* Effect.addFinalizer(() =>
         Effect.gen(function* () {
           tracker.closed = true
-          // stop pulling first, so nothing given back is delivered to this subscription again
-          const messages = current
-          current = undefined
-          // `close()` settles once the iterator is read to its end (below), so it is not awaited first
-          const closing = messages?.close().catch(() => undefined)
+          // stop pulling first, so nothing given back is delivered to this subscription again; `close()` settles
+          // once the iterator is read to its end (below), so it is not awaited first
+          const open = Array.from(sessions.values())
+          sessions.clear()
+          const closing = open.map((o) => o.messages.close().catch(() => undefined))
           // give back what was read and never settled, what waits in the queue, and what the client still holds
           for (const d of tracker.unsettled) d.release()
           tracker.unsettled.clear()
           for (const m of yield* Queue.clear(queue).pipe(Effect.orElseSucceed(() => [] as Array<JsMsg>))) {
             m.nak(releaseDelayMs)
           }
-          const rest = iterator
-          if (rest !== undefined) {
-            yield* Effect.promise(async () => {
-              for (let r = await rest.next(); r.done !== true; r = await rest.next()) r.value.nak(releaseDelayMs)
-              await closing
-            }).pipe(Effect.timeout("1 second"), Effect.ignore)
-          }
+          yield* Effect.promise(() =>
+            Promise.all(
+              open.map(async ({ iterator }) => {
+                for (let r = await iterator.next(); r.done !== true; r = await iterator.next()) {
+                  r.value.nak(releaseDelayMs)
+                }
+              })
+            ).then(() => Promise.all(closing))
+          ).pipe(Effect.timeout("1 second"), Effect.ignore)
           yield* Effect.promise(() => ctx.connection.flush().catch(() => undefined))
         })
       )
 
-      /** One `consume()` session fed into the queue; ends when the consumer or its stream is gone. */
-      const session = Effect.gen(function* () {
-        const consumer = yield* attempt("consumer get", () => ctx.js.consumers.get(stream, durable))
-        const messages = yield* attempt("consume", () =>
-          // pull requests of 1 s (the client refills them): a request outlives its session by at most that long
-          // on the server, where a message given back at close could be handed to it (see `releaseDelayMs`)
-          consumer.consume({ max_messages: batch, expires: pullExpiresMs, abort_on_missing_resource: true })
-        )
-        current = messages
-        const it = messages[Symbol.asyncIterator]()
-        iterator = it
-        while (!tracker.closed) {
-          // a message arriving once the subscription closed (this read was cut off) is given back at once
-          const next = yield* attempt("consume", () =>
-            it.next().then((r) => {
-              if (tracker.closed && r.done !== true) r.value.nak(releaseDelayMs)
-              return r
-            })
+      /** One `consume()` session of a consumer fed into the queue; ends when the consumer or its stream is gone. */
+      const session = (durable: string) =>
+        Effect.gen(function* () {
+          const consumer = yield* attempt("consumer get", () => ctx.js.consumers.get(stream, durable))
+          const messages = yield* attempt("consume", () =>
+            // pull requests of 1 s (the client refills them): a request outlives its session by at most that
+            // long on the server, where a message given back at close could be handed to it (`releaseDelayMs`)
+            consumer.consume({ max_messages: batch, expires: pullExpiresMs, abort_on_missing_resource: true })
           )
-          if (next.done === true || tracker.closed) break
-          const m = next.value
-          yield* Queue.offer(queue, m).pipe(Effect.onInterrupt(() => Effect.sync(() => m.nak(releaseDelayMs))))
-        }
-      })
-      let recreations = 0
-      const feeder = Effect.gen(function* () {
-        while (!tracker.closed) {
-          const ended = yield* Effect.result(session)
-          if (tracker.closed || ctx.isClosed()) return
-          // the consumer or its stream was deleted (or the session failed): recreate, with backoff
-          const delay = Math.min(100 * 2 ** Math.min(recreations, 6), 5_000)
-          recreations++
-          yield* Effect.logWarning(
-            `nats: the consume session of ${sub.topic}/${sub.group} ended${Result.isFailure(ended) ? `: ${ended.failure.message}` : ""}; recreating in ${delay} ms`
-          )
-          yield* Effect.sleep(delay)
-          ctx.streams.delete(stream)
-          const again = yield* Effect.result(ensure)
-          if (Result.isSuccess(again)) yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
-        }
-      })
-      yield* Effect.forkScoped(feeder)
+          const it = messages[Symbol.asyncIterator]()
+          sessions.set(durable, { messages, iterator: it })
+          while (!tracker.closed) {
+            // a message arriving once the subscription closed (this read was cut off) is given back at once
+            const next = yield* attempt("consume", () =>
+              it.next().then((r) => {
+                if (tracker.closed && r.done !== true) r.value.nak(releaseDelayMs)
+                return r
+              })
+            )
+            if (next.done === true || tracker.closed) break
+            const m = next.value
+            yield* Queue.offer(queue, m).pipe(Effect.onInterrupt(() => Effect.sync(() => m.nak(releaseDelayMs))))
+          }
+        })
+      const feeder = (durable: string) =>
+        Effect.gen(function* () {
+          let recreations = 0
+          while (!tracker.closed) {
+            const ended = yield* Effect.result(session(durable))
+            if (tracker.closed || ctx.isClosed()) return
+            // the consumer or its stream was deleted (or the session failed): recreate, with backoff
+            const delay = Math.min(100 * 2 ** Math.min(recreations, 6), 5_000)
+            recreations++
+            yield* Effect.logWarning(
+              `nats: the consume session of ${sub.topic}/${sub.group} (${durable}) ended${Result.isFailure(ended) ? `: ${ended.failure.message}` : ""}; recreating in ${delay} ms`
+            )
+            yield* Effect.sleep(delay)
+            ctx.streams.delete(stream)
+            const again = yield* Effect.result(ensure)
+            if (Result.isSuccess(again)) yield* onEvent({ _tag: "GroupRecreated", topic: sub.topic, group: sub.group })
+          }
+        })
+      for (const durable of durables) yield* Effect.forkScoped(feeder(durable))
 
       /** Attempt numbers recorded by nacks, for redelivered messages. */
       const attemptsOf = (msgs: ReadonlyArray<JsMsg>) =>

@@ -24,10 +24,12 @@
  * - **Reconnects** are the client's (see `NatsClient`); a consume session whose consumer or stream was
  *   deleted is recreated with backoff (`GroupRecreated`).
  *
- * Not supported (the conformance suite skips these cases, saying why): per-key order (`orderedPerKey`;
- * one consumer per partition would need a consumer per partition and subject, not built), and the report
- * of messages removed while pending (`LostInBroker`): a JetStream consumer skips a purged message without
- * telling its client.
+ * - **Per-key order** (`orderedPerKey`): a subject per partition and, per group, a consumer per partition
+ *   with `max_ack_pending: 1`, so the server holds a partition's next message while one is in flight.
+ *
+ * Not supported (the conformance suite skips these cases, saying why): the report of messages removed while
+ * pending (`LostInBroker`): a JetStream consumer skips a purged message without telling its client; and a
+ * claim may hand a message back to the consumer still holding it (`claimSkipsHolder: false`).
  *
  * @since 0.1.0
  */

@@ -159,29 +159,77 @@ export const make = (
             topicErrors.set(e.topic, Result.isFailure(ready) ? ready.failure : undefined)
           }
           // then every message in flight at once (the client pipelines them on the connection)
-          const settled = yield* Effect.promise(() =>
-            Promise.allSettled(
-              messages.map((e) => {
-                if (topicErrors.get(e.topic) !== undefined) return Promise.resolve(undefined)
-                const { headers, data } = toMessage(e)
-                const subject = ordered
-                  ? names.partitionSubject(e.topic, Partition.ofMessage(e, partitions))
-                  : names.subject(e.topic)
-                return ctx.js.publish(subject, data, {
-                  msgID: msgIdOf(e),
-                  headers,
-                  timeout: ctx.publishTimeoutMs
-                })
+          const send = (e: Envelope.Encoded, subject: string) => {
+            const { headers, data } = toMessage(e)
+            return ctx.js.publish(subject, data, { msgID: msgIdOf(e), headers, timeout: ctx.publishTimeoutMs })
+          }
+          const outcomes: Array<Broker.PublishOutcome> = new Array(messages.length)
+          const stored = (i: number, ack: PubAck) => {
+            outcomes[i] = { _tag: "Stored", entryId: String(ack.seq) }
+          }
+          const failed = (i: number, error: BrokerError.BrokerError) => {
+            outcomes[i] = { _tag: "Failed", error }
+          }
+          const ready: Array<number> = []
+          messages.forEach((e, i) => {
+            const refused = topicErrors.get(e.topic)
+            if (refused === undefined) ready.push(i)
+            else failed(i, refused)
+          })
+          if (!ordered) {
+            // every message in flight at once (the client pipelines them on the connection)
+            yield* Effect.promise(() =>
+              Promise.all(
+                ready.map((i) =>
+                  send(messages[i]!, names.subject(messages[i]!.topic)).then(
+                    (ack) => stored(i, ack),
+                    (cause) => failed(i, fromNats("publish")(cause))
+                  )
+                )
+              )
+            )
+            return outcomes
+          }
+          // ordered: a partition's messages one after another (partitions at once), and none after a retryable
+          // failure, so a key's messages are never stored out of order; a refused message fails alone
+          const byPartition = new Map<string, Array<number>>()
+          for (const i of ready) {
+            const e = messages[i]!
+            const subject = names.partitionSubject(e.topic, Partition.ofMessage(e, partitions))
+            const list = byPartition.get(subject) ?? []
+            list.push(i)
+            byPartition.set(subject, list)
+          }
+          yield* Effect.promise(() =>
+            Promise.all(
+              Array.from(byPartition, async ([subject, indexes]) => {
+                let stop: BrokerError.BrokerError | undefined
+                for (const i of indexes) {
+                  if (stop !== undefined) {
+                    failed(
+                      i,
+                      BrokerError.make(
+                        new BrokerError.CommandFailed({
+                          command: "publish",
+                          message: `not attempted: an earlier message of its partition failed (${stop.message})`,
+                          retryable: true
+                        })
+                      )
+                    )
+                    continue
+                  }
+                  try {
+                    stored(i, await send(messages[i]!, subject))
+                  } catch (cause) {
+                    const error = fromNats("publish")(cause)
+                    failed(i, error)
+                    if (error.isRetryable) stop = error
+                  }
+                }
               })
             )
           )
-          return settled.map((r, i): Broker.PublishOutcome => {
-            const refused = topicErrors.get(messages[i]!.topic)
-            if (refused !== undefined) return { _tag: "Failed", error: refused }
-            return r.status === "fulfilled"
-              ? { _tag: "Stored", entryId: String((r.value as PubAck).seq) }
-              : { _tag: "Failed", error: fromNats("publish")(r.reason) }
-          })
+          return outcomes
         })
       )
 

@@ -46,7 +46,10 @@ export const pgliteLayer: Layer.Layer<PgClient.PgClient | import("effect/sql").S
       const port = yield* freePort
       yield* Effect.acquireRelease(
         Effect.promise(async () => {
-          const server = new PGLiteSocketServer({ db, host: "127.0.0.1", port, maxConnections: 1 })
+          // the client keeps one connection (PGlite is one session); the server admits a few, so the pool's
+          // replacement of a retired connection is not refused while the old socket is still closing (a
+          // refused replacement failed the demo with "Connection closed during startup" once, under load)
+          const server = new PGLiteSocketServer({ db, host: "127.0.0.1", port, maxConnections: 4 })
           await server.start()
           return server
         }),

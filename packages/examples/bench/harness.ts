@@ -5,6 +5,8 @@
  * benchmarks whose name equals or starts with `<name>`.
  */
 
+import { Broker, type Envelope } from "@converge/core"
+import { Effect, Stream } from "effect"
 import { createClient } from "redis"
 
 /** One measured row. */
@@ -136,3 +138,30 @@ export const row = (bench: string, baseline: string, m: { msgs: number; base: nu
   baseline_msgs_per_s: round(m.base),
   ratio: round(m.ratio, 3)
 })
+
+/**
+ * The Broker-level consume measurement shared by the broker benches: publish `messages` to `topic` (1 000
+ * per call), then time one subscription that `JSON.parse`s every body and settles each read with one
+ * `ackAll`, until all are consumed; returns the milliseconds.
+ */
+export const consumeThroughBroker = (topic: string, messages: ReadonlyArray<Envelope.Encoded>, batchSize: number) =>
+  Effect.gen(function* () {
+    const broker = yield* Broker.Broker
+    for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
+    let consumed = 0
+    const done = Promise.withResolvers<void>()
+    const start = performance.now()
+    yield* broker.subscribe({ topic, group: "g", consumer: "c", batchSize }).pipe(
+      Stream.runForEachArray((ds) =>
+        Effect.suspend(() => {
+          for (const d of ds) JSON.parse(d.envelope.data)
+          consumed += ds.length
+          if (consumed >= messages.length) done.resolve()
+          return broker.ackAll(ds)
+        })
+      ),
+      Effect.forkScoped
+    )
+    yield* Effect.promise(() => done.promise)
+    return performance.now() - start
+  })

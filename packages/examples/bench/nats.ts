@@ -9,8 +9,8 @@ import { NatsBroker, NatsClient } from "@converge/broker-nats"
 import { Broker, Envelope, Topic } from "@converge/core"
 import { AckPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream"
 import { connect } from "@nats-io/transport-node"
-import { Effect, Layer, Result, type Scope, Stream } from "effect"
-import { type Bench, pairs, row } from "./harness.ts"
+import { Effect, Layer, Result, type Scope } from "effect"
+import { type Bench, consumeThroughBroker, pairs, row } from "./harness.ts"
 import { Order, order } from "./payload.ts"
 
 const servers = process.env.NATS_URL ?? "127.0.0.1:4222"
@@ -100,30 +100,7 @@ const publishRaw = () =>
 // --- consume -----------------------------------------------------------------
 
 /** Converge: subscribe, JSON.parse each body, one ackAll per read. */
-const consumeConverge = () =>
-  withBroker(
-    Effect.gen(function* () {
-      const broker = yield* Broker.Broker
-      const all = messages()
-      for (let b = 0; b < all.length; b += 1000) yield* broker.publish(all.slice(b, b + 1000))
-      let consumed = 0
-      const done = Promise.withResolvers<void>()
-      const start = performance.now()
-      yield* broker.subscribe({ topic: orders.name, group: "g", consumer: "c", batchSize: batch }).pipe(
-        Stream.runForEachArray((ds) =>
-          Effect.suspend(() => {
-            for (const d of ds) JSON.parse(d.envelope.data)
-            consumed += ds.length
-            if (consumed >= all.length) done.resolve()
-            return broker.ackAll(ds)
-          })
-        ),
-        Effect.forkScoped
-      )
-      yield* Effect.promise(() => done.promise)
-      return performance.now() - start
-    })
-  )
+const consumeConverge = () => withBroker(consumeThroughBroker(orders.name, messages(), batch))
 
 /** The hand-written baseline: a durable consumer's `consume()` iterator, JSON.parse and `ack()` each. */
 const consumeRaw = () =>

@@ -9,10 +9,10 @@ import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { Broker, Consumer, Envelope, Topic } from "@converge/core"
 import { NodeRedis } from "@effect/platform-node"
 import { Queue, Worker } from "bullmq"
-import { Effect, Layer, Result, type Scope, Stream } from "effect"
+import { Effect, Layer, Result, type Scope } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import { createClient } from "redis"
-import { type Bench, deleteRedisKeys, pairs, row } from "./harness.ts"
+import { type Bench, consumeThroughBroker, deleteRedisKeys, pairs, row } from "./harness.ts"
 import { Order, order } from "./payload.ts"
 
 const url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379"
@@ -91,30 +91,7 @@ const publishRaw = async (messages: ReadonlyArray<Envelope.Encoded>) => {
 
 /** Converge: subscribe, JSON.parse each body, one ackAll per read. */
 const consumeConverge = (messages: ReadonlyArray<Envelope.Encoded>, layout: RedisStreamsBroker.Layout = "compact") =>
-  withBroker(
-    () =>
-      Effect.gen(function* () {
-        const broker = yield* Broker.Broker
-        for (let b = 0; b < messages.length; b += 1000) yield* broker.publish(messages.slice(b, b + 1000))
-        let consumed = 0
-        const done = Promise.withResolvers<void>()
-        const start = performance.now()
-        yield* broker.subscribe({ topic: orders.name, group: "g", consumer: "c", batchSize: batch }).pipe(
-          Stream.runForEachArray((ds) =>
-            Effect.suspend(() => {
-              for (const d of ds) JSON.parse(d.envelope.data)
-              consumed += ds.length
-              if (consumed >= messages.length) done.resolve()
-              return broker.ackAll(ds)
-            })
-          ),
-          Effect.forkScoped
-        )
-        yield* Effect.promise(() => done.promise)
-        return performance.now() - start
-      }),
-    layout
-  )
+  withBroker(() => consumeThroughBroker(orders.name, messages, batch), layout)
 
 /** Converge's typed path: the consumer runtime decoding every payload with its Schema. */
 const consumeTyped = (messages: ReadonlyArray<Envelope.Encoded>) =>

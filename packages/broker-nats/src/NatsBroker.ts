@@ -370,7 +370,7 @@ export const make = (
         out.push({ name: topic, groups, deadLetters: dlq[names.dlqSubject(topic)] ?? 0 })
       }
       return out
-    }).pipe(Effect.mapError((e) => (e instanceof BrokerError.BrokerError ? e : fromNats("topics")(e))))
+    })
 
     return Broker.Broker.of({
       publish,

@@ -100,7 +100,8 @@ export class NatsDelivery implements Broker.Delivery {
             })
           )
         }
-        // at least 1 ms: see `release`
+        // at least 1 ms: a NAK without delay, sent while no pull wants the message, is not counted as a
+        // delivery by the 2.9 server
         yield* confirmed(self.ctx, self.msg, "nak", `-NAK ${JSON.stringify({ delay: Math.max(1, ms) * 1_000_000 })}`)
       })
     )
@@ -136,7 +137,10 @@ export class NatsDelivery implements Broker.Delivery {
     )
   }
 
-  /** Gives the message back at once (subscription closing): redelivered to the group's other consumers. */
+  /**
+   * Gives the message back (subscription closing): redelivered to the group's other consumers after
+   * `releaseDelayMs`, once the closing subscription's last pull request has expired on the server.
+   */
   release(): void {
     if (this.settled) return
     this.settled = true

@@ -3,8 +3,9 @@
  * keeps pull requests open and refills them, and recovers its pulls across reconnects), bridged into a
  * bounded queue so a read never runs further ahead than one batch; attempt numbers of nacked messages
  * looked up for redeliveries; malformed messages dead-lettered on receipt; a consumer or stream deleted
- * under the subscription recreated with backoff; and on close the unsettled messages given back (`NAK`), so
- * the group's other consumers get them at once.
+ * under the subscription recreated with backoff; and on close the unsettled messages given back (`NAK` with
+ * `releaseDelayMs`, past the life of the subscription's last pull request), so the group's other consumers get
+ * them without waiting for `claimIdle`. Ordered: one consumer (and session) per partition.
  *
  * @internal
  */

@@ -657,18 +657,20 @@ export const toCompactFields = (e: Encoded): Record<string, string> => ({
 
 /** The `ce` JSON of an envelope at `attempt`. */
 const compactAttributes = (e: Encoded, attempt: number): string => {
-  // no specversion: 1.0 is the only version, and an absent one reads as it (every byte of an entry counts:
-  // a reader decodes them all)
+  // every byte of an entry counts (Redis stores it, a reader decodes it): what a reader can infer is left out —
+  // specversion (1.0 is the only version), source when it is the default, topic when it equals the type
   const attributes: {
     id: string
     type: string
-    source: string
+    source?: string
     time: string
-    topic: string
+    topic?: string
     attempt?: number
     subject?: string
     headers?: Readonly<Record<string, string>>
-  } = { id: e.id, type: e.type, source: e.source, time: e.time, topic: e.topic }
+  } = { id: e.id, type: e.type, time: e.time }
+  if (e.source !== defaultSource) attributes.source = e.source
+  if (e.topic !== e.type) attributes.topic = e.topic
   if (attempt !== 1) attributes.attempt = attempt
   if (e.key !== undefined) attributes.subject = e.key
   for (const _ in e.headers) {
@@ -700,7 +702,9 @@ const fromCompact = (text: string, data: string | undefined): Result.Result<Enco
     readonly subject?: unknown
     readonly headers?: unknown
   }
-  const { id, type, source, time, topic } = a
+  const { id, type, time } = a
+  const source = a.source === undefined ? defaultSource : a.source
+  const topic = a.topic === undefined ? type : a.topic
   if (typeof id !== "string" || id === "") return malformed("missing or empty ce.id")
   if (id.length > 200) return malformed("ce.id is longer than 200 characters")
   if (typeof type !== "string" || type === "") return malformed("missing or empty ce.type")

@@ -204,7 +204,12 @@ describe("Envelope", () => {
       assert.strictEqual("ce" in next, "ce" in fields, "the entry keeps its layout")
     }
     const ce = JSON.parse(Envelope.toCompactFields(encoded).ce!) as Record<string, unknown>
-    assert.deepStrictEqual(Object.keys(ce), ["id", "type", "source", "time", "topic", "subject", "headers"])
+    // the default source and a topic equal to the type are left out, and read back as they were
+    assert.deepStrictEqual(Object.keys(ce), ["id", "type", "time", "subject", "headers"])
+    const foreign = { ...encoded, source: "urn:acme:orders", type: "acme.thing.v1" }
+    const full = JSON.parse(Envelope.toCompactFields(foreign).ce!) as Record<string, unknown>
+    assert.deepStrictEqual(Object.keys(full), ["id", "type", "time", "source", "topic", "subject", "headers"])
+    assert.deepStrictEqual(Envelope.fromFields(Envelope.toCompactFields(foreign)), Result.succeed(foreign))
     const broken: ReadonlyArray<readonly [unknown, string]> = [
       ["{not json", "field ce is not JSON"],
       [[1, 2], "not a JSON object"],
@@ -212,7 +217,9 @@ describe("Envelope", () => {
       [{ ...ce, id: "x".repeat(201) }, "longer than 200"],
       [{ ...ce, type: 3 }, "ce.type"],
       [{ ...ce, time: "yesterday" }, "ce.time"],
-      [{ ...ce, topic: undefined }, "ce.topic"],
+      [{ ...ce, topic: "" }, "ce.topic"],
+      [{ ...ce, topic: 3 }, "ce.topic"],
+      [{ ...ce, source: "" }, "ce.source"],
       [{ ...ce, attempt: 0 }, "ce.attempt"],
       [{ ...ce, attempt: 1.5 }, "ce.attempt"],
       [{ ...ce, specversion: "0.3" }, "specversion"],

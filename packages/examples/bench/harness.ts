@@ -105,8 +105,11 @@ export const deleteRedisKeys = async (pattern: string, url = process.env.REDIS_U
   await client.close()
 }
 
-/** Alternating runs of a benchmark and its baseline (after one warm-up each). */
-const runs = 5
+/**
+ * Alternating runs of a benchmark and its baseline (after one warm-up each): `BENCH_PAIRS`, default 7 (one
+ * run's ratio swings ±10% on a shared 2-core machine; the median of 7 is steadier than of 5).
+ */
+const runs = Number(process.env.BENCH_PAIRS ?? 7)
 
 /** Medians of `runs` alternating runs: our rate, the baseline's, and the median ratio. */
 export const pairs = async (

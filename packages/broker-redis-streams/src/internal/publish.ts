@@ -85,6 +85,41 @@ export const make = (ctx: BrokerContext) => {
     }
   }
 
+  /** One script call for one stream's part of a batch; fills that part's outcomes (never fails). */
+  const publishToStream = (
+    messages: ReadonlyArray<Envelope.Encoded>,
+    outcomes: Array<Broker.PublishOutcome>,
+    stream: string,
+    { topic, indexes }: { readonly topic: string; readonly indexes: ReadonlyArray<number> }
+  ): Effect.Effect<void> => {
+    const args: Array<string> = []
+    for (const i of indexes) {
+      const fields = ctx.toFields(messages[i]!)
+      const start = args.length
+      args.push("")
+      for (const name in fields) args.push(name, fields[name]!)
+      args[start] = String(args.length - start - 1)
+    }
+    return redis
+      .eval(addBatchScript)(stream, ...args)
+      .pipe(
+        Effect.matchEffect({
+          onSuccess: (replies) => {
+            for (let k = 0; k < indexes.length; k++) outcomes[indexes[k]!] = outcomeOf(replies[k])
+            return maxLen === undefined
+              ? Effect.void
+              : Effect.flatMap(Clock.currentTimeMillis, (now) => trimIfDue(topic, now))
+          },
+          // nothing known of this stream's part of the batch (a lost connection): all of it failed
+          onFailure: (e) => {
+            const error = fromRedis("XADD")(e)
+            for (const i of indexes) outcomes[i] = { _tag: "Failed", error }
+            return Effect.void
+          }
+        })
+      )
+  }
+
   const validTopics = new Set<string>()
   const publishEach = (
     messages: ReadonlyArray<Envelope.Encoded>
@@ -108,42 +143,23 @@ export const make = (ctx: BrokerContext) => {
           }
           validTopics.add(m.topic)
         }
-        // the key's partition (a message without a key spreads by its id)
-        const stream = partitionStreams(m.topic)[Partition.ofMessage(m, partitions)]!
+        // the key's partition (a message without a key spreads by its id; one partition needs no hash)
+        const stream = partitionStreams(m.topic)[partitions === 1 ? 0 : Partition.ofMessage(m, partitions)]!
         const at = byStream.get(stream)
         if (at === undefined) byStream.set(stream, { topic: m.topic, indexes: [i] })
         else at.indexes.push(i)
       }
-      yield* Effect.forEach(
-        byStream,
-        ([stream, { topic, indexes }]) => {
-          const args: Array<string> = []
-          for (const i of indexes) {
-            const fields = ctx.toFields(messages[i]!)
-            const start = args.length
-            args.push("")
-            for (const name in fields) args.push(name, fields[name]!)
-            args[start] = String(args.length - start - 1)
-          }
-          return redis
-            .eval(addBatchScript)(stream, ...args)
-            .pipe(
-              Effect.tap(() => Effect.flatMap(Clock.currentTimeMillis, (now) => trimIfDue(topic, now))),
-              Effect.mapError(fromRedis("XADD")),
-              Effect.match({
-                onSuccess: (replies) => {
-                  for (let k = 0; k < indexes.length; k++) outcomes[indexes[k]!] = outcomeOf(replies[k])
-                },
-                // nothing known of this stream's part of the batch (a lost connection): all of it failed
-                onFailure: (error) => {
-                  for (const i of indexes) outcomes[i] = { _tag: "Failed", error }
-                }
-              })
-            )
-        },
-        { concurrency: "unbounded", discard: true }
-      )
-      if (outcomes.some((o) => o._tag === "Stored")) {
+      // one stream (every batch on a one-partition topic) is sent from this fiber: forking costs a
+      // scheduler hop per batch, measured at ~13% of publish throughput
+      if (byStream.size === 1) {
+        for (const [stream, part] of byStream) yield* publishToStream(messages, outcomes, stream, part)
+      } else if (byStream.size > 1) {
+        yield* Effect.forEach(byStream, ([stream, part]) => publishToStream(messages, outcomes, stream, part), {
+          concurrency: "unbounded",
+          discard: true
+        })
+      }
+      if (durability !== "reply" && outcomes.some((o) => o._tag === "Stored")) {
         const confirmed = yield* Effect.result(awaitDurability)
         if (confirmed._tag === "Failure") {
           // stored, but not at the level asked for: not confirmed, to be published again

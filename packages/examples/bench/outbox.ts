@@ -27,6 +27,7 @@
  * must try again soon, not wait for the next commit or its poll.
  */
 import { randomUUID } from "node:crypto"
+import fs from "node:fs"
 import { MemoryBroker } from "@converge/broker-memory"
 import { RedisStreamsBroker } from "@converge/broker-redis-streams"
 import { type Broker, Consumer, Envelope, Topic } from "@converge/core"
@@ -49,6 +50,33 @@ const latencySeconds = 4
 
 type Transport = "memory" | "redis"
 
+/**
+ * CPU milliseconds used so far by this machine's Postgres processes (Linux `/proc`; 10 ms ticks), for
+ * `BENCH_CPU=1`: where an observed drain's extra time goes. `NaN` where there is no `/proc`.
+ */
+const postgresCpuMs = (): number => {
+  if (!fs.existsSync("/proc")) return Number.NaN
+  let ticks = 0
+  for (const pid of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(pid)) continue
+    try {
+      const stat = fs.readFileSync(`/proc/${pid}/stat`, "utf8")
+      if (!stat.includes("(postgres)")) continue
+      const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ")
+      ticks += Number(fields[11]) + Number(fields[12])
+    } catch {
+      // the process ended meanwhile
+    }
+  }
+  return ticks * 10
+}
+
+/** Node's and Postgres's CPU milliseconds over the timed part of one drain (`BENCH_CPU=1`). */
+interface DrainCpu {
+  readonly node: number
+  readonly postgres: number
+}
+const cpuOfDrains = new Map<Observed, Array<DrainCpu>>()
 const freshSchema = (tag: string) => `bench_${tag}_${randomUUID().replaceAll("-", "").slice(0, 10)}`
 
 // --- Converge ------------------------------------------------------------------
@@ -151,12 +179,21 @@ const drainConverge = (transport: Transport, observed: Observed = "plain") =>
         }
         let done = 0
         const finished = Promise.withResolvers<number>()
+        const cpu = process.env.BENCH_CPU === "1"
+        const postgres0 = cpu ? postgresCpuMs() : 0
+        const node0 = process.cpuUsage()
         const start = performance.now()
         yield* consumerOf(schema, topic, () => {
           if (++done === drainCount) finished.resolve(performance.now())
         })
         yield* Effect.forkScoped(OutboxRelay.run({ batchSize: claim }))
         const end = yield* Effect.promise(() => finished.promise)
+        if (cpu) {
+          const node = process.cpuUsage(node0)
+          const list = cpuOfDrains.get(observed) ?? []
+          list.push({ node: (node.user + node.system) / 1000, postgres: postgresCpuMs() - postgres0 })
+          cpuOfDrains.set(observed, list)
+        }
         return end - start
       }),
     observed
@@ -513,6 +550,7 @@ const drainBench = (transport: Transport): Bench => ({
 const observedBench = (transport: Transport): Bench => ({
   name: `outbox/${transport}/drain-observed`,
   run: async () => {
+    cpuOfDrains.clear()
     await drainConverge(transport)
     const plain: Array<number> = []
     const audit: Array<number> = []
@@ -531,6 +569,16 @@ const observedBench = (transport: Transport): Bench => ({
       tracing.push(t)
       auditRatios.push(a / p)
       tracingRatios.push(t / p)
+    }
+    if (process.env.BENCH_CPU === "1") {
+      // the median CPU of each kind of drain: what observing adds, on which side
+      for (const kind of ["plain", "audit", "tracing"] as const) {
+        const list = cpuOfDrains.get(kind) ?? []
+        process.stderr.write(
+          `outbox/${transport}/drain (${kind}): CPU per ${drainCount} messages, median of ${list.length}: node ${round(median(list.map((c) => c.node)))} ms, postgres ${round(median(list.map((c) => c.postgres)))} ms\n`
+        )
+      }
+      cpuOfDrains.clear()
     }
     return [
       {
@@ -578,6 +626,7 @@ export const benches: ReadonlyArray<Bench> = [
   drainBench("memory"),
   drainBench("redis"),
   observedBench("memory"),
+  observedBench("redis"),
   latencyBench("memory"),
   latencyBench("redis"),
   latencyBench("memory", busyCluster)

@@ -19,6 +19,7 @@
 
 import { Audit } from "@converge/core"
 import { Clock, Duration, Effect, Latch, Layer, Semaphore } from "effect"
+import type { SqlClient } from "effect/sql"
 import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
 /**
@@ -94,6 +95,8 @@ const fail = (operation: string) => (cause: unknown) => new Audit.AuditError({ o
  * is all-or-nothing per topic (a fractional share needs the per-message hash, in JavaScript).
  */
 interface SqlTarget {
+  /** The client of the sink's store: a statement on another client (another database) cannot write it. */
+  readonly sql: SqlClient.SqlClient
   readonly table: string
   /** Topics whose share is 0. */
   readonly skipped: ReadonlyArray<string>
@@ -103,11 +106,15 @@ const sqlTargets = new WeakMap<Audit.Sink, SqlTarget>()
 
 /**
  * The audit table a sink of this module writes to, when events for a topic are either all recorded or none
- * (so SQL can filter them); `undefined` for other sinks.
+ * (so SQL can filter them) and the sink's store is on `sql` (a statement of that client can write it);
+ * `undefined` otherwise.
  *
  * @internal
  */
-export const sqlTargetOf = (sink: Audit.Sink): SqlTarget | undefined => sqlTargets.get(sink)
+export const sqlTargetOf = (sink: Audit.Sink, sql: SqlClient.SqlClient): SqlTarget | undefined => {
+  const target = sqlTargets.get(sink)
+  return target !== undefined && target.sql === sql ? target : undefined
+}
 
 /**
  * The sink and the log over the store in context; the flush and retention fibers live in the scope.
@@ -236,6 +243,7 @@ export const make = (options?: Options) =>
       const everything = options?.default === undefined || options.default === true || options.default === 1
       if (everything) {
         sqlTargets.set(sink, {
+          sql,
           table: audit,
           skipped: Object.entries(options?.topics ?? {})
             .filter(([, v]) => v === false || v === 0)

@@ -427,7 +427,7 @@ const makeRelay = (options?: Options): Effect.Effect<Relay, InvalidOption, SqlSt
     // the rows also writes their `relayed` events, one row per topic, from the rows themselves: no event is
     // built, sent and parsed again, and no flush transaction of its own. Measured on the drain: see
     // docs/observability.md
-    const auditTarget = audit.enabled ? AuditPg.sqlTargetOf(audit) : undefined
+    const auditTarget = audit.enabled ? AuditPg.sqlTargetOf(audit, sql) : undefined
     const markAuditedSql =
       auditTarget === undefined
         ? undefined

@@ -4,11 +4,11 @@
  * transaction (same transaction id), and roll back with it.
  */
 import { MemoryBroker } from "@converge/broker-memory"
-import { Audit, Consumer, Publisher, Topic } from "@converge/core"
+import { Audit, Consumer, Envelope, Publisher, Topic } from "@converge/core"
 import { AuditTest } from "@converge/core/testing"
 import { PgClient } from "@effect/sql-pg"
 import { assert, describe, layer } from "@effect/vitest"
-import { Data, Effect, Exit, Layer, Redacted, Schema } from "effect"
+import { Data, Effect, Exit, Layer, Redacted, Result, Schema } from "effect"
 import { SqlClient } from "effect/sql"
 import { AuditPg, Inbox, Outbox, OutboxRelay, SqlStore } from "../src/index.ts"
 import { freshSchemaLayer } from "./helpers/schema.ts"
@@ -29,6 +29,9 @@ const Live = Layer.mergeAll(
   Layer.provideMerge(freshSchemaLayer(schema)),
   Layer.provideMerge(PgClient.layer({ url: Redacted.make(url), maxConnections: 6 }))
 )
+
+/** A second client of the same database: to the inbox, a store on it is another database's. */
+const otherClient = PgClient.layer({ url: Redacted.make(url), maxConnections: 2 })
 
 const payments = Topic.make("audit-pg.payments", Schema.Struct({ id: Schema.String }))
 const charges = Topic.make("audit-pg.charges", Schema.Struct({ id: Schema.String }))
@@ -144,6 +147,87 @@ describe("AuditPg", () => {
           events = yield* Audit.query({ messageId: id, kinds: ["handled"] })
         }
         assert.deepStrictEqual(events.map((e) => `${e.group}:${e.attempt}`).sort(), ["ledger:1", "mailer:1"])
+      })
+    )
+
+    it.effect("the inbox's claim statement writes the `handled` row: per-message ids, attempts, repeats once", () =>
+      Effect.gen(function* () {
+        const inbox = yield* Inbox.Inbox
+        const topic = Topic.make("audit-pg.claims", Schema.Struct({ id: Schema.String }))
+        const encoded = (id: string, options?: Envelope.MakeOptions) => {
+          const r = Envelope.makeEncodedResult(topic, { id }, 1_700_000_000_000, options)
+          if (Result.isFailure(r)) throw r.failure
+          return r.success
+        }
+        // a consumer's contexts: the envelope, the attempt, and the slot the inbox marks
+        const item = (e: Envelope.Encoded, attempt: number) => ({
+          context: { id: e.id, topic: e.topic, encoded: e, attempt, [Audit.handledKey]: false }
+        })
+        const plain = [encoded("a-1"), encoded("a-2")]
+        const first = plain.map((e) => item(e, 1))
+        yield* inbox.onceAll("claims", first, () => Effect.void)
+        assert.isTrue(
+          first.every((i) => Audit.isMarkedHandled(i.context)),
+          "marked: the consumer writes no second event"
+        )
+        const traced = encoded("b-1", { correlationId: "corr-1", causationId: "cause-1" })
+        const retried = encoded("b-2")
+        const second = [item(traced, 1), item(retried, 3), item(traced, 1), item(plain[0]!, 2)]
+        let seen: ReadonlyArray<string> = []
+        yield* inbox.onceAll("claims", second, (fresh) =>
+          Effect.sync(() => {
+            seen = fresh.map((i) => i.context.id)
+          })
+        )
+        assert.deepStrictEqual(seen, [traced.id, retried.id], "a repeat within the read and a processed id skipped")
+        // a failed effect: neither the claim nor its `handled` row stays
+        const failed = encoded("c-1")
+        const exit = yield* Effect.exit(inbox.onceAll("claims", [item(failed, 1)], () => Effect.fail(new Refused())))
+        assert.isTrue(Exit.isFailure(exit))
+        const events = yield* Audit.query({ topic: topic.name, kinds: ["handled"] })
+        assert.deepStrictEqual(
+          events.map((e) => [e.messageId, e.group, e.attempt, e.correlationId, e.causationId]),
+          [
+            [plain[0]!.id, "claims", 1, undefined, undefined],
+            [plain[1]!.id, "claims", 1, undefined, undefined],
+            [traced.id, "claims", 1, "corr-1", "cause-1"],
+            [retried.id, "claims", 3, undefined, undefined]
+          ]
+        )
+        const rows = yield* xminOf("audit", "kind = 'handled' AND message_ids @> ARRAY[$1::text]", [traced.id])
+        assert.deepStrictEqual(rows, yield* xminOf("inbox", "message_id = $1", [traced.id]), "one transaction")
+      })
+    )
+
+    it.effect("a topic the audit leaves out, or an audit in another database, gets no row from the claim", () =>
+      Effect.gen(function* () {
+        const inbox = yield* Inbox.Inbox
+        const topic = Topic.make("audit-pg.quiet", Schema.Struct({ id: Schema.String }))
+        const r = Envelope.makeEncodedResult(topic, { id: "q" }, 1_700_000_000_000)
+        if (Result.isFailure(r)) throw r.failure
+        const e = r.success
+        const item = { context: { id: e.id, topic: e.topic, encoded: e, attempt: 1, [Audit.handledKey]: false } }
+        const { sink } = yield* AuditPg.make({ topics: { [topic.name]: false } })
+        yield* inbox.onceAll("quiet", [item], () => Effect.void).pipe(Effect.provideService(Audit.AuditSink, sink))
+        assert.deepStrictEqual(yield* Audit.query({ messageId: e.id }), [], "off for this topic")
+        // a sink whose store is on another client (to the inbox, another database): the claim cannot write its
+        // table, so the event goes the sink's own way — a transaction of that client, not the claim's
+        const f = Envelope.makeEncodedResult(topic, { id: "q-2" }, 1_700_000_000_000)
+        if (Result.isFailure(f)) throw f.failure
+        const item2 = { context: { id: f.success.id, topic: topic.name, encoded: f.success, attempt: 1 } }
+        yield* Effect.gen(function* () {
+          const elsewhere = yield* AuditPg.make()
+          yield* inbox
+            .onceAll("elsewhere", [item2], () => Effect.void)
+            .pipe(Effect.provideService(Audit.AuditSink, elsewhere.sink))
+        }).pipe(Effect.provide(SqlStore.layer({ schema, partitions: 2 }).pipe(Layer.provideMerge(otherClient))))
+        const events = yield* Audit.query({ messageId: f.success.id })
+        assert.deepStrictEqual(
+          events.map((w) => [w.kind, w.group]),
+          [["handled", "elsewhere"]]
+        )
+        const auditTx = yield* xminOf("audit", "message_ids @> ARRAY[$1::text]", [f.success.id])
+        assert.notDeepEqual(auditTx, yield* xminOf("inbox", "message_id = $1", [f.success.id]))
       })
     )
   })

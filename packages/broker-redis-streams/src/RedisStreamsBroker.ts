@@ -231,6 +231,7 @@ export const make = (
       trimEvery: Duration.toMillis(options?.trimInterval ?? "1 second"),
       sessions,
       toFields: options?.layout === "fields" ? Envelope.toFields : Envelope.toCompactFields,
+      compact: options?.layout !== "fields",
       isClosed: () => closed,
       cluster,
       partitionsChecked: new Set()

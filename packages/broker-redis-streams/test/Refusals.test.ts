@@ -83,6 +83,28 @@ describe("refusals", () => {
     }).pipe(Effect.provide(brokerLayer(mainUrl, { layout: "fields" })))
   )
 
+  for (const layout of ["compact", "fields"] as const) {
+    it.live(`publishEach (${layout} layout): after a failed XADD the rest of its partition is not attempted`, () =>
+      Effect.gen(function* () {
+        const broker = yield* Broker.Broker
+        const redis = yield* Redis.Redis
+        const prefix = yield* Prefix
+        const stream = streamKey(prefix, "exhausted")
+        // a stream at the last possible id: every further XADD with an automatic id fails on the server
+        yield* redis.send("XADD", stream, "18446744073709551615-18446744073709551615", "x", "1")
+        const outcomes = yield* broker.publishEach(BrokerTest.messages("exhausted", 3, { keyOf: () => "k" }))
+        assert.deepStrictEqual(
+          outcomes.map((o) => o._tag),
+          ["Failed", "Failed", "Failed"]
+        )
+        const [first, ...rest] = outcomes.map((o) => (o._tag === "Failed" ? o.error.message : ""))
+        assert.include(first, "exhausted the last possible ID")
+        for (const message of rest) assert.include(message, "not attempted: an earlier message of its partition failed")
+        assert.strictEqual(Number(yield* redis.send<number>("XLEN", stream)), 1, "nothing appended")
+      }).pipe(Effect.provide(brokerLayer(mainUrl, { layout })))
+    )
+  }
+
   it.live("a durability level the server cannot meet is refused when the layer is built, naming the option", () =>
     Effect.gen(function* () {
       const redis = yield* Redis.Redis

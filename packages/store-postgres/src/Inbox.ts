@@ -31,6 +31,10 @@
  * wait in a dead-letter queue before a replay (a replayed message that never
  * succeeded has no inbox row, and runs; one that did succeed is skipped).
  *
+ * Audit: with an `Audit` sink in context, each handled message gets its `handled` event in the same
+ * transaction. With `AuditPg` on this database (and the topic audited whole), the claim statement writes
+ * it — no statement of its own; its time is the claim's.
+ *
  * @since 0.1.0
  */
 

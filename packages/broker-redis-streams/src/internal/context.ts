@@ -38,6 +38,8 @@ export interface BrokerContext {
   readonly sessions: Set<Effect.Effect<void>>
   /** The fields of a published entry, in the configured layout. */
   readonly toFields: (e: Envelope.Encoded) => Record<string, string>
+  /** The configured layout is the compact one (`ce` + `data`): publish sends the two values alone. */
+  readonly compact: boolean
   /** True once the layer shut down. */
   readonly isClosed: () => boolean
   /**

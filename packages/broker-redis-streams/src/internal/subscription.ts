@@ -385,7 +385,7 @@ export const subscribe = (
       const takeReleased = (): Batch => parking.takeReleased() as unknown as Batch
       const pull: Effect.Effect<Batch, BrokerError.BrokerError> = Effect.gen(function* () {
         if (parking.released.length > 0) return takeReleased()
-        if (ahead === undefined) ahead = yield* Effect.forkIn(fetch, streamScope)
+        if (ahead === undefined) ahead = yield* Effect.forkIn(fetch, streamScope, { startImmediately: true })
         const reading = ahead
         // ordered: a settlement can release a parked message while a read is blocked
         const current = ordered
@@ -401,7 +401,12 @@ export const subscribe = (
             )
           : { batch: yield* Fiber.join(reading) }
         if (current.batch === undefined) return takeReleased()
-        ahead = yield* Effect.forkIn(fetch, streamScope)
+        // the next read goes on the wire before the consumer works on this batch: started at once, its
+        // XREADGROUP is queued now, and node-redis writes queued commands in the event loop's next check
+        // phase — so yield once, or the command waits until this batch was handled and overlaps nothing
+        // but the ack (measured: the consume rate 63k -> 86k msgs/s, 0.67x -> 0.92x of the raw loop)
+        ahead = yield* Effect.forkIn(fetch, streamScope, { startImmediately: true })
+        yield* Effect.yieldNow
         return current.batch
       })
       return Stream.fromPull(Effect.succeed(pull))

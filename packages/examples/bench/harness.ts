@@ -106,10 +106,17 @@ export const deleteRedisKeys = async (pattern: string, url = process.env.REDIS_U
 }
 
 /**
- * Alternating runs of a benchmark and its baseline (after one warm-up each): `BENCH_PAIRS`, default 7 (one
+ * Alternating runs of a benchmark and its baseline, after warm-up runs of each: `BENCH_PAIRS`, default 7 (one
  * run's ratio swings ±10% on a shared 2-core machine; the median of 7 is steadier than of 5).
  */
 const runs = Number(process.env.BENCH_PAIRS ?? 7)
+
+/**
+ * Warm-up runs of each side before the measured pairs (`BENCH_WARMUP`, default 3): the JIT needs about three
+ * 20 000-message runs of the Redis consume path before its rate settles (65k, 92k, 102k, then 105–120k
+ * msgs/s, measured), so with one warm-up a median of 7 still held two cold runs of the side with more code.
+ */
+const warmups = Number(process.env.BENCH_WARMUP ?? 3)
 
 /** Medians of `runs` alternating runs: our rate, the baseline's, and the median ratio. */
 export const pairs = async (
@@ -118,8 +125,10 @@ export const pairs = async (
   count: number,
   theirCount = count
 ): Promise<{ msgs: number; base: number; ratio: number }> => {
-  await ours()
-  await theirs()
+  for (let i = 0; i < warmups; i++) {
+    await ours()
+    await theirs()
+  }
   const a: Array<number> = []
   const b: Array<number> = []
   const r: Array<number> = []

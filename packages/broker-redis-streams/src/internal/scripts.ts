@@ -100,30 +100,21 @@ return 1`
 ).withReturnType<number>()
 
 /**
- * {@link addBatchScript} for entries of the compact layout: ARGV is each entry's `ce` and `data` values, the
- * field names are the script's own. Two arguments an entry instead of five: measured against the generic
- * script on 20 000 entries, Redis CPU 7.9 -> 6.9 µs and Node CPU 7.1 -> 5.3 µs an entry, publish +25%.
+ * Lua: appends one entry with `xadd` (a `redis.pcall` expression) unless an earlier entry of the batch
+ * failed, recording its outcome in `out` (the id, `failed` then `skipped` for the rest).
  */
-export const addCompactBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
-  numberOfKeys: 1,
-  lua: `
-local out = {}
-local stopped = nil
-for i = 1, #ARGV, 2 do
-  if stopped ~= nil then
-    out[#out + 1] = { 'skipped', stopped }
-  else
-    local r = redis.pcall('XADD', KEYS[1], '*', 'ce', ARGV[i], 'data', ARGV[i + 1])
-    if type(r) == 'table' and r.err then
-      stopped = r.err
-      out[#out + 1] = { 'failed', r.err }
+const appendUnlessStopped = (xadd: string) => `
+    if stopped ~= nil then
+      out[#out + 1] = { 'skipped', stopped }
     else
-      out[#out + 1] = r
-    end
-  end
-end
-return out`
-}).withReturnType<ReadonlyArray<unknown>>()
+      local r = ${xadd}
+      if type(r) == 'table' and r.err then
+        stopped = r.err
+        out[#out + 1] = { 'failed', r.err }
+      else
+        out[#out + 1] = r
+      end
+    end`
 
 /**
  * Appends a batch to one stream in one round trip, reporting each entry (ARGV: for each entry, its field
@@ -140,20 +131,26 @@ local i = 1
 local stopped = nil
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  if stopped ~= nil then
-    out[#out + 1] = { 'skipped', stopped }
-  elseif n > 7000 then
+  if stopped == nil and n > 7000 then
     out[#out + 1] = { 'refused', 'the entry has ' .. (n / 2) .. ' fields; one XADD from a script takes at most 3500' }
-  else
-    local r = redis.pcall('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))
-    if type(r) == 'table' and r.err then
-      stopped = r.err
-      out[#out + 1] = { 'failed', r.err }
-    else
-      out[#out + 1] = r
-    end
+  else${appendUnlessStopped("redis.pcall('XADD', KEYS[1], '*', unpack(ARGV, i + 1, i + n))")}
   end
   i = i + n + 1
+end
+return out`
+}).withReturnType<ReadonlyArray<unknown>>()
+
+/**
+ * {@link addBatchScript} for entries of the compact layout: ARGV is each entry's `ce` and `data` values, the
+ * field names are the script's own. Two arguments an entry instead of five: measured against the generic
+ * script on 20 000 entries, Redis CPU 7.9 -> 6.9 µs and Node CPU 7.1 -> 5.3 µs an entry, publish +25%.
+ */
+export const addCompactBatchScript = Redis.script((stream: string, ...args: Array<string>) => [stream, ...args], {
+  numberOfKeys: 1,
+  lua: `
+local out = {}
+local stopped = nil
+for i = 1, #ARGV, 2 do${appendUnlessStopped("redis.pcall('XADD', KEYS[1], '*', 'ce', ARGV[i], 'data', ARGV[i + 1])")}
 end
 return out`
 }).withReturnType<ReadonlyArray<unknown>>()

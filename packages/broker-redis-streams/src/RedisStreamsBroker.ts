@@ -48,7 +48,7 @@
  *
  * @since 0.1.0
  */
-import { Broker, BrokerError, Envelope } from "@converge/core"
+import { Broker, BrokerError } from "@converge/core"
 import { Config, Duration, Effect, Layer, type Scope } from "effect"
 import * as Redis from "effect/persistence/Redis"
 import type { BrokerContext } from "./internal/context.ts"
@@ -230,7 +230,6 @@ export const make = (
       maxLen,
       trimEvery: Duration.toMillis(options?.trimInterval ?? "1 second"),
       sessions,
-      toFields: options?.layout === "fields" ? Envelope.toFields : Envelope.toCompactFields,
       compact: options?.layout !== "fields",
       isClosed: () => closed,
       cluster,

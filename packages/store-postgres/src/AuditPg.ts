@@ -73,14 +73,16 @@ const fromRow = (r: Row): Audit.Stored => {
   return e
 }
 
-/** A per-event column as an array parameter: `null` when no event has a value (the driver cannot type an all-null array). */
-const column = <A>(
-  events: ReadonlyArray<Audit.Event>,
-  get: (e: Audit.Event) => A | undefined
-): Array<A | null> | null => {
+/**
+ * A per-item column as an array parameter: `null` when no item has a value (the driver cannot type an
+ * all-null array).
+ *
+ * @internal
+ */
+export const column = <T, A>(items: ReadonlyArray<T>, get: (item: T) => A | undefined): Array<A | null> | null => {
   let any = false
-  const out = events.map((e) => {
-    const v = get(e)
+  const out = items.map((item) => {
+    const v = get(item)
     if (v !== undefined) any = true
     return v ?? null
   })

@@ -41,7 +41,7 @@
 import { Audit, type Consumer, type Envelope, Name } from "@converge/core"
 import { Clock, Context, Duration, Effect, Layer, Option, Schema } from "effect"
 import type { SqlError } from "effect/sql/SqlError"
-import { sqlTargetOf } from "./AuditPg.ts"
+import { column, sqlTargetOf } from "./AuditPg.ts"
 import { requireOpenTransaction, Transaction, transactionIn } from "./Outbox.ts"
 import { deleteExpired, SqlStore } from "./SqlStore.ts"
 
@@ -228,21 +228,12 @@ export const make = (options?: Options): Effect.Effect<Inbox["Service"], never, 
             .withoutTransform
         }
         params.push(yield* Audit.currentTime, Audit.processName)
-        // the per-message columns only when a message has a value (the usual read has none, and attempt 1)
-        const correlation = audited.envelopes.map((e) => e.headers.correlationid ?? null)
-        const causation = audited.envelopes.map((e) => e.headers.causationid ?? null)
-        const extras =
-          correlation.some((c) => c !== null) ||
-          causation.some((c) => c !== null) ||
-          audited.attempts.some((a) => a !== 1)
-        // an all-null column goes as null (the driver cannot type an array of nulls; unnest pads it)
-        if (extras) {
-          params.push(
-            correlation.some((c) => c !== null) ? correlation : null,
-            causation.some((c) => c !== null) ? causation : null,
-            audited.attempts
-          )
-        }
+        // the per-message columns only when a message has a value (the usual read has none, and attempt 1);
+        // an all-null column goes as null (unnest pads it)
+        const correlation = column(audited.envelopes, (e) => e.headers.correlationid)
+        const causation = column(audited.envelopes, (e) => e.headers.causationid)
+        const extras = correlation !== null || causation !== null || audited.attempts.some((a) => a !== 1)
+        if (extras) params.push(correlation, causation, audited.attempts)
         return yield* sql.unsafe<{ readonly message_id: string }>(
           auditedInsertSql(audited.table, legacyRows, extras),
           params

@@ -5,7 +5,7 @@
  *
  * @internal
  */
-import { Broker, BrokerError, type Envelope } from "@converge/core"
+import { Broker, BrokerError } from "@converge/core"
 import { Effect } from "effect"
 import type * as Redis from "effect/persistence/Redis"
 import type { Impl } from "./delivery.ts"
@@ -36,9 +36,10 @@ export interface BrokerContext {
   readonly trimEvery: number
   /** Drops of the subscriptions' reserved connections, run when the layer shuts down. */
   readonly sessions: Set<Effect.Effect<void>>
-  /** The fields of a published entry, in the configured layout. */
-  readonly toFields: (e: Envelope.Encoded) => Record<string, string>
-  /** The configured layout is the compact one (`ce` + `data`): publish sends the two values alone. */
+  /**
+   * The layout published entries are written in: compact (`ce` + `data`, whose two values alone go to the
+   * publish script) or, when false, one field per attribute (`Envelope.toFields`).
+   */
   readonly compact: boolean
   /** True once the layer shut down. */
   readonly isClosed: () => boolean

@@ -102,7 +102,7 @@ export const make = (ctx: BrokerContext) => {
       }
     } else {
       for (const i of indexes) {
-        const fields = ctx.toFields(messages[i]!)
+        const fields = Envelope.toFields(messages[i]!)
         const start = args.length
         args.push("")
         for (const name in fields) args.push(name, fields[name]!)

@@ -46,10 +46,10 @@ BrokerTest.suite(
 )
 
 describe("with a test-owned nats-server (file store, kill -9, restart)", () => {
-  const owned = new OwnedNats(4300 + (process.pid % 50))
+  const owned = new OwnedNats()
   beforeAll(() => owned.start(), 20_000)
   afterAll(() => owned.stop())
-  BrokerTest.suite("nats-jetstream (restart)", brokerLayer(owned.url), {
+  BrokerTest.suite("nats-jetstream (restart)", owned.brokerLayer(), {
     clock: "live",
     persistent: true,
     orderedPerKey: false,

@@ -13,11 +13,11 @@ PipelineTest.suite("nats-jetstream", { broker: brokerLayer() })
 SagaTest.suite("nats-jetstream + Postgres", { broker: brokerLayer() })
 
 describe("with a test-owned nats-server (file store, kill -9, restart)", () => {
-  const owned = new OwnedNats(4350 + (process.pid % 50))
+  const owned = new OwnedNats()
   beforeAll(() => owned.start(), 20_000)
   afterAll(() => owned.stop())
   PipelineTest.suite("nats-jetstream (restart)", {
-    broker: brokerLayer(owned.url),
+    broker: owned.brokerLayer(),
     restart: Effect.andThen(
       Effect.promise(() => owned.restart()),
       whenBack

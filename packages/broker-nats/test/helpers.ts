@@ -6,7 +6,7 @@
 import { type ChildProcess, spawn } from "node:child_process"
 import { randomUUID } from "node:crypto"
 import { mkdtempSync, rmSync } from "node:fs"
-import { createConnection } from "node:net"
+import { createConnection, createServer } from "node:net"
 import { tmpdir } from "node:os"
 import { join } from "node:path"
 import type { Envelope } from "@converge/core"
@@ -98,19 +98,43 @@ const listening = (port: number): Promise<boolean> =>
     socket.once("error", () => resolve(false))
   })
 
-/** A `nats-server` owned by a test: JetStream with a file store in a directory of its own, on its own port. */
+/** A free loopback port (the OS picks it). */
+const freePort = (): Promise<number> =>
+  new Promise((resolve, reject) => {
+    const server = createServer()
+    server.once("error", reject)
+    server.listen(0, "127.0.0.1", () => {
+      const address = server.address()
+      const port = typeof address === "object" && address !== null ? address.port : 0
+      server.close(() => resolve(port))
+    })
+  })
+
+/**
+ * A `nats-server` owned by a test: JetStream with a file store in a directory of its own, on a port the OS
+ * found free at the first start (a port derived from the pid once fell on epmd's 4369, which RabbitMQ's
+ * machines run) and kept across restarts.
+ */
 export class OwnedNats {
-  readonly port: number
+  #port: number | undefined
   readonly dir: string
   proc: ChildProcess | undefined
-  constructor(port: number) {
-    this.port = port
+  constructor() {
     this.dir = mkdtempSync(join(tmpdir(), "converge-nats-"))
+  }
+  get port(): number {
+    if (this.#port === undefined) throw new Error("the test-owned nats-server has not been started")
+    return this.#port
   }
   get url(): string {
     return `127.0.0.1:${this.port}`
   }
+  /** The broker layer on this server, built when a test needs it (after `start` chose the port). */
+  brokerLayer(options?: NatsBroker.Options) {
+    return Layer.suspend(() => brokerLayer(this.url, options))
+  }
   async start(): Promise<void> {
+    this.#port ??= await freePort()
     // never drive (kill) a server this test did not start: the port must be free
     if (this.proc === undefined && (await listening(this.port)))
       throw new Error(`port ${this.port} already accepts connections: not starting a test-owned NATS there`)
